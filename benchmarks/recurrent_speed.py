@@ -1,0 +1,130 @@
+"""whiteboard's recurrent layers vs torch.nn, in the same process.
+
+For every config and cell type: a training step (forward + backward with input, weight
+and bias gradients) and an inference step (no_grad forward), ours and torch.nn's in
+interleaved rounds (the order alternates per round so neither side always runs warm).
+Reports the median time per step, the spread (interquartile range) and the ratio
+ours / torch.nn (below 1 = we are faster).
+
+    python benchmarks/recurrent_speed.py                    # all configs, CPU
+    python benchmarks/recurrent_speed.py --device cuda      # on a GPU (cuDNN baseline)
+    python benchmarks/recurrent_speed.py --cells lstm --configs a b --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import whiteboard
+
+# name: (layers, input, hidden, batch, steps)
+CONFIGS = {
+    "a": (2, 200, 200, 20, 35),
+    "b": (2, 650, 650, 20, 35),
+    "c": (1, 64, 512, 64, 100),
+    "d": (1, 1024, 1024, 128, 50),
+}
+CELLS = {
+    "lstm": (whiteboard.LSTM, torch.nn.LSTM),
+    "gru": (whiteboard.GRU, torch.nn.GRU),
+    "rnn": (whiteboard.RNN, torch.nn.RNN),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_step(layer, x, grad_out):
+    out, _ = layer(x)
+    out.backward(grad_out)
+
+
+def _infer_step(layer, x):
+    with torch.no_grad():
+        layer(x)
+
+
+def _time(fn, device, repeats: int) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def _spread(values: list[float]) -> float:
+    if len(values) < 4:
+        return max(values) - min(values)
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
+def bench(cell: str, config: str, device: torch.device, rounds: int, repeats: int, warmup: int, implementation: str):
+    layers, inp, hidden, batch, steps = CONFIGS[config]
+    ours_cls, torch_cls = CELLS[cell]
+    reference = torch_cls(inp, hidden, num_layers=layers).to(device)
+    ours = ours_cls(inp, hidden, num_layers=layers, implementation=implementation).to(device)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(steps, batch, inp, device=device, requires_grad=True)
+    grad_out = torch.randn(steps, batch, hidden, device=device)
+    results = {}
+    for kind in ("train", "infer"):
+        if kind == "train":
+            fns = {"ours": lambda: _train_step(ours, x, grad_out), "torch": lambda: _train_step(reference, x, grad_out)}
+        else:
+            fns = {"ours": lambda: _infer_step(ours, x), "torch": lambda: _infer_step(reference, x)}
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        times = {"ours": [], "torch": []}
+        for r in range(rounds):
+            order = ("ours", "torch") if r % 2 == 0 else ("torch", "ours")
+            for name in order:
+                times[name].append(_time(fns[name], device, repeats))
+        ours_med = statistics.median(times["ours"])
+        torch_med = statistics.median(times["torch"])
+        results[kind] = (ours_med, _spread(times["ours"]), torch_med, _spread(times["torch"]), ours_med / torch_med)
+        # Gradients accumulate across the timed steps; drop them so memory stays flat.
+        ours.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        x.grad = None
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="steps timed together in one round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--implementation", default="fused", choices=["fused", "reference"])
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
+          f"rounds {args.rounds} x {args.repeats} steps, implementation {args.implementation}")
+    print("| cell | config (L, I, H, B, T) | train ours ms | train torch.nn ms | train ratio | "
+          "infer ours ms | infer torch.nn ms | infer ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cell in args.cells:
+        for config in args.configs:
+            r = bench(cell, config, device, args.rounds, args.repeats, args.warmup, args.implementation)
+            tr, inf = r["train"], r["infer"]
+            fmt = lambda med, spread: f"{med * 1e3:.2f} ± {spread * 1e3:.2f}"  # noqa: E731
+            print(f"| {cell} | {config} {CONFIGS[config]} | {fmt(tr[0], tr[1])} | {fmt(tr[2], tr[3])} | "
+                  f"**{tr[4]:.2f}** | {fmt(inf[0], inf[1])} | {fmt(inf[2], inf[3])} | **{inf[4]:.2f}** |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""whiteboard: recurrent sequence models written from their equations.
+
+Glossary used in every shape comment:
+    B batch, T time, I input features, E embedding, H hidden, V vocabulary,
+    L layers, D directions (2 if bidirectional), G gates per cell (RNN 1, LSTM 4, GRU 3).
+
+The seed's whiteboard words map onto the standard names like this:
+    input gate i_t   -> selective read      forget gate f_t -> selective forget
+    output gate o_t  -> selective write     cell state c_t  -> the whiteboard itself
+"""
+
+from .cells import gru_step, lstm_step, rnn_step
+from .layers import GRU, LSTM, RNN, SEED_NAMES, TRACE_FIELDS, Trace
+
+__all__ = ["RNN", "LSTM", "GRU", "Trace", "TRACE_FIELDS", "SEED_NAMES", "rnn_step", "lstm_step", "gru_step"]
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""One time step of each recurrent cell, written as its equations.
+
+These functions are the reference: slow, obvious, and the oracle every fast path is
+tested against. They know nothing about time loops, layers or corpora.
+
+Shapes (glossary in the package docstring): ``x`` is (B, I), states are (B, H),
+``w_ih`` is (G*H, I) and ``w_hh`` is (G*H, H) with G gates stacked in torch.nn's order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RNNStep",
+    "LSTMStep",
+    "GRUStep",
+    "rnn_step",
+    "lstm_step",
+    "gru_step",
+    "NONLINEARITIES",
+]
+
+NONLINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    # The seed writes the vanilla RNN with a sigmoid; torch.nn offers only tanh/relu.
+    "sigmoid": torch.sigmoid,
+}
+
+
+class RNNStep(NamedTuple):
+    hidden: Tensor  # s_t, (B, H)
+    preactivation: Tensor  # U x_t + W s_{t-1} + b, (B, H)
+
+
+class LSTMStep(NamedTuple):
+    hidden: Tensor  # h_t, (B, H)
+    cell: Tensor  # s_t, the whiteboard, (B, H)
+    input_gate: Tensor  # i_t, selective read
+    forget_gate: Tensor  # f_t, selective forget
+    cell_candidate: Tensor  # s~_t (torch.nn's g_t), what could be written
+    output_gate: Tensor  # o_t, selective write
+
+
+class GRUStep(NamedTuple):
+    hidden: Tensor  # h_t, (B, H)
+    reset_gate: Tensor  # r_t
+    update_gate: Tensor  # z_t
+    candidate: Tensor  # n_t
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def rnn_step(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    nonlinearity: str = "tanh",
+) -> RNNStep:
+    """Vanilla RNN step.
+
+    .. math::
+        a_t = U x_t + b_{ih} + W s_{t-1} + b_{hh}
+        s_t = \\phi(a_t)
+
+    ``U`` is ``w_ih`` (H, I), ``W`` is ``w_hh`` (H, H), ``phi`` one of ``NONLINEARITIES``.
+    """
+    phi = NONLINEARITIES[nonlinearity]
+    a = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)  # (B, H)
+    return RNNStep(hidden=phi(a), preactivation=a)
+
+
+def lstm_step(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> LSTMStep:
+    """LSTM step, exactly torch.nn.LSTM's (no peepholes), gate order i, f, g, o.
+
+    .. math::
+        i_t = \\sigma(U_i x_t + W_i h_{t-1} + b_i)      selective read
+        f_t = \\sigma(U_f x_t + W_f h_{t-1} + b_f)      selective forget
+        g_t = \\tanh(U_g x_t + W_g h_{t-1} + b_g)       candidate
+        o_t = \\sigma(U_o x_t + W_o h_{t-1} + b_o)      selective write
+        c_t = f_t \\odot c_{t-1} + i_t \\odot g_t        the whiteboard
+        h_t = o_t \\odot \\tanh(c_t)
+    """
+    z = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)  # (B, 4H)
+    zi, zf, zg, zo = z.chunk(4, dim=-1)  # 4 x (B, H)
+    i = torch.sigmoid(zi)
+    f = torch.sigmoid(zf)
+    g = torch.tanh(zg)
+    o = torch.sigmoid(zo)
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(c_new)
+    return LSTMStep(h_new, c_new, i, f, g, o)
+
+
+def gru_step(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> GRUStep:
+    """GRU step, exactly torch.nn.GRU's, gate order r, z, n.
+
+    .. math::
+        r_t = \\sigma(W_{ir} x_t + b_{ir} + W_{hr} h_{t-1} + b_{hr})
+        z_t = \\sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz})
+        n_t = \\tanh(W_{in} x_t + b_{in} + r_t \\odot (W_{hn} h_{t-1} + b_{hn}))
+        h_t = (1 - z_t) \\odot n_t + z_t \\odot h_{t-1}
+    """
+    xr, xz, xn = _linear(x, w_ih, b_ih).chunk(3, dim=-1)  # 3 x (B, H)
+    hr, hz, hn = _linear(h, w_hh, b_hh).chunk(3, dim=-1)  # 3 x (B, H)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    h_new = (1 - z) * n + z * h
+    return GRUStep(h_new, r, z, n)

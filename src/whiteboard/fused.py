@@ -1,0 +1,297 @@
+"""Fused forward and hand-written backward-through-time, one layer and one direction.
+
+Each cell type gets a ``torch.autograd.Function`` whose forward runs the whole time loop
+and saves what the backward needs, and whose backward is the reverse sweep written out:
+
+    forward:  XW = X @ W_ihᵀ + b           one GEMM for all T steps      (T, B, G·H)
+              for t: Z_t = XW_t + h_{t-1} @ W_hhᵀ   one small GEMM per step
+                     pointwise gate math, state update
+    backward: pointwise derivative factors K for all steps at once       (T, B, G, H)
+              for t = T-1 … 0: dZ_t = (dh_t, dc_t) ⊙ K_t;  dh_{t-1} = dZ_t @ W_hh
+              dW_ih = dZᵀ X, dW_hh = dZᵀ H_prev, db = Σ dZ, dX = dZ @ W_ih
+                                                   large GEMMs after the sweep
+
+Why it is laid out like this (measured on 2 CPU cores with torch 2.13):
+- ``W_hhᵀ`` is copied to a contiguous tensor once per call: small GEMMs against a
+  transposed view were 3-4x slower.
+- Everything that does not depend on the reverse recurrence (the K factors) is computed
+  in a few large ops before the loop, so the loop holds ~5 small ops per step.
+- Weight gradients are single GEMMs over all T·B rows rather than T small ones.
+
+Only device-agnostic torch ops are used, so the same code runs on CPU and CUDA.
+
+Optional ``mask`` (T, B, 1, bool) marks valid steps of variable-length sequences: where
+it is False the state is carried unchanged and the output is zero, as torch.nn does for
+packed sequences. Double backward is not supported (``once_differentiable``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["FusedRNN", "FusedLSTM", "FusedGRU", "rnn_sequence", "lstm_sequence", "gru_sequence"]
+
+
+def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
+    """X @ W_ihᵀ + b for all time steps in one GEMM. x (T, B, I) -> (T, B, G·H)."""
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    out = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
+    return out.view(T, B, -1)
+
+
+def _sum_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
+    if b_ih is None:
+        return None
+    return b_ih + b_hh
+
+
+def _weight_grads(dz: Tensor, x: Tensor, h_prev: Tensor, w_ih: Tensor, needs: tuple) -> tuple:
+    """dX, dW_ih, dW_hh from the pre-activation gradients dz (T, B, G·H) as large GEMMs."""
+    T, B, _ = x.shape
+    dz2 = dz.reshape(T * B, -1)  # (T·B, G·H)
+    dx = torch.mm(dz2, w_ih).view(T, B, -1) if needs[0] else None  # (T, B, I)
+    dw_ih = torch.mm(dz2.t(), x.reshape(T * B, -1)) if needs[1] else None  # (G·H, I)
+    dw_hh = torch.mm(dz2.t(), h_prev.reshape(T * B, -1)) if needs[2] else None  # (G·H, H)
+    return dx, dw_ih, dw_hh
+
+
+# --------------------------------------------------------------------------- RNN
+
+
+def _rnn_derivative(h: Tensor, nonlinearity: str) -> Tensor:
+    """φ'(a) written in terms of the output h = φ(a), so a need not be saved."""
+    if nonlinearity == "tanh":
+        return 1 - h * h
+    if nonlinearity == "sigmoid":
+        return h * (1 - h)
+    return (h > 0).to(h.dtype)
+
+
+def _relu(a: Tensor, out: Tensor | None = None) -> Tensor:
+    return torch.clamp(a, min=0, out=out)  # torch.relu takes no out=
+
+
+_RNN_ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": _relu}
+
+
+def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity):
+    """Forward only; returns (states (T+1, B, H), output (T, B, H))."""
+    T, B, _ = x.shape
+    phi = _RNN_ACTIVATIONS[nonlinearity]
+    xw = _input_projection(x, w_ih, _sum_bias(b_ih, b_hh))  # (T, B, H)
+    w_hh_t = w_hh.t().contiguous()  # (H, H); see module docstring
+    hs = x.new_empty((T + 1,) + h0.shape)  # (T+1, B, H)
+    hs[0] = h0
+    for t in range(T):
+        a = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, H)
+        if mask is None:
+            phi(a, out=hs[t + 1])
+        else:
+            torch.where(mask[t], phi(a), hs[t], out=hs[t + 1])
+    out = hs[1:] if mask is None else hs[1:] * mask
+    return hs, out
+
+
+class FusedRNN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity):
+        hs, out = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity)
+        ctx.nonlinearity = nonlinearity
+        ctx.has_bias = b_ih is not None
+        ctx.save_for_backward(x, w_ih, w_hh, hs, mask)
+        return out, hs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_hn):
+        x, w_ih, w_hh, hs, mask = ctx.saved_tensors
+        T = x.shape[0]
+        deriv = _rnn_derivative(hs[1:], ctx.nonlinearity)  # (T, B, H)
+        dz = torch.empty_like(deriv)  # (T, B, H)
+        dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.clone()
+        d_out = torch.zeros_like(deriv) if d_out is None else d_out
+        for t in range(T - 1, -1, -1):
+            if mask is None:
+                torch.mul(d_out[t] + dh, deriv[t], out=dz[t])
+                dh = torch.mm(dz[t], w_hh)
+            else:
+                m = mask[t]
+                torch.mul((d_out[t] + dh) * m, deriv[t], out=dz[t])
+                dh = torch.where(m, torch.mm(dz[t], w_hh), dh)
+        needs = ctx.needs_input_grad
+        dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[2], needs[3]))
+        db = dz.sum((0, 1)) if ctx.has_bias and (needs[4] or needs[5]) else None
+        return dx, dh, dw_ih, dw_hh, db, db, None, None
+
+
+# --------------------------------------------------------------------------- LSTM
+
+
+def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool):
+    """Forward only. Returns (hs, cs, gates, output): hs, cs (T+1, B, H) with the initial
+    state at index 0; gates (T, B, 4H) activated i|f|g|o (only when keep_gates, else None).
+    """
+    T, B, _ = x.shape
+    H = h0.shape[-1]
+    xw = _input_projection(x, w_ih, _sum_bias(b_ih, b_hh))  # (T, B, 4H)
+    w_hh_t = w_hh.t().contiguous()  # (H, 4H); see module docstring
+    hs = x.new_empty((T + 1, B, H))
+    cs = x.new_empty((T + 1, B, H))
+    hs[0] = h0
+    cs[0] = c0
+    gates = x.new_empty((T, B, 4 * H)) if keep_gates else x.new_empty((1, B, 4 * H))
+    for t in range(T):
+        z = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, 4H) pre-activations
+        a = gates[t if keep_gates else 0]  # (B, 4H)
+        # One sigmoid over the whole contiguous block beats three on strided slices;
+        # the g columns are then overwritten with their tanh.
+        torch.sigmoid(z, out=a)
+        torch.tanh(z[:, 2 * H : 3 * H], out=a[:, 2 * H : 3 * H])
+        i, f, g, o = a.chunk(4, dim=1)  # 4 x (B, H)
+        if mask is None:
+            c = torch.addcmul(f * cs[t], i, g, out=cs[t + 1])
+            torch.mul(o, torch.tanh(c), out=hs[t + 1])
+        else:
+            m = mask[t]
+            c = torch.addcmul(f * cs[t], i, g)
+            torch.where(m, c, cs[t], out=cs[t + 1])
+            torch.where(m, o * torch.tanh(c), hs[t], out=hs[t + 1])
+    out = hs[1:] if mask is None else hs[1:] * mask
+    return hs, cs, (gates if keep_gates else None), out
+
+
+class FusedLSTM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask):
+        hs, cs, gates, out = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, True)
+        ctx.has_bias = b_ih is not None
+        ctx.save_for_backward(x, w_ih, w_hh, hs, cs, gates, mask)
+        return out, hs[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_hn, d_cn):
+        x, w_ih, w_hh, hs, cs, gates, mask = ctx.saved_tensors
+        T, B, H4 = gates.shape
+        H = H4 // 4
+        i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
+        tanh_c = torch.tanh(cs[1:])  # (T, B, H)
+        # dZ = [dc·K_i, dc·K_f, dc·K_g, dh·K_o]: every factor that does not depend on
+        # the reverse recurrence is computed here, for all steps in a few large ops.
+        k = torch.stack(
+            (g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)),
+            dim=2,
+        )  # (T, B, 4, H)
+        dc_from_dh = o * (1 - tanh_c * tanh_c)  # (T, B, H)
+        f = f.contiguous()
+        dz = torch.empty_like(k)  # (T, B, 4, H)
+        dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.clone()
+        dc = torch.zeros_like(cs[0]) if d_cn is None else d_cn.clone()
+        if d_out is None:
+            d_out = torch.zeros_like(tanh_c)
+        for t in range(T - 1, -1, -1):
+            if mask is None:
+                dh_t = d_out[t] + dh
+                dc_t = torch.addcmul(dc, dh_t, dc_from_dh[t])
+            else:
+                m = mask[t]
+                dh_t = (d_out[t] + dh) * m
+                dc_t = torch.addcmul(dc * m, dh_t, dc_from_dh[t])
+            torch.mul(torch.stack((dc_t, dc_t, dc_t, dh_t), dim=1), k[t], out=dz[t])
+            dh_prev = torch.mm(dz[t].view(B, H4), w_hh)  # (B, H)
+            dc_prev = dc_t * f[t]
+            if mask is None:
+                dh, dc = dh_prev, dc_prev
+            else:
+                dh = torch.where(m, dh_prev, dh)
+                dc = torch.where(m, dc_prev, dc)
+        dz = dz.view(T, B, H4)
+        needs = ctx.needs_input_grad
+        dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[3], needs[4]))
+        db = dz.sum((0, 1)) if ctx.has_bias and (needs[5] or needs[6]) else None
+        return dx, dh, dc, dw_ih, dw_hh, db, db, None
+
+
+# --------------------------------------------------------------------------- GRU
+
+
+def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool):
+    """Forward only. Returns (hs, rz, n, hn, output): hs (T+1, B, H); when keep, rz
+    (T, B, 2H) activated r|z, n (T, B, H) the candidate and hn (T, B, H) = W_hn h + b_hn.
+    """
+    T, B, _ = x.shape
+    H = h0.shape[-1]
+    xw = _input_projection(x, w_ih, b_ih)  # (T, B, 3H)
+    w_hh_t = w_hh.t().contiguous()  # (H, 3H)
+    hs = x.new_empty((T + 1, B, H))
+    hs[0] = h0
+    steps = T if keep else 1
+    rz = x.new_empty((steps, B, 2 * H))
+    n = x.new_empty((steps, B, H))
+    hn = x.new_empty((steps, B, H))
+    for t in range(T):
+        s = t if keep else 0
+        hw = torch.mm(hs[t], w_hh_t) if b_hh is None else torch.addmm(b_hh, hs[t], w_hh_t)
+        torch.sigmoid(torch.add(xw[t, :, : 2 * H], hw[:, : 2 * H]), out=rz[s])
+        r, z = rz[s].chunk(2, dim=1)  # 2 x (B, H)
+        hn[s] = hw[:, 2 * H :]
+        torch.tanh(torch.addcmul(xw[t, :, 2 * H :], r, hn[s]), out=n[s])
+        h_new = torch.addcmul(n[s], z, hs[t] - n[s])  # (1-z)·n + z·h
+        if mask is None:
+            hs[t + 1] = h_new
+        else:
+            torch.where(mask[t], h_new, hs[t], out=hs[t + 1])
+    out = hs[1:] if mask is None else hs[1:] * mask
+    if not keep:
+        return hs, None, None, None, out
+    return hs, rz, n, hn, out
+
+
+class FusedGRU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask):
+        hs, rz, n, hn, out = gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, True)
+        ctx.has_bias = b_ih is not None
+        ctx.save_for_backward(x, w_ih, w_hh, hs, rz, n, hn, mask)
+        return out, hs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_hn):
+        x, w_ih, w_hh, hs, rz, n, hn, mask = ctx.saved_tensors
+        T, B, H = n.shape
+        r, z = rz.chunk(2, dim=2)  # 2 x (T, B, H)
+        k_n = (1 - z) * (1 - n * n)  # ∂h/∂(n pre-activation)
+        k_z = (hs[:-1] - n) * z * (1 - z)  # ∂h/∂(z pre-activation)
+        k_r = k_n * hn * r * (1 - r)  # ∂h/∂(r pre-activation)
+        # Gradients w.r.t. the hidden projection differ from those w.r.t. the input
+        # projection only in the n block, which r multiplies.
+        k_h = torch.stack((k_r, k_z, k_n * r), dim=2)  # (T, B, 3, H)
+        z = z.contiguous()
+        dh_all = torch.empty_like(n)  # gradient reaching each new state, (T, B, H)
+        dz_h = torch.empty_like(k_h)  # (T, B, 3, H)
+        dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.clone()
+        if d_out is None:
+            d_out = torch.zeros_like(n)
+        for t in range(T - 1, -1, -1):
+            if mask is None:
+                dh_t = torch.add(d_out[t], dh, out=dh_all[t])
+            else:
+                m = mask[t]
+                dh_t = torch.mul(d_out[t] + dh, m, out=dh_all[t])
+            torch.mul(dh_t.unsqueeze(1), k_h[t], out=dz_h[t])
+            dh_prev = torch.addmm(dh_t * z[t], dz_h[t].view(B, 3 * H), w_hh)  # (B, H)
+            dh = dh_prev if mask is None else torch.where(m, dh_prev, dh)
+        dz_x = dh_all.unsqueeze(2) * torch.stack((k_r, k_z, k_n), dim=2)  # (T, B, 3, H)
+        dz_x = dz_x.view(T, B, 3 * H)
+        dz_h = dz_h.view(T, B, 3 * H)
+        needs = ctx.needs_input_grad
+        dx = torch.mm(dz_x.view(T * B, -1), w_ih).view(T, B, -1) if needs[0] else None
+        dw_ih = torch.mm(dz_x.view(T * B, -1).t(), x.reshape(T * B, -1)) if needs[2] else None
+        dw_hh = torch.mm(dz_h.view(T * B, -1).t(), hs[:-1].reshape(T * B, H)) if needs[3] else None
+        db_ih = dz_x.sum((0, 1)) if ctx.has_bias and needs[4] else None
+        db_hh = dz_h.sum((0, 1)) if ctx.has_bias and needs[5] else None
+        return dx, dh, dw_ih, dw_hh, db_ih, db_hh, None

@@ -1,0 +1,550 @@
+"""``RNN``, ``LSTM`` and ``GRU`` layers: torch.nn's interface, our equations.
+
+Constructor arguments, call signature, return values, parameter names, shapes and gate
+order are torch.nn's, so ``ours.load_state_dict(theirs.state_dict())`` works both ways.
+What torch.nn cannot do is added on top:
+
+* ``layer.trace(input)`` returns, beside the usual outputs, every gate and state of every
+  layer, direction and time step (a :class:`Trace`);
+* ``implementation="reference"`` runs the plain loop over :mod:`whiteboard.cells`;
+  the default ``"fused"`` runs :mod:`whiteboard.fused` (hand-written backward through time);
+* ``lengths=`` gives per-sequence lengths for a padded batch without packing it;
+* ``RNN(nonlinearity="sigmoid")``, the seed's own choice, beside tanh and relu.
+
+Parameter layout, per layer ``k`` and direction (suffix ``_reverse`` for backward)::
+
+    weight_ih_l{k}  (G*H, I_k)   I_0 = input_size, I_k = D*H after the first layer
+    weight_hh_l{k}  (G*H, H)
+    bias_ih_l{k}    (G*H,)
+    bias_hh_l{k}    (G*H,)
+
+with G = 1 (RNN), 4 (LSTM: i|f|g|o) or 3 (GRU: r|z|n), D = 2 if bidirectional else 1.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import cells, fused
+
+__all__ = ["RNN", "LSTM", "GRU", "Trace", "TRACE_FIELDS", "SEED_NAMES"]
+
+#: What each layer type records per step in a :class:`Trace`, in order.
+TRACE_FIELDS: dict[str, tuple[str, ...]] = {
+    "RNN": ("preactivation", "hidden"),
+    "LSTM": ("input_gate", "forget_gate", "cell_candidate", "output_gate", "cell", "hidden"),
+    "GRU": ("reset_gate", "update_gate", "candidate", "hidden"),
+}
+
+#: The seed's whiteboard words for the standard names (see the README's glossary).
+SEED_NAMES: dict[str, str] = {
+    "input_gate": "selective read",
+    "forget_gate": "selective forget",
+    "output_gate": "selective write",
+    "cell_candidate": "what could be written",
+    "cell": "the whiteboard (cell state)",
+    "hidden": "what is shown to the next step",
+}
+
+_IMPLEMENTATIONS = ("fused", "reference")
+
+
+@dataclass
+class Trace:
+    """Per-step internals of a recurrent layer.
+
+    ``steps[layer][direction][name]`` is a tensor of shape (T, B, H), or (B, T, H) when the
+    layer is ``batch_first`` (unbatched input: (T, H)); names are ``TRACE_FIELDS[mode]``.
+    Direction 0 is forward in time, 1 (bidirectional only) is backward; both are indexed
+    by the input's time step. Steps beyond a sequence's length are zero.
+    """
+
+    mode: str
+    steps: list[list[dict[str, Tensor]]] = field(default_factory=list)
+
+    def __getitem__(self, layer: int) -> list[dict[str, Tensor]]:
+        return self.steps[layer]
+
+    def get(self, name: str, layer: int = -1, direction: int = 0) -> Tensor:
+        """One traced quantity, e.g. ``trace.get("forget_gate", layer=0)``."""
+        if name not in TRACE_FIELDS[self.mode]:
+            raise KeyError(f"{self.mode} traces record {TRACE_FIELDS[self.mode]}, not {name!r}")
+        return self.steps[layer][direction][name]
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+class _RecurrentBase(nn.Module):
+    """Shared machinery; subclasses set ``mode`` and ``gate_count``."""
+
+    mode: str
+    gate_count: int
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        implementation: str = "fused",
+    ) -> None:
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"dropout={dropout} has no effect with num_layers=1: dropout is applied "
+                "between layers, never after the last one (as in torch.nn)",
+                stacklevel=3,
+            )
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.implementation = implementation
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        gate_rows = self.gate_count * hidden_size
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * directions
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                self.register_parameter(f"weight_ih{suffix}", nn.Parameter(torch.empty(gate_rows, layer_input, **factory)))
+                self.register_parameter(f"weight_hh{suffix}", nn.Parameter(torch.empty(gate_rows, hidden_size, **factory)))
+                if bias:
+                    self.register_parameter(f"bias_ih{suffix}", nn.Parameter(torch.empty(gate_rows, **factory)))
+                    self.register_parameter(f"bias_hh{suffix}", nn.Parameter(torch.empty(gate_rows, **factory)))
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def implementation(self) -> str:
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        if value not in _IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {value!r}")
+        self._implementation = value
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """Accepted for drop-in compatibility with torch.nn; nothing to flatten here."""
+
+    def layer_weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction."""
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        w_ih = getattr(self, f"weight_ih{suffix}")
+        w_hh = getattr(self, f"weight_hh{suffix}")
+        if not self.bias:
+            return w_ih, w_hh, None, None
+        return w_ih, w_hh, getattr(self, f"bias_ih{suffix}"), getattr(self, f"bias_hh{suffix}")
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if self.implementation != "fused":
+            s += f", implementation={self.implementation!r}"
+        return s
+
+    # ----------------------------------------------------------------- the call
+
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None):
+        """Same signature and return values as the torch.nn layer, plus optional
+        ``lengths`` (B,) for a padded batch whose sequences have different lengths."""
+        output, state, _ = self._run(input, hx, lengths, trace=False)
+        return output, state
+
+    def trace(self, input, hx=None, *, lengths: Tensor | None = None):
+        """Like ``forward`` but also returns a :class:`Trace` of every gate and state.
+
+        Runs the reference loop over :mod:`whiteboard.cells`, so it is slower than
+        ``forward``; it stays differentiable (gradient-reach analysis uses that).
+        Returns ``(output, state, trace)``.
+        """
+        return self._run(input, hx, lengths, trace=True)
+
+    # ----------------------------------------------------------------- internals
+
+    def _state_count(self) -> int:
+        return 2 if self.mode == "LSTM" else 1
+
+    def _run(self, input, hx, lengths, trace: bool):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths= is for padded batches; a PackedSequence carries its own")
+            x, lengths = pad_packed_sequence(input, batch_first=False)  # (T, B, I), original order
+            unbatched = False
+        else:
+            x = input
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{self.mode}: input must be a Tensor or PackedSequence, got {type(x).__name__}")
+            if x.dim() not in (2, 3):
+                raise ValueError(
+                    f"{self.mode}: expected input with 3 dimensions (batched) or 2 (unbatched), "
+                    f"got {x.dim()} with shape {_shape(x)}"
+                )
+            unbatched = x.dim() == 2
+            if unbatched:
+                x = x.unsqueeze(1)
+            elif self.batch_first:
+                x = x.transpose(0, 1)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{self.mode}: expected input feature size (input_size) {self.input_size}, got {x.shape[-1]}"
+            )
+        T, B = x.shape[0], x.shape[1]
+        if T == 0:
+            raise ValueError(f"{self.mode}: input has no time steps (shape {_shape(input if not packed else x)})")
+        states = self._initial_states(hx, B, x, unbatched)
+        mask = self._mask(lengths, T, B, x.device)
+
+        outputs, finals, trace_steps = self._stack(x, states, mask, lengths, trace)
+
+        finals = [torch.stack(f, 0) for f in finals]  # each (L*D, B, H)
+        if packed:
+            output = self._repack(outputs, input)
+        elif unbatched:
+            output = outputs.squeeze(1)
+            finals = [f.squeeze(1) for f in finals]
+        else:
+            output = outputs.transpose(0, 1) if self.batch_first else outputs
+        state = (finals[0], finals[1]) if self.mode == "LSTM" else finals[0]
+        result_trace = None
+        if trace:
+            result_trace = Trace(self.mode, [[self._trace_layout(d, unbatched) for d in layer] for layer in trace_steps])
+        return output, state, result_trace
+
+    def _trace_layout(self, fields: dict[str, Tensor], unbatched: bool) -> dict[str, Tensor]:
+        if unbatched:
+            return {k: v.squeeze(1) for k, v in fields.items()}
+        if self.batch_first:
+            return {k: v.transpose(0, 1) for k, v in fields.items()}
+        return fields
+
+    def _initial_states(self, hx, batch: int, x: Tensor, unbatched: bool) -> list[Tensor]:
+        count = self._state_count()
+        layers = self.num_layers * self.num_directions
+        expected = (layers, self.hidden_size) if unbatched else (layers, batch, self.hidden_size)
+        if hx is None:
+            zeros = x.new_zeros((layers, batch, self.hidden_size))
+            return [zeros] * count
+        if self.mode == "LSTM":
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise ValueError("LSTM: hx must be a tuple (h_0, c_0)")
+            given = list(hx)
+        else:
+            if not isinstance(hx, Tensor):
+                raise ValueError(f"{self.mode}: hx must be a Tensor h_0, got {type(hx).__name__}")
+            given = [hx]
+        names = ("h_0", "c_0")
+        states = []
+        for name, state in zip(names, given):
+            if _shape(state) != expected:
+                raise ValueError(f"{self.mode}: expected {name} of shape {expected}, got {_shape(state)}")
+            if state.dtype != x.dtype:
+                raise ValueError(f"{self.mode}: expected {name} of dtype {x.dtype}, got {state.dtype}")
+            states.append(state.unsqueeze(1) if unbatched else state)
+        return states
+
+    @staticmethod
+    def _repack(outputs: Tensor, packed_input: PackedSequence) -> PackedSequence:
+        """Pack (T, B, ·) outputs in the input's original batch order like torch.nn does."""
+        lengths = _packed_lengths(packed_input)
+        sorted_indices = packed_input.sorted_indices
+        if sorted_indices is not None:
+            outputs = outputs.index_select(1, sorted_indices)
+            lengths = lengths.index_select(0, sorted_indices.to(lengths.device))
+        data = pack_padded_sequence(outputs, lengths, enforce_sorted=True).data
+        return PackedSequence(data, packed_input.batch_sizes, packed_input.sorted_indices, packed_input.unsorted_indices)
+
+    @staticmethod
+    def _mask(lengths, T: int, B: int, device) -> Tensor | None:
+        if lengths is None:
+            return None
+        lengths = torch.as_tensor(lengths)
+        if _shape(lengths) != (B,):
+            raise ValueError(f"lengths must have shape ({B},), got {_shape(lengths)}")
+        if lengths.min() < 1 or lengths.max() > T:
+            raise ValueError(f"lengths must lie in [1, {T}], got min {int(lengths.min())}, max {int(lengths.max())}")
+        steps = torch.arange(T, device=device).unsqueeze(1)  # (T, 1)
+        return (steps < lengths.to(device).unsqueeze(0)).unsqueeze(-1)  # (T, B, 1)
+
+    @staticmethod
+    def _reverse_index(lengths, T: int, B: int, device) -> Tensor:
+        """Index (T, B) that reverses each sequence within its own length (pads stay put)."""
+        steps = torch.arange(T, device=device).unsqueeze(1).expand(T, B)
+        lengths = torch.as_tensor(lengths, device=device).unsqueeze(0)
+        return torch.where(steps < lengths, lengths - 1 - steps, steps)
+
+    def _stack(self, x: Tensor, states: list[Tensor], mask, lengths, trace: bool):
+        T, B = x.shape[0], x.shape[1]
+        directions = self.num_directions
+        finals: list[list[Tensor]] = [[] for _ in states]
+        trace_steps: list[list[dict[str, Tensor]]] = []
+        reverse_index = None
+        if self.bidirectional and lengths is not None:
+            reverse_index = self._reverse_index(lengths, T, B, x.device)
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs = []
+            layer_trace = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                initial = [s[index] for s in states]
+                seq = layer_input
+                if direction == 1:
+                    seq = self._reverse_time(seq, reverse_index)
+                out, final, fields = self._direction(seq, initial, self.layer_weights(layer, direction), mask, trace)
+                if direction == 1:
+                    out = self._reverse_time(out, reverse_index)
+                    if fields is not None:
+                        fields = {k: self._reverse_time(v, reverse_index) for k, v in fields.items()}
+                outs.append(out)
+                layer_trace.append(fields)
+                for store, value in zip(finals, final):
+                    store.append(value)
+            layer_output = outs[0] if directions == 1 else torch.cat(outs, dim=2)  # (T, B, D*H)
+            if trace:
+                trace_steps.append(layer_trace)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_output = nn.functional.dropout(layer_output, self.dropout, training=True)
+            layer_input = layer_output
+        return layer_input, finals, trace_steps
+
+    @staticmethod
+    def _reverse_time(seq: Tensor, reverse_index: Tensor | None) -> Tensor:
+        if reverse_index is None:
+            return seq.flip(0)
+        index = reverse_index.unsqueeze(-1).expand(-1, -1, seq.shape[-1])
+        return seq.gather(0, index)
+
+    def _direction(self, x, initial, weights, mask, trace: bool):
+        """One layer, one direction over (T, B, I). Returns (output, finals, fields)."""
+        if trace or self.implementation == "reference":
+            return self._reference_direction(x, initial, weights, mask, trace)
+        out, finals = self._fused_direction(x.contiguous(), initial, weights, mask)
+        return out, finals, None
+
+    def _fused_direction(self, x, initial, weights, mask):
+        raise NotImplementedError
+
+    def _step(self, x_t, state, weights):
+        raise NotImplementedError
+
+    def _reference_direction(self, x, initial, weights, mask, trace: bool):
+        fields_per_step = []
+        outputs = []
+        state = list(initial)
+        for t in range(x.shape[0]):
+            step = self._step(x[t], state, weights)
+            new_state = [step.hidden] if self.mode != "LSTM" else [step.hidden, step.cell]
+            if mask is not None:
+                m = mask[t]
+                new_state = [torch.where(m, new, old) for new, old in zip(new_state, state)]
+                outputs.append(step.hidden * m)
+            else:
+                outputs.append(step.hidden)
+            state = new_state
+            if trace:
+                fields_per_step.append(step)
+        output = torch.stack(outputs, 0)  # (T, B, H)
+        fields = None
+        if trace:
+            fields = {}
+            for name in TRACE_FIELDS[self.mode]:
+                values = torch.stack([getattr(s, name) for s in fields_per_step], 0)  # (T, B, H)
+                fields[name] = values if mask is None else values * mask
+        return output, state, fields
+
+
+class RNN(_RecurrentBase):
+    """Elman RNN, torch.nn.RNN-compatible, with the seed's sigmoid as a third choice.
+
+    .. math::
+        s_t = \\phi(W_{ih} x_t + b_{ih} + W_{hh} s_{t-1} + b_{hh}),
+        \\quad \\phi \\in \\{\\tanh, \\mathrm{relu}, \\sigma\\}
+
+    Args:
+        input_size: features I of the input x.
+        hidden_size: features H of the state s.
+        num_layers: stacked layers L. Default 1.
+        nonlinearity: ``'tanh'`` (default), ``'relu'`` or ``'sigmoid'``.
+        bias: use ``bias_ih``/``bias_hh``. Default True.
+        batch_first: input and output are (B, T, ·) instead of (T, B, ·). Default False.
+        dropout: dropout on each layer's output except the last, in training. Default 0.
+        bidirectional: add a layer that reads the sequence backwards. Default False.
+        implementation: ``'fused'`` (default) or ``'reference'``.
+
+    Shapes:
+        input: (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or a PackedSequence.
+        h_0: (L*D, B, H) or (L*D, H) unbatched; zeros if omitted.
+        output: (T, B, D*H) ((B, T, D*H) if batch_first), or a PackedSequence.
+        h_n: (L*D, B, H).
+
+    Example:
+        >>> rnn = RNN(10, 20, num_layers=2)
+        >>> output, h_n = rnn(torch.randn(5, 3, 10))
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
+    """
+
+    mode = "RNN"
+    gate_count = 1
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh", *args, **kwargs):
+        if nonlinearity not in cells.NONLINEARITIES:
+            raise ValueError(f"Unknown nonlinearity {nonlinearity!r}. Select from {tuple(cells.NONLINEARITIES)}.")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", nonlinearity={self.nonlinearity!r}" if self.nonlinearity != "tanh" else "")
+
+    def _step(self, x_t, state, weights):
+        return cells.rnn_step(x_t, state[0], *weights, nonlinearity=self.nonlinearity)
+
+    def _fused_direction(self, x, initial, weights, mask):
+        if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
+            out, h_n = fused.FusedRNN.apply(x, initial[0], *weights, mask, self.nonlinearity)
+            return out, [h_n]
+        hs, out = fused.rnn_sequence(x, initial[0], *weights, mask, self.nonlinearity)
+        return out, [hs[-1]]
+
+
+class LSTM(_RecurrentBase):
+    """LSTM, torch.nn.LSTM-compatible (no peepholes, no projection).
+
+    .. math::
+        i_t = \\sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi})    input gate  (selective read)
+        f_t = \\sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf})    forget gate (selective forget)
+        g_t = \\tanh(W_{ig} x_t + b_{ig} + W_{hg} h_{t-1} + b_{hg})     candidate
+        o_t = \\sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho})    output gate (selective write)
+        c_t = f_t \\odot c_{t-1} + i_t \\odot g_t                        cell state  (the whiteboard)
+        h_t = o_t \\odot \\tanh(c_t)
+
+    Args: as :class:`RNN` without ``nonlinearity``.
+
+    Shapes:
+        input: (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or a PackedSequence.
+        (h_0, c_0): each (L*D, B, H) or (L*D, H) unbatched; zeros if omitted.
+        output: (T, B, D*H) ((B, T, D*H) if batch_first), or a PackedSequence.
+        (h_n, c_n): each (L*D, B, H).
+
+    Attributes:
+        weight_ih_l{k}: (4H, I_k), rows i|f|g|o.  weight_hh_l{k}: (4H, H).
+        bias_ih_l{k}, bias_hh_l{k}: (4H,).
+
+    Example:
+        >>> lstm = LSTM(10, 20, num_layers=2)
+        >>> output, (h_n, c_n) = lstm(torch.randn(5, 3, 10))
+        >>> output.shape, h_n.shape, c_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]), torch.Size([2, 3, 20]))
+    """
+
+    mode = "LSTM"
+    gate_count = 4
+
+    def __init__(self, *args, proj_size: int = 0, **kwargs):
+        if proj_size:
+            raise ValueError("LSTM: proj_size (LSTMP) is not supported; use proj_size=0")
+        super().__init__(*args, **kwargs)
+
+    def _step(self, x_t, state, weights):
+        return cells.lstm_step(x_t, state[0], state[1], *weights)
+
+    def _fused_direction(self, x, initial, weights, mask):
+        if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
+            out, h_n, c_n = fused.FusedLSTM.apply(x, initial[0], initial[1], *weights, mask)
+            return out, [h_n, c_n]
+        hs, cs, _, out = fused.lstm_sequence(x, initial[0], initial[1], *weights, mask, False)
+        return out, [hs[-1], cs[-1]]
+
+
+class GRU(_RecurrentBase):
+    """GRU, torch.nn.GRU-compatible, gate order r, z, n.
+
+    .. math::
+        r_t = \\sigma(W_{ir} x_t + b_{ir} + W_{hr} h_{t-1} + b_{hr})   reset gate
+        z_t = \\sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz})   update gate
+        n_t = \\tanh(W_{in} x_t + b_{in} + r_t \\odot (W_{hn} h_{t-1} + b_{hn}))   candidate
+        h_t = (1 - z_t) \\odot n_t + z_t \\odot h_{t-1}
+
+    Args and shapes: as :class:`RNN` without ``nonlinearity``.
+
+    Example:
+        >>> gru = GRU(10, 20)
+        >>> output, h_n = gru(torch.randn(5, 3, 10))
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([1, 3, 20]))
+    """
+
+    mode = "GRU"
+    gate_count = 3
+
+    def _step(self, x_t, state, weights):
+        return cells.gru_step(x_t, state[0], *weights)
+
+    def _fused_direction(self, x, initial, weights, mask):
+        if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
+            out, h_n = fused.FusedGRU.apply(x, initial[0], *weights, mask)
+            return out, [h_n]
+        hs, _, _, _, out = fused.gru_sequence(x, initial[0], *weights, mask, False)
+        return out, [hs[-1]]
+
+
+def _any_requires_grad(x: Tensor, initial: list[Tensor], weights) -> bool:
+    return any(t is not None and t.requires_grad for t in (x, *initial, *weights))
+
+
+def _packed_lengths(packed: PackedSequence) -> Tensor:
+    """Lengths in original batch order, on the CPU as pack_padded_sequence wants them."""
+    batch_sizes = packed.batch_sizes  # (T,) how many sequences are alive at each step
+    B = int(batch_sizes[0])
+    steps = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B) sorted order
+    lengths = steps.sum(0)
+    if packed.unsorted_indices is not None:
+        lengths = lengths.index_select(0, packed.unsorted_indices.cpu())
+    return lengths
+

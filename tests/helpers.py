@@ -1,0 +1,45 @@
+"""Shared builders for the parity tests: the same layer in torch.nn and in whiteboard."""
+
+import torch
+
+import whiteboard
+
+# (whiteboard class, torch.nn class, extra constructor kwargs)
+MODES = {
+    "lstm": (whiteboard.LSTM, torch.nn.LSTM, {}),
+    "gru": (whiteboard.GRU, torch.nn.GRU, {}),
+    "rnn_tanh": (whiteboard.RNN, torch.nn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (whiteboard.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
+}
+
+# float32 tolerances: tight, but a hand-written backward sums in another order than oneDNN.
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float64: dict(rtol=1e-7, atol=1e-9)}
+
+
+def make_pair(mode, input_size, hidden_size, dtype=torch.float64, device="cpu", implementation="fused", **kwargs):
+    ours_cls, torch_cls, extra = MODES[mode]
+    reference = torch_cls(input_size, hidden_size, **extra, **kwargs).to(device=device, dtype=dtype)
+    ours = ours_cls(input_size, hidden_size, **extra, implementation=implementation, **kwargs).to(device=device, dtype=dtype)
+    ours.load_state_dict(reference.state_dict())
+    return ours, reference
+
+
+def initial_state(mode, shape, dtype, device):
+    if mode == "lstm":
+        return tuple(torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+    return torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+
+
+def state_tensors(state):
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def loss_of(output, state):
+    """A loss that touches every output and every final state with distinct weights."""
+    if isinstance(output, torch.nn.utils.rnn.PackedSequence):
+        output = output.data
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    total = (output * torch.randn(output.shape, generator=gen, dtype=output.dtype).to(output.device)).sum()
+    for s in state_tensors(state):
+        total = total + (s * torch.randn(s.shape, generator=gen, dtype=s.dtype).to(s.device)).sum()
+    return total

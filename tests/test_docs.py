@@ -1,0 +1,50 @@
+"""What the docs say about shapes and gate order is what the code does."""
+
+import doctest
+
+import pytest
+import torch
+
+import whiteboard
+from whiteboard import layers
+
+
+@pytest.mark.parametrize("obj", [whiteboard.RNN, whiteboard.LSTM, whiteboard.GRU])
+def test_docstring_examples_run(obj):
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    tests = finder.find(obj, globs={"torch": torch, obj.__name__: obj})
+    examples = [t for t in tests if t.examples]
+    assert examples, f"{obj.__name__} has no runnable example"
+    for test in examples:
+        runner.run(test)
+    assert runner.failures == 0
+
+
+@pytest.mark.parametrize("cls,gates", [(whiteboard.RNN, 1), (whiteboard.LSTM, 4), (whiteboard.GRU, 3)])
+def test_documented_parameter_layout(cls, gates):
+    """The module docstring's layout table: (G*H, I_k), (G*H, H), (G*H,)."""
+    I, H = 3, 5
+    layer = cls(I, H, num_layers=2, bidirectional=True)
+    assert "(G*H, I_k)" in layers.__doc__
+    for name, param in layer.named_parameters():
+        k = int(name.split("_l")[1][0])
+        in_k = I if k == 0 else 2 * H
+        if name.startswith("weight_ih"):
+            assert param.shape == (gates * H, in_k)
+        elif name.startswith("weight_hh"):
+            assert param.shape == (gates * H, H)
+        else:
+            assert param.shape == (gates * H,)
+
+
+def test_documented_shapes_with_batch_first_and_bidirectional():
+    layer = whiteboard.LSTM(3, 5, num_layers=2, batch_first=True, bidirectional=True)
+    output, (h_n, c_n) = layer(torch.randn(7, 4, 3))  # (B, T, I)
+    assert output.shape == (7, 4, 10)  # (B, T, D*H)
+    assert h_n.shape == c_n.shape == (4, 7, 5)  # (L*D, B, H)
+
+
+def test_seed_glossary_names_are_trace_fields():
+    for name in whiteboard.SEED_NAMES:
+        assert name in whiteboard.TRACE_FIELDS["LSTM"]
