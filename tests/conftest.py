@@ -18,3 +18,9 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# cuDNN's RNN kernels may use TF32 by default, which is not float32 accuracy; parity
+# against it must compare like with like.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
