@@ -1,0 +1,232 @@
+"""The ``whiteboard`` command. Parsing and calling only; the work lives in the library.
+
+The entry point is ``main(argv) -> int`` so tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UsageError, WhiteboardError
+
+EXAMPLES = """\
+commands, each with one example:
+  train      whiteboard train my_text.txt --run-dir runs/mine --set train.epochs=5
+  evaluate   whiteboard evaluate runs/mine --split test
+  predict    whiteboard predict runs/mine "Alice lives in France . She speaks"
+  generate   whiteboard generate runs/mine --prompt "The" --length 50 --temperature 0.8
+
+'whiteboard COMMAND --help' shows a command's options.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a language model on a corpus",
+                       description="Train a language model. Config layers: defaults < --preset < --config < --set.")
+    p.add_argument("corpus", nargs="?", help="named corpus (ptb, wikitext-2, tinyshakespeare), a UTF-8 text file, or a folder")
+    p.add_argument("--run-dir", type=Path, help="where checkpoints, config, vocabulary and metrics go")
+    p.add_argument("--preset", help="a named configuration (see --list-presets)")
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument("--config", type=Path, help="a TOML file with [model], [data], [train] tables")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run exactly where it stopped")
+    p.add_argument("--data-dir", help="where named corpora are found (default $WHITEBOARD_DATA_DIR)")
+    p.add_argument("--download", action="store_true", help="fetch a missing named corpus into the data dir")
+    p.add_argument("--level", choices=["word", "char"], help="tokenize by words or characters")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="perplexity (and bits per char) of a trained model")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--corpus", help="evaluate on another corpus (named, file or folder) instead of the run's own")
+    p.add_argument("--data-dir")
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="the most likely next tokens after a text")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("text")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a trained model")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--length", type=int, default=100, help="new tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filtering")
+    p.add_argument("--seed", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="whiteboard", description="Recurrent sequence models you can see into.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"whiteboard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_generate(sub)
+    return parser
+
+
+def _err(message: str) -> None:
+    print(f"whiteboard: error: {message}", file=sys.stderr)
+
+
+def cmd_train(args) -> int:
+    from . import config as cfg
+    from .train import train
+
+    if args.list_presets:
+        for name in cfg.preset_names():
+            print(name)
+        return 0
+    sets = list(args.set)
+    if args.corpus:
+        sets.append(f"data.corpus={args.corpus}")
+    if args.data_dir:
+        sets.append(f"data.data_dir={args.data_dir}")
+    if args.download:
+        sets.append("data.download=true")
+    if args.level:
+        sets.append(f"data.level={args.level}")
+    if args.resume:
+        if args.preset or args.config:
+            raise UsageError("--resume continues a run with its saved config; only --set may change it")
+        saved = args.resume / "config.json"
+        if not saved.exists():
+            raise WhiteboardError(f"nothing to resume: {saved} not found")
+        config = cfg.resolve(base=json.loads(saved.read_text(encoding="utf-8")), sets=sets)
+        run_dir = args.resume
+    else:
+        if not args.run_dir:
+            raise UsageError("train needs --run-dir (where the checkpoints go), or --resume RUN_DIR")
+        config = cfg.resolve(args.preset, args.config, sets)
+        run_dir = args.run_dir
+    result = train(config, run_dir, resume=bool(args.resume), progress=not args.quiet,
+                   log=lambda m: print(m, file=sys.stderr))
+    if args.resume:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(run_dir / "config.json", config.to_json())
+    print(result.summary())
+    if result.interrupted:
+        print(f"interrupted: checkpoint saved; continue with: whiteboard train --resume {run_dir}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import load_run
+    from .train import bits_per_char, evaluate, perplexity, prepare_data
+
+    model, vocab, config = load_run(args.run_dir)
+    if args.corpus:
+        config.data.corpus = args.corpus
+    if args.data_dir:
+        config.data.data_dir = args.data_dir
+    data = prepare_data(config, vocab)
+    ids = data.ids.get(args.split)
+    if ids is None or ids.numel() // args.batch_size < 2:
+        raise WhiteboardError(f"the {args.split} split of {config.data.corpus} is empty or too short to evaluate")
+    loss = evaluate(model, ids, args.batch_size, config.train.bptt, "cpu")
+    result = {"split": args.split, "corpus": config.data.corpus, "loss": loss, "perplexity": perplexity(loss),
+              "tokens": int(ids.numel())}
+    if vocab.level == "char":
+        result["bits_per_char"] = bits_per_char(loss)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        line = f"{args.split}: loss {loss:.4f}, perplexity {result['perplexity']:.2f}"
+        if "bits_per_char" in result:
+            line += f", {result['bits_per_char']:.4f} bits/char"
+        print(line + f" over {result['tokens']:,} tokens")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .checkpoint import load_run
+    from .generate import predict_next
+
+    if args.top_k <= 0:
+        raise UsageError(f"--top-k must be positive, got {args.top_k}")
+    model, vocab, _ = load_run(args.run_dir)
+    unknown = vocab.unknown(args.text)
+    predictions = predict_next(model, vocab, args.text, args.top_k)
+    if args.json:
+        print(json.dumps({"text": args.text, "unknown": unknown,
+                          "predictions": [{"token": p.token, "probability": p.probability} for p in predictions]}))
+        return 0
+    if unknown:
+        print(f"note: not in the vocabulary, read as <unk>: {', '.join(unknown)}", file=sys.stderr)
+    width = max(len(repr(p.token)) for p in predictions)
+    for p in predictions:
+        print(f"{p.token!r:<{width}}  {p.probability:.4f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .checkpoint import load_run
+    from .generate import generate
+
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    model, vocab, _ = load_run(args.run_dir)
+    unknown = vocab.unknown(args.prompt) if args.prompt else []
+    if unknown:
+        print(f"note: not in the vocabulary, read as <unk>: {', '.join(unknown)}", file=sys.stderr)
+    text = generate(model, vocab, args.prompt, args.length, args.temperature, args.top_k, args.top_p, args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return int(exc.code or 0)
+    if not args.command:
+        parser.print_help()
+        return 2
+    handler = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except UsageError as exc:
+        _err(str(exc))
+        return 2
+    except WhiteboardError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+def console_main() -> None:
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,216 @@
+"""Run configuration: dataclasses with layered defaults < preset < file < ``--set``.
+
+Unknown keys and type changes are refused with a message naming the key. The resolved
+configuration is saved as ``config.json`` beside every checkpoint. Config files are TOML
+read with ``tomllib``; nothing is ever executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "lstm"  # lstm | gru | rnn
+    embedding_size: int = 200
+    hidden_size: int = 200
+    num_layers: int = 2
+    dropout: float = 0.0  # on embeddings, between layers and before the decoder
+    tie_weights: bool = False  # needs embedding_size == hidden_size
+    nonlinearity: str = "tanh"  # rnn only: tanh | relu | sigmoid
+    init_range: float = 0.1  # all weights ~ U(-r, r) as in Zaremba et al.; 0 = torch.nn defaults
+
+
+@dataclass
+class DataConfig:
+    corpus: str = ""  # a named corpus (ptb, wikitext-2, tinyshakespeare), a file or a folder
+    data_dir: str = ""  # where named corpora live; "" = $WHITEBOARD_DATA_DIR or ~/.cache/whiteboard
+    level: str = ""  # word | char; "" = the corpus's own (word for files)
+    min_freq: int = 1
+    max_vocab: int = 0  # 0 = no limit
+    download: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 13
+    batch_size: int = 20
+    bptt: int = 35
+    variable_bptt: bool = False
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 1.0
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    lr_decay: float = 0.5  # multiply lr by this each epoch after decay_start
+    decay_start: int = 0  # 0 = no fixed schedule
+    plateau_decay: float = 0.0  # >0: multiply lr by this when validation stops improving
+    early_stop: int = 0  # >0: stop after this many evaluations without improvement
+    clip: float = 5.0  # max gradient norm; 0 = no clipping
+    # What the optimized loss averages over. "token": the mean over every token of the
+    # window (pytorch/examples). "sequence": summed over the window's steps, averaged over
+    # the batch (Zaremba et al.'s Lua and TensorFlow code); gradients are bptt times larger,
+    # which is why their published lr 1 / clip 5 equal lr 20 / clip 0.25 under "token".
+    loss_per: str = "token"
+    eval_every: int = 0  # steps between evaluations; 0 = once per epoch
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at each evaluation
+    eval_batch_size: int = 10
+    log_every: int = 100  # steps between training-loss lines in metrics.jsonl
+    max_steps: int = 0  # >0: stop after this many steps (smoke runs)
+    seed: int = 1234
+    device: str = "cpu"
+    threads: int = 0  # 0 = torch's default
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+CHOICES = {
+    ("model", "cell"): ("lstm", "gru", "rnn"),
+    ("model", "nonlinearity"): ("tanh", "relu", "sigmoid"),
+    ("data", "level"): ("", "word", "char"),
+    ("train", "optimizer"): ("sgd", "adam", "adamw"),
+    ("train", "loss_per"): ("token", "sequence"),
+}
+
+
+def _sections(config: RunConfig) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """``value`` as the type of the field's default; a different type is refused."""
+    expected = type(current)
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    raise UsageError(f"config key {key} takes a {expected.__name__}, got {value!r}")
+
+
+def apply(config: RunConfig, values: dict, origin: str) -> None:
+    """Merge a nested dict ({section: {key: value}}) into ``config`` in place."""
+    sections = _sections(config)
+    for section, entries in values.items():
+        if section not in sections:
+            raise UsageError(f"{origin}: unknown config section {section!r} (sections: {', '.join(sections)})")
+        if not isinstance(entries, dict):
+            raise UsageError(f"{origin}: [{section}] must be a table of keys")
+        target = sections[section]
+        known = {f.name for f in dataclasses.fields(target)}
+        for key, value in entries.items():
+            if key not in known:
+                raise UsageError(f"{origin}: unknown config key {section}.{key} (known: {', '.join(sorted(known))})")
+            coerced = _coerce(f"{section}.{key}", value, getattr(target, key))
+            choices = CHOICES.get((section, key))
+            if choices and coerced not in choices:
+                allowed = ", ".join(repr(c) for c in choices)
+                raise UsageError(f"{origin}: {section}.{key} must be one of {allowed}, got {coerced!r}")
+            setattr(target, key, coerced)
+
+
+def parse_set(assignments: list[str]) -> dict:
+    """``["train.lr=0.5", "model.cell=gru"]`` -> nested dict (values stay strings)."""
+    nested: dict = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise UsageError(f"--set takes section.key=value (e.g. train.lr=0.5), got {item!r}")
+        nested.setdefault(section, {})[name] = value.strip()
+    return nested
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("whiteboard") / "presets"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_toml(path: Path, origin: str | None = None) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{origin or path}: not valid TOML: {exc}") from None
+
+
+def resolve(preset: str | None = None, file: Path | None = None, sets: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Defaults < base (a saved config.json) < preset < file < --set."""
+    config = RunConfig()
+    if base:
+        apply(config, base, "saved config")
+    if preset:
+        if preset not in preset_names():
+            raise UsageError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
+        path = resources.files("whiteboard") / "presets" / f"{preset}.toml"
+        apply(config, tomllib.loads(path.read_text(encoding="utf-8")), f"preset {preset}")
+    if file:
+        apply(config, load_toml(Path(file)), str(file))
+    if sets:
+        apply(config, parse_set(sets), "--set")
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    m, t = config.model, config.train
+    for name in ("embedding_size", "hidden_size", "num_layers"):
+        if getattr(m, name) <= 0:
+            raise UsageError(f"model.{name} must be positive, got {getattr(m, name)}")
+    if m.tie_weights and m.embedding_size != m.hidden_size:
+        raise UsageError(
+            f"model.tie_weights needs embedding_size == hidden_size, got {m.embedding_size} and {m.hidden_size}"
+        )
+    if not 0 <= m.dropout < 1:
+        raise UsageError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    for name in ("epochs", "batch_size", "bptt", "eval_batch_size"):
+        if getattr(t, name) <= 0:
+            raise UsageError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.lr <= 0:
+        raise UsageError(f"train.lr must be positive, got {t.lr}")
+
+
+def from_json(data: dict) -> RunConfig:
+    config = RunConfig()
+    apply(config, data, "config.json")
+    return config

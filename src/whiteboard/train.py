@@ -1,0 +1,347 @@
+"""Training a language model with truncated backpropagation through time.
+
+Resumable to the token: a checkpoint holds the weights, the optimizer, both random
+generators (dropout's and the data's), the hidden state carried across windows and the
+position in the epoch, so ``--resume`` continues with exactly the losses an
+uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import RunConfig
+from .data import batchify, check_long_enough, load_corpus, windows
+from .errors import WhiteboardError
+from .model import LanguageModel, detach_state
+from .vocab import Vocabulary
+
+
+class TrainingDiverged(WhiteboardError):
+    pass
+
+
+@dataclass
+class PreparedData:
+    vocab: Vocabulary
+    ids: dict[str, torch.Tensor]  # split -> (N,) token ids
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_done: int
+    best_valid_loss: float
+    test_loss: float | None
+    interrupted: bool
+    elapsed_s: float
+    train_tokens_per_s: float
+    level: str
+
+    def summary(self) -> str:
+        unit = _loss_words(self.best_valid_loss, self.level)
+        text = f"best validation {unit}"
+        if self.test_loss is not None:
+            text += f"; test {_loss_words(self.test_loss, self.level)}"
+        return text + f"; {self.steps} steps in {self.elapsed_s:.0f} s ({self.train_tokens_per_s:,.0f} tokens/s)"
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def bits_per_char(loss: float) -> float:
+    return loss / math.log(2)
+
+
+def _loss_words(loss: float, level: str) -> str:
+    text = f"loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
+    if level == "char":
+        text += f", {bits_per_char(loss):.4f} bits/char"
+    return text
+
+
+def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> PreparedData:
+    """Load the corpus, build (or reuse) the vocabulary and encode every split."""
+    d = config.data
+    if not d.corpus:
+        raise WhiteboardError("no corpus given: pass a named corpus, a text file or a folder (data.corpus)")
+    texts, corpus_level = load_corpus(d.corpus, Path(d.data_dir) if d.data_dir else None, d.download)
+    level = d.level or corpus_level or "word"
+    if vocab is None:
+        vocab = Vocabulary.build(texts["train"], level, min_freq=d.min_freq, max_size=d.max_vocab or None)
+    elif vocab.level != level:
+        raise WhiteboardError(f"the run's vocabulary is {vocab.level}-level but the corpus is read at {level} level")
+    ids = {split: torch.tensor(vocab.encode_text(text, corpus=True), dtype=torch.long) for split, text in texts.items()}
+    return PreparedData(vocab, ids)
+
+
+def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int, device) -> float:
+    """Mean cross-entropy per token over a whole split, state carried across windows."""
+    streams = batchify(ids, batch_size).to(device)
+    model.eval()
+    total, count = 0.0, 0
+    state = model.init_state(streams.shape[1])
+    with torch.no_grad():
+        for window in windows(streams, bptt):
+            logits, state = model(window.inputs, state)
+            total += nn.functional.cross_entropy(logits.flatten(0, 1), window.targets.flatten(), reduction="sum").item()
+            count += window.targets.numel()
+    return total / count
+
+
+def _make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    t = config.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _scheduled_lr(config: RunConfig, epoch: int, plateau_factor: float) -> float:
+    """Zaremba et al.: constant, then multiplied by lr_decay each epoch after decay_start."""
+    t = config.train
+    factor = t.lr_decay ** max(0, epoch - t.decay_start) if t.decay_start > 0 else 1.0
+    return t.lr * factor * plateau_factor
+
+
+class _StopFlag:
+    """The first Ctrl-C asks the loop to checkpoint and stop after the current step; a
+    second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Metrics:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def keep_up_to(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        checkpoint.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def train(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    run_dir = Path(run_dir)
+    t = config.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    device = torch.device(t.device)
+    state_path = run_dir / "training_state.safetensors"
+    if resume:
+        if not state_path.exists():
+            raise WhiteboardError(f"nothing to resume: {state_path} not found")
+        vocab = Vocabulary.load(run_dir / "vocab.json")
+        data = prepare_data(config, vocab)
+    else:
+        if state_path.exists():
+            raise WhiteboardError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --run-dir")
+        data = prepare_data(config)
+    vocab = data.vocab
+    check_long_enough(data.ids["train"], t.batch_size, "train")
+    check_long_enough(data.ids["valid"], t.eval_batch_size, "valid")
+
+    torch.manual_seed(t.seed)
+    data_generator = torch.Generator().manual_seed(t.seed)
+    model = LanguageModel(len(vocab), config.model).to(device)
+    optimizer = _make_optimizer(model, config)
+    metrics = _Metrics(run_dir / "metrics.jsonl")
+    counters = {"epoch": 1, "position": 0, "step": 0, "best_valid": math.inf, "bad_evals": 0, "plateau": 1.0,
+                "log_loss": 0.0, "log_tokens": 0, "train_tokens": 0, "train_seconds": 0.0}
+    hidden = None
+    if resume:
+        counters, hidden = checkpoint.load_training_state(run_dir, model, optimizer, data_generator, device)
+        metrics.keep_up_to(counters["step"])
+        log(f"resuming {run_dir} at epoch {counters['epoch']}, step {counters['step']}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_run_files(run_dir, config, vocab)
+        log(f"{model.parameter_count():,} parameters; vocabulary {len(vocab):,} ({vocab.level} level); "
+            f"{data.ids['train'].numel():,} training tokens")
+
+    train_streams = batchify(data.ids["train"], t.batch_size).to(device)
+    windows_per_epoch = math.ceil((train_streams.shape[0] - 1) / t.bptt)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def save(final_hidden) -> None:
+        checkpoint.save_training_state(run_dir, model, optimizer, counters, final_hidden, data_generator)
+
+    def run_evaluation() -> None:
+        valid_loss = evaluate(model, data.ids["valid"], t.eval_batch_size, t.bptt, device)
+        improved = valid_loss < counters["best_valid"]
+        if improved:
+            counters["best_valid"] = valid_loss
+            counters["bad_evals"] = 0
+            checkpoint.save_model(run_dir, model, counters["step"])
+        else:
+            counters["bad_evals"] += 1
+            if t.plateau_decay > 0:
+                counters["plateau"] *= t.plateau_decay
+        record = {"step": counters["step"], "epoch": counters["epoch"], "split": "valid", "loss": valid_loss,
+                  "ppl": perplexity(valid_loss), "lr": optimizer.param_groups[0]["lr"]}
+        if vocab.level == "char":
+            record["bpc"] = bits_per_char(valid_loss)
+        metrics.write(record)
+        log(f"step {counters['step']} (epoch {counters['epoch']}): validation {_loss_words(valid_loss, vocab.level)}"
+            + ("" if improved else " (no improvement)"))
+        model.train()
+
+    interrupted = False
+    stop_early = False
+    with _StopFlag() as stop:
+        while counters["epoch"] <= t.epochs and not stop_early:
+            lr = _scheduled_lr(config, counters["epoch"], counters["plateau"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            if counters["position"] == 0 or hidden is None:
+                hidden = model.init_state(t.batch_size)
+            bar = tqdm(total=windows_per_epoch, initial=min(windows_per_epoch, counters["position"] // t.bptt),
+                       desc=f"epoch {counters['epoch']}/{t.epochs}", disable=None if progress else True, leave=False,
+                       unit="win", dynamic_ncols=True)
+            for window in windows(train_streams, t.bptt, counters["position"], data_generator, t.variable_bptt):
+                started = time.perf_counter()
+                hidden = detach_state(hidden)
+                logits, hidden = model(window.inputs, hidden)
+                loss = loss_fn(logits.flatten(0, 1), window.targets.flatten())
+                value = loss.item()
+                if not math.isfinite(value):
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"training loss became {value} at step {counters['step'] + 1} (epoch {counters['epoch']}); "
+                        f"stopped, the last good checkpoint in {run_dir} is kept (try a lower train.lr or train.clip)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                (loss * window.inputs.shape[0] if t.loss_per == "sequence" else loss).backward()
+                if t.clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+                # AWD-LSTM: a shorter window gets a proportionally smaller step.
+                scale = window.inputs.shape[0] / t.bptt if t.variable_bptt else 1.0
+                if scale != 1.0:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * scale
+                optimizer.step()
+                if scale != 1.0:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                tokens = window.targets.numel()
+                counters["step"] += 1
+                counters["position"] = window.start + window.inputs.shape[0]
+                counters["log_loss"] += value * tokens
+                counters["log_tokens"] += tokens
+                counters["train_tokens"] += tokens
+                counters["train_seconds"] += time.perf_counter() - started
+                rate = counters["train_tokens"] / max(counters["train_seconds"], 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.3f}", ppl=f"{perplexity(value):.1f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.3g}")
+                if t.log_every and counters["step"] % t.log_every == 0:
+                    mean = counters["log_loss"] / counters["log_tokens"]
+                    metrics.write({"step": counters["step"], "epoch": counters["epoch"], "split": "train",
+                                   "loss": mean, "ppl": perplexity(mean), "lr": lr, "tokens_per_s": rate})
+                    counters["log_loss"], counters["log_tokens"] = 0.0, 0
+                if t.eval_every and counters["step"] % t.eval_every == 0:
+                    run_evaluation()
+                    save(hidden)
+                elif t.checkpoint_every and counters["step"] % t.checkpoint_every == 0:
+                    save(hidden)
+                if t.early_stop and counters["bad_evals"] >= t.early_stop:
+                    log(f"no improvement in {t.early_stop} evaluations: stopping early")
+                    stop_early = True
+                    break
+                if stop.requested or (t.max_steps and counters["step"] >= t.max_steps):
+                    interrupted = stop.requested
+                    break
+            bar.close()
+            if stop.requested or (t.max_steps and counters["step"] >= t.max_steps) or stop_early:
+                save(hidden)
+                break
+            if not t.eval_every:
+                run_evaluation()
+            counters["epoch"] += 1
+            counters["position"] = 0
+            save(model.init_state(t.batch_size))
+            if t.early_stop and counters["bad_evals"] >= t.early_stop:
+                log(f"no improvement in {t.early_stop} evaluations: stopping early")
+                break
+
+    finished = not interrupted and not (t.max_steps and counters["step"] >= t.max_steps and counters["epoch"] <= t.epochs)
+    if not (run_dir / "model.safetensors").exists():
+        # Stopped before the first evaluation: still leave a usable model (not logged as a
+        # validation result, so a resumed run's metrics equal an uninterrupted run's).
+        checkpoint.save_model(run_dir, model, counters["step"])
+    test_loss = None
+    if finished and data.ids.get("test") is not None and data.ids["test"].numel() // t.eval_batch_size >= 2:
+        best, _, _ = checkpoint.load_run(run_dir, str(device))
+        test_loss = evaluate(best, data.ids["test"], t.eval_batch_size, t.bptt, device)
+        record = {"step": counters["step"], "epoch": counters["epoch"] - 1, "split": "test", "loss": test_loss, "ppl": perplexity(test_loss)}
+        if vocab.level == "char":
+            record["bpc"] = bits_per_char(test_loss)
+        metrics.write(record)
+    seconds = counters["train_seconds"]
+    return TrainResult(
+        steps=counters["step"], epochs_done=counters["epoch"] - 1, best_valid_loss=counters["best_valid"],
+        test_loss=test_loss, interrupted=interrupted, elapsed_s=seconds,
+        train_tokens_per_s=counters["train_tokens"] / max(seconds, 1e-9), level=vocab.level,
+    )

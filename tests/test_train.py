@@ -1,0 +1,143 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from whiteboard import checkpoint, train as train_mod
+from whiteboard.checkpoint import atomic_write_bytes, load_run
+from whiteboard.errors import WhiteboardError
+from whiteboard.train import read_metrics, train
+from lm_helpers import tiny_config, write_corpus
+
+
+def quiet(_):
+    pass
+
+
+def losses(run_dir):
+    """Metrics without wall-clock fields, which no two runs share."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run_dir)]
+
+
+def test_small_model_overfits_a_repetitive_corpus(tmp_path):
+    corpus = tmp_path / "abc.txt"
+    corpus.write_text("a b c d e f g h\n" * 200)
+    config = tiny_config(corpus, epochs=4, optimizer="adam", lr=0.01, bptt=16)
+    result = train(config, tmp_path / "run", progress=False, log=quiet)
+    assert result.best_valid_loss < 0.1  # the sequence is deterministic: perplexity ~1
+
+
+def test_run_directory_holds_safetensors_and_json(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    train(tiny_config(corpus), tmp_path / "run", progress=False, log=quiet)
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert names == {"config.json", "vocab.json", "model.safetensors", "training_state.safetensors", "metrics.jsonl"}
+    for name in ("model.safetensors", "training_state.safetensors"):
+        assert b"pickle" not in (tmp_path / "run" / name).read_bytes()[:200]
+    splits = [r["split"] for r in read_metrics(tmp_path / "run")]
+    assert splits.count("valid") == 2 and splits[-1] == "test"
+
+
+def test_same_seed_gives_the_same_run(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    config = tiny_config(corpus, epochs=1)
+    config.model.dropout = 0.3
+    train(config, tmp_path / "a", progress=False, log=quiet)
+    train(config, tmp_path / "b", progress=False, log=quiet)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+@pytest.mark.parametrize("variable_bptt", [False, True])
+def test_resume_gives_identical_losses(tmp_path, variable_bptt):
+    corpus = write_corpus(tmp_path / "c.txt")
+    config = tiny_config(corpus, epochs=2, variable_bptt=variable_bptt)
+    config.model.dropout = 0.2  # dropout draws from the RNG, which must be restored too
+    train(config, tmp_path / "whole", progress=False, log=quiet)
+    stopped = tiny_config(corpus, epochs=2, variable_bptt=variable_bptt, max_steps=13)  # mid-epoch
+    stopped.model.dropout = 0.2
+    first = train(stopped, tmp_path / "split", progress=False, log=quiet)
+    assert first.steps == 13 and first.test_loss is None
+    train(config, tmp_path / "split", resume=True, progress=False, log=quiet)
+    whole = losses(tmp_path / "whole")
+    assert len([r for r in whole if r["split"] == "train"]) >= 4
+    assert losses(tmp_path / "split") == whole
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    train(tiny_config(corpus, epochs=1), tmp_path / "run", progress=False, log=quiet)
+    with pytest.raises(WhiteboardError, match="already holds a run"):
+        train(tiny_config(corpus, epochs=1), tmp_path / "run", progress=False, log=quiet)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "c.txt")
+    run = tmp_path / "run"
+    train(tiny_config(corpus, epochs=1), run, progress=False, log=quiet)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    class Killed(BaseException):
+        pass
+
+    real_fsync = os.fsync
+
+    def die_midway(fd):  # the data is half on disk, the rename has not happened
+        raise Killed
+
+    monkeypatch.setattr(os, "fsync", die_midway)
+    model, _, _ = load_run(run)
+    with pytest.raises(Killed):
+        checkpoint.save_model(run, model, step=999)
+    with pytest.raises(Killed):
+        atomic_write_bytes(run / "config.json", b"{half")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    after = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert after == before  # same files, same bytes, no temporaries left behind
+    load_run(run)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "c.txt")
+    run = tmp_path / "run"
+    train(tiny_config(corpus, epochs=1), run, progress=False, log=quiet)
+    saved = (run / "training_state.safetensors").read_bytes()
+
+    class PoisonedLoss(torch.nn.CrossEntropyLoss):
+        calls = 0
+
+        def forward(self, logits, targets):
+            PoisonedLoss.calls += 1
+            loss = super().forward(logits, targets)
+            return loss * float("nan") if PoisonedLoss.calls >= 3 else loss
+
+    monkeypatch.setattr(train_mod.nn, "CrossEntropyLoss", PoisonedLoss)
+    with pytest.raises(train_mod.TrainingDiverged, match=r"training loss became nan at step \d+ \(epoch 2\).*last good checkpoint"):
+        train(tiny_config(corpus, epochs=3), run, resume=True, progress=False, log=quiet)
+    assert (run / "training_state.safetensors").read_bytes() == saved
+
+
+def test_lr_schedule_halves_after_decay_start(tmp_path):
+    config = tiny_config(write_corpus(tmp_path / "c.txt"), lr=1.0, lr_decay=0.5, decay_start=2)
+    assert [train_mod._scheduled_lr(config, e, 1.0) for e in (1, 2, 3, 4)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_char_level_reports_bits_per_char(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    config = tiny_config(corpus, epochs=1)
+    config.data.level = "char"
+    result = train(config, tmp_path / "run", progress=False, log=quiet)
+    valid = [r for r in read_metrics(tmp_path / "run") if r["split"] == "valid"]
+    assert valid[0]["bpc"] == pytest.approx(valid[0]["loss"] / math.log(2))
+    assert "bits/char" in result.summary()
+    assert json.loads((tmp_path / "run" / "vocab.json").read_text())["level"] == "char"
+
+
+def test_loss_per_sequence_equals_token_loss_with_lr_times_bptt(tmp_path):
+    """Zaremba's convention (loss summed over the window) is a rescaled learning rate."""
+    corpus = write_corpus(tmp_path / "c.txt")
+    train(tiny_config(corpus, epochs=1, clip=0, lr=0.25, loss_per="sequence"), tmp_path / "seq", progress=False, log=quiet)
+    train(tiny_config(corpus, epochs=1, clip=0, lr=0.25 * 8), tmp_path / "tok", progress=False, log=quiet)
+    for a, b in zip(losses(tmp_path / "seq"), losses(tmp_path / "tok")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
