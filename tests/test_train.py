@@ -139,5 +139,10 @@ def test_loss_per_sequence_equals_token_loss_with_lr_times_bptt(tmp_path):
     corpus = write_corpus(tmp_path / "c.txt")
     train(tiny_config(corpus, epochs=1, clip=0, lr=0.25, loss_per="sequence"), tmp_path / "seq", progress=False, log=quiet)
     train(tiny_config(corpus, epochs=1, clip=0, lr=0.25 * 8), tmp_path / "tok", progress=False, log=quiet)
-    for a, b in zip(losses(tmp_path / "seq"), losses(tmp_path / "tok")):
+    # Only the epoch's last window is shorter than bptt (its summed loss weighs less), so
+    # compare the training log lines before it.
+    seq = [r for r in losses(tmp_path / "seq") if r["split"] == "train"][:-1]
+    tok = [r for r in losses(tmp_path / "tok") if r["split"] == "train"][:-1]
+    assert len(seq) >= 5
+    for a, b in zip(seq, tok):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
