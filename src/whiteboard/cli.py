@@ -18,6 +18,8 @@ commands, each with one example:
   evaluate   whiteboard evaluate runs/mine --split test
   predict    whiteboard predict runs/mine "Alice lives in France . She speaks"
   generate   whiteboard generate runs/mine --prompt "The" --length 50 --temperature 0.8
+  compare    whiteboard compare --task stories --models rnn,lstm,gru --distances 10,50,100,150
+  demo       whiteboard demo --out demo-out
 
 'whiteboard COMMAND --help' shows a command's options.
 """
@@ -75,6 +77,40 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="RNN vs LSTM vs GRU on a long-range task, by distance",
+                       description="Train each model with the same step budget (and by default the same parameter "
+                                   "count) and measure it at each distance between clue and answer.")
+    p.add_argument("--task", choices=["stories", "adding", "copy"], default="stories")
+    p.add_argument("--models", default="rnn,lstm,gru", help="comma-separated from rnn, lstm, gru")
+    p.add_argument("--distances", type=_int_list, default=[10, 50, 100, 150],
+                   help="stories: tokens between clue and answer; adding: sequence length; copy: blank delay")
+    p.add_argument("--steps", type=int, default=1400, help="training steps per model (and per distance for adding/copy)")
+    p.add_argument("--hidden", type=int, default=64, help="the LSTM's hidden size")
+    p.add_argument("--match", choices=["params", "hidden"], default="params",
+                   help="give every model the LSTM's parameter count (default) or its hidden size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("compare-out"), help="folder for results.json, results.csv, plot.png")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the seed's experiment: 'She speaks' -> French?, trained from scratch")
+    p.add_argument("--out", type=Path, default=Path("demo-out"))
+    p.add_argument("--quick", action="store_true", help="a seconds-long run that exercises every step")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="whiteboard", description="Recurrent sequence models you can see into.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_predict(sub)
     _add_generate(sub)
+    _add_compare(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -202,7 +240,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "generate": cmd_generate}
+def cmd_compare(args) -> int:
+    from . import experiments as ex
+
+    cells = [c.strip() for c in args.models.split(",") if c.strip()]
+    unknown = [c for c in cells if c not in ex.CELLS]
+    if unknown or not cells:
+        raise UsageError(f"--models takes names from {', '.join(ex.CELLS)}, got {args.models!r}")
+    if args.steps < 1 or args.hidden < 1:
+        raise UsageError("--steps and --hidden must be positive")
+    if args.task == "copy" and min(args.distances) < 1:
+        raise UsageError("copy delays must be at least 1")
+    result = ex.compare(args.task, cells, args.distances, args.steps, args.hidden, args.match, args.seed,
+                        progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    files = ex.write_compare(result, args.out)
+    print(result.table())
+    print(f"wrote {files['json']}, {files['csv']}, {files['plot']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import QUICK, DemoSettings, run_demo
+
+    run_demo(args.out, QUICK if args.quick else DemoSettings(), progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "generate": cmd_generate,
+            "compare": cmd_compare, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,133 @@
+"""``whiteboard demo``: the seed's experiment end to end, trained from scratch.
+
+1. generate stories "NAME lives in COUNTRY . <fillers> PRONOUN speaks LANGUAGE ."
+2. train an RNN and an LSTM (and a GRU when the time budget allows) on them, with the
+   same parameter count and the same number of steps
+3. ask each model for the next word after the seed's own prompt, and after the same clue
+   followed by over 100 tokens of filler
+4. measure accuracy by distance, and write a plot and an HTML summary
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import experiments as ex
+from . import tasks
+from .checkpoint import atomic_write_text, save_model, save_run_files
+from .config import RunConfig
+from .generate import predict_next
+
+
+@dataclass
+class DemoSettings:
+    steps: int = 1400  # per model
+    max_distance: int = 150
+    distances: tuple[int, ...] = (5, 15, 30, 50, 75, 100, 125, 150)
+    test_per_distance: int = 200
+    hidden: int = 64  # the LSTM's; RNN and GRU get the hidden size with the same parameter count
+    budget_s: float = 300.0  # GRU is trained only if RNN + LSTM left enough of this
+    long_filler_tokens: int = 100
+    seed: int = 0
+
+
+QUICK = DemoSettings(steps=40, max_distance=12, distances=(5, 10), test_per_distance=20, hidden=16, budget_s=60.0,
+                     long_filler_tokens=100)
+
+
+def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: bool = True,
+             say: Callable[[str], None] = print) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    vocab = ex.story_vocabulary()
+    build = lambda cell, h: ex.story_model(cell, len(vocab), h)  # noqa: E731
+    sizes = ex.hidden_sizes(["rnn", "lstm", "gru"], settings.hidden, "params", build)
+    curriculum = ex.default_curriculum(settings.max_distance, settings.steps)
+    say("whiteboard demo - the seed's experiment: can the network still read 'France' when it has to say 'French'?")
+    say(f"Stories: 'NAME lives in COUNTRY .' + filler sentences + 'PRONOUN speaks LANGUAGE .', "
+        f"{len(tasks.COUNTRY_LANGUAGE)} countries, clue-answer distance up to {settings.max_distance} tokens; "
+        f"{settings.steps} training steps of 32 stories per model, same parameter count.")
+
+    models: dict[str, torch.nn.Module] = {}
+    train_seconds: dict[str, float] = {}
+    for cell in ("rnn", "lstm", "gru"):
+        elapsed = time.perf_counter() - started
+        if cell == "gru" and train_seconds and elapsed + max(train_seconds.values()) > settings.budget_s * 0.8:
+            say(f"(skipping the GRU: {elapsed:.0f} s of the {settings.budget_s:.0f} s budget used)")
+            break
+        model = build(cell, sizes[cell])
+        t0 = time.perf_counter()
+        ex.train_story_model(model, vocab, curriculum, seed=settings.seed, progress=progress,
+                             desc=f"training {cell.upper():4s}")
+        train_seconds[cell] = time.perf_counter() - t0
+        models[cell] = model
+        run_dir = out_dir / "models" / cell
+        config = RunConfig()
+        config.model = model.config
+        config.data.corpus = "stories"
+        save_run_files(run_dir, config, vocab)
+        save_model(run_dir, model, curriculum.total_steps)
+
+    # (a) the seed's own prompt, (b) the same clue a long way back
+    long_prompt = tasks.long_seed_prompt(settings.long_filler_tokens)
+    long_distance = len(long_prompt.split()) - 3
+    prompts = {"seed": tasks.SEED_PROMPT, "long": long_prompt}
+    predictions = {name: {cell: [asdict(p) for p in predict_next(m, vocab, text, 5)] for cell, m in models.items()}
+                   for name, text in prompts.items()}
+    for name, title in (("seed", f"The seed's prompt (clue {len(tasks.SEED_PROMPT.split()) - 3} tokens back):"),
+                        ("long", f"The same clue {long_distance} tokens back:")):
+        say("")
+        say(title)
+        say(f"  \"{_shorten(prompts[name])}\"")
+        for cell, preds in predictions[name].items():
+            top = ", ".join(f"{p['token']} {p['probability']:.2f}" for p in preds)
+            say(f"  {cell.upper():4s} -> {top}")
+
+    # (c) accuracy by distance on held-out stories
+    rows = []
+    for d in settings.distances:
+        stories = tasks.make_stories(settings.test_per_distance, d, d, settings.seed + 1, "test")
+        for cell, model in models.items():
+            score = ex.score_stories(ex.lm_logits(model), stories, vocab)
+            rows.append({"model": cell, "distance": d, "accuracy": score.accuracy, "mean_probability": score.mean_probability})
+    say("")
+    say("Accuracy (top-1 over the whole vocabulary) on held-out stories, by distance in tokens:")
+    say("  distance " + " ".join(f"{c.upper():>7}" for c in models))
+    for d in settings.distances:
+        say(f"  {d:>8} " + " ".join(f"{_row(rows, c, d)['accuracy']:>7.2f}" for c in models))
+
+    from .plots import line_plot
+
+    series = {c.upper(): [(r["distance"], r["accuracy"]) for r in rows if r["model"] == c] for c in models}
+    plot_png = line_plot(series, out_dir / "accuracy_by_distance.png", xlabel="tokens between 'COUNTRY' and the answer",
+                         ylabel="accuracy of the language", title="Who still remembers the country?",
+                         reference=(ex.chance_level("stories"), "chance"))
+    result = {
+        "settings": asdict(settings), "hidden": {c: sizes[c] for c in models},
+        "parameters": {c: sum(p.numel() for p in m.parameters()) for c, m in models.items()},
+        "train_seconds": train_seconds, "prompts": prompts, "predictions": predictions, "accuracy": rows,
+        "total_seconds": time.perf_counter() - started,
+    }
+    atomic_write_text(out_dir / "results.json", json.dumps(result, indent=2))
+    from .report import demo_report
+
+    demo_report(out_dir / "summary.html", result, plot_png, models, vocab)
+    say("")
+    say(f"Wrote {out_dir / 'summary.html'}, {out_dir / 'accuracy_by_distance.png'}, {out_dir / 'results.json'} "
+        f"and the models in {out_dir / 'models'} ({result['total_seconds']:.0f} s in all)")
+    return result
+
+
+def _row(rows: list[dict], cell: str, distance: int) -> dict:
+    return next(r for r in rows if r["model"] == cell and r["distance"] == distance)
+
+
+def _shorten(text: str, keep: int = 60) -> str:
+    return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"

@@ -1,0 +1,397 @@
+"""The seed's experiment: train RNN, LSTM and GRU on long-range tasks and measure how
+well each remembers as the distance between clue and answer grows.
+
+Budget rule for comparisons: every model gets the same number of training steps on the
+same data stream, and (by default) the same number of parameters - the RNN and GRU get
+larger hidden sizes to match the LSTM's count (``match="params"``). ``match="hidden"``
+gives every model the same hidden size instead.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import tasks
+from .config import ModelConfig
+from .layers import GRU, LSTM, RNN
+from .model import LanguageModel
+from .vocab import EOS, UNK, Vocabulary
+
+CELLS = ("rnn", "lstm", "gru")
+_LAYERS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
+
+
+def set_forget_bias(layer: nn.Module, value: float) -> None:
+    """Start an LSTM's forget gates open (Gers et al. 2000; Jozefowicz et al. 2015): the
+    board is kept by default and erased only when learned. A deviation from torch.nn's
+    initialisation, used by the task models here."""
+    if not isinstance(layer, LSTM):
+        return
+    H = layer.hidden_size
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if name.startswith("bias_hh"):
+                param[H : 2 * H].fill_(value)
+            elif name.startswith("bias_ih"):
+                param[H : 2 * H].zero_()
+
+
+def matched_hidden(build: Callable[[int], nn.Module], target: int, low: int = 2, high: int = 4096) -> int:
+    """The hidden size whose model has the parameter count closest to ``target``."""
+    def count(h: int) -> int:
+        return sum(p.numel() for p in build(h).parameters())
+
+    while high - low > 1:  # counts grow with h: bisect
+        mid = (low + high) // 2
+        if count(mid) < target:
+            low = mid
+        else:
+            high = mid
+    return min((low, high), key=lambda h: abs(count(h) - target))
+
+
+def hidden_sizes(cells: list[str], base_hidden: int, match: str, build: Callable[[str, int], nn.Module]) -> dict[str, int]:
+    if match == "hidden":
+        return {cell: base_hidden for cell in cells}
+    target = sum(p.numel() for p in build("lstm", base_hidden).parameters())
+    return {cell: base_hidden if cell == "lstm" else matched_hidden(lambda h, c=cell: build(c, h), target) for cell in cells}
+
+
+# --------------------------------------------------------------------------- stories
+
+
+def story_vocabulary() -> Vocabulary:
+    return Vocabulary("word", [UNK, EOS] + tasks.story_vocabulary_tokens())
+
+
+def story_model(cell: str, vocab_size: int, hidden: int, embedding: int = 32) -> LanguageModel:
+    config = ModelConfig(cell=cell, embedding_size=embedding, hidden_size=hidden, num_layers=1, dropout=0.0,
+                         tie_weights=False, init_range=0.0)
+    model = LanguageModel(vocab_size, config)
+    set_forget_bias(model.recurrent, 1.0)
+    return model
+
+
+def encode_stories(stories: list[tasks.Story], vocab: Vocabulary) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded (T, B) inputs and targets (pad target -100) and the (B,) input
+    positions at which the answer is predicted (the 'speaks' token)."""
+    ids = [vocab.encode(list(s.tokens) + [EOS]) for s in stories]
+    T = max(len(x) for x in ids) - 1
+    inputs = torch.full((T, len(ids)), vocab.index[EOS], dtype=torch.long)
+    targets = torch.full((T, len(ids)), -100, dtype=torch.long)
+    for b, seq in enumerate(ids):
+        inputs[: len(seq) - 1, b] = torch.tensor(seq[:-1])
+        targets[: len(seq) - 1, b] = torch.tensor(seq[1:])
+    answer_positions = torch.tensor([s.answer_index - 1 for s in stories])
+    return inputs, targets, answer_positions
+
+
+@dataclass
+class StoryScore:
+    accuracy: float  # top-1 over the whole vocabulary at the position after 'speaks'
+    mean_probability: float  # of the right language
+    count: int
+
+
+@torch.no_grad()
+def score_stories(logits_fn: Callable[[Tensor], Tensor], stories: list[tasks.Story], vocab: Vocabulary,
+                  batch_size: int = 256) -> StoryScore:
+    """Accuracy and mean probability of the language right after 'speaks'.
+
+    ``logits_fn`` maps (T, B) input ids to (T, B, V) logits, position t predicting t+1.
+    """
+    correct, prob_sum = 0, 0.0
+    for start in range(0, len(stories), batch_size):
+        chunk = stories[start : start + batch_size]
+        inputs, _, positions = encode_stories(chunk, vocab)
+        logits = logits_fn(inputs)  # (T, B, V)
+        at_answer = logits[positions, torch.arange(len(chunk))]  # (B, V)
+        answers = torch.tensor([vocab.index[s.answer] for s in chunk])
+        correct += int((at_answer.argmax(-1) == answers).sum())
+        prob_sum += float(at_answer.softmax(-1)[torch.arange(len(chunk)), answers].sum())
+    return StoryScore(correct / len(stories), prob_sum / len(stories), len(stories))
+
+
+@dataclass
+class Curriculum:
+    """Stages of (max distance, steps): each stage trains on distances drawn uniformly
+    from [min_distance, max distance], so short lags are learnt first."""
+
+    stages: list[tuple[int, int]]
+    min_distance: int = 3
+
+    @property
+    def total_steps(self) -> int:
+        return sum(steps for _, steps in self.stages)
+
+
+def train_story_model(model: LanguageModel, vocab: Vocabulary, curriculum: Curriculum, batch_size: int = 32,
+                      lr: float = 5e-3, answer_weight: float = 20.0, seed: int = 0, progress: bool = True,
+                      desc: str = "") -> list[dict]:
+    """Language-model training on stories (every next token counts), with the answer
+    token weighted ``answer_weight`` times: it is the one token that needs memory."""
+    rng = random.Random(f"stories-train-{seed}")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    model.train()
+    bar = tqdm(total=curriculum.total_steps, desc=desc, disable=None if progress else True, leave=True,
+               dynamic_ncols=True, unit="step")
+    step = 0
+    for max_distance, steps in curriculum.stages:
+        for _ in range(steps):
+            stories = [tasks.make_story(rng, rng.randint(curriculum.min_distance, max_distance)) for _ in range(batch_size)]
+            inputs, targets, positions = encode_stories(stories, vocab)
+            weights = (targets != -100).float()
+            weights[positions, torch.arange(batch_size)] = answer_weight
+            logits, _ = model(inputs)
+            ce = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
+            loss = (ce * weights.flatten()).sum() / weights.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            answer_ce = float(ce.detach().view_as(targets)[positions, torch.arange(batch_size)].mean())
+            bar.update(1)
+            bar.set_postfix(max_dist=max_distance, loss=f"{loss.item():.3f}", answer_loss=f"{answer_ce:.3f}")
+            if step % 25 == 0:
+                history.append({"step": step, "max_distance": max_distance, "loss": loss.item(), "answer_loss": answer_ce})
+    bar.close()
+    model.eval()
+    return history
+
+
+def lm_logits(model: LanguageModel) -> Callable[[Tensor], Tensor]:
+    return lambda inputs: model(inputs)[0]
+
+
+# --------------------------------------------------------------------------- adding / copy
+
+
+class SequenceRegressor(nn.Module):
+    """Recurrent layer + linear read-out of the last state (adding problem)."""
+
+    def __init__(self, cell: str, hidden: int, inputs: int = 2):
+        super().__init__()
+        self.recurrent = _LAYERS[cell](inputs, hidden)
+        set_forget_bias(self.recurrent, 1.0)
+        self.readout = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (T, B, 2) -> (B,)
+        output, _ = self.recurrent(x)
+        return self.readout(output[-1]).squeeze(-1)
+
+
+class SequenceTagger(nn.Module):
+    """Embedding + recurrent layer + per-step classifier (copy task)."""
+
+    def __init__(self, cell: str, hidden: int, vocab: int = tasks.COPY_VOCAB, embedding: int = 16):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embedding)
+        self.recurrent = _LAYERS[cell](embedding, hidden)
+        set_forget_bias(self.recurrent, 1.0)
+        self.classifier = nn.Linear(hidden, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:  # (T, B) -> (T, B, V)
+        output, _ = self.recurrent(self.embedding(x))
+        return self.classifier(output)
+
+
+@dataclass
+class AddingScore:
+    rmse: float
+    within_0_04: float  # share of answers with |error| < 0.04 (Hochreiter & Schmidhuber's criterion)
+
+
+def train_adding(model: SequenceRegressor, length: int, steps: int, batch_size: int = 64, lr: float = 2e-3,
+                 seed: int = 0, progress: bool = True, desc: str = "") -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    bar = tqdm(range(steps), desc=desc, disable=None if progress else True, dynamic_ncols=True, unit="step")
+    for step in bar:
+        x, y = tasks.adding_batch(batch_size, length, generator)
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        bar.set_postfix(rmse=f"{loss.item() ** 0.5:.4f}")
+        if (step + 1) % 50 == 0:
+            history.append({"step": step + 1, "rmse": loss.item() ** 0.5})
+    return history
+
+
+@torch.no_grad()
+def score_adding(model: SequenceRegressor, length: int, count: int = 1000, seed: int = 12345) -> AddingScore:
+    model.eval()
+    x, y = tasks.adding_batch(count, length, torch.Generator().manual_seed(seed))
+    error = model(x) - y
+    model.train()
+    return AddingScore(float(error.pow(2).mean().sqrt()), float((error.abs() < 0.04).float().mean()))
+
+
+def train_copy(model: SequenceTagger, delay: int, steps: int, batch_size: int = 64, lr: float = 2e-3,
+               seed: int = 0, progress: bool = True, desc: str = "") -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    bar = tqdm(range(steps), desc=desc, disable=None if progress else True, dynamic_ncols=True, unit="step")
+    for step in bar:
+        x, y = tasks.copy_batch(batch_size, delay, generator)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 50 == 0:
+            history.append({"step": step + 1, "loss": loss.item()})
+    return history
+
+
+@torch.no_grad()
+def score_copy(model: SequenceTagger, delay: int, count: int = 500, seed: int = 12345, length: int = 10) -> float:
+    """Per-symbol accuracy over the recalled part (chance is 1/8)."""
+    model.eval()
+    x, y = tasks.copy_batch(count, delay, torch.Generator().manual_seed(seed), length)
+    predicted = model(x)[-length:].argmax(-1)
+    model.train()
+    return float((predicted == y[-length:]).float().mean())
+
+
+# --------------------------------------------------------------------------- compare
+
+
+METRICS = {"stories": ("accuracy", "top-1 accuracy of the language"), "adding": ("rmse", "RMSE of the sum"),
+           "copy": ("accuracy", "per-symbol recall accuracy")}
+
+
+@dataclass
+class CompareResult:
+    task: str
+    budget: str
+    hidden: dict[str, int]
+    parameters: dict[str, int]
+    rows: list[dict] = field(default_factory=list)  # {model, distance, metric..., seconds}
+
+    def table(self) -> str:
+        metric = METRICS[self.task][0]
+        distances = sorted({r["distance"] for r in self.rows})
+        models = list(self.hidden)
+        header = f"{'distance':>9} " + " ".join(f"{m:>10}" for m in models)
+        lines = [f"{self.task}: {METRICS[self.task][1]} by distance ({self.budget})", header]
+        for d in distances:
+            cells = []
+            for m in models:
+                row = next((r for r in self.rows if r["model"] == m and r["distance"] == d), None)
+                cells.append(f"{row[metric]:>10.4f}" if row else f"{'-':>10}")
+            lines.append(f"{d:>9} " + " ".join(cells))
+        lines.append("parameters: " + ", ".join(f"{m} {self.parameters[m]:,} (hidden {self.hidden[m]})" for m in models))
+        return "\n".join(lines)
+
+
+def _story_build(vocab_size: int) -> Callable[[str, int], nn.Module]:
+    return lambda cell, h: story_model(cell, vocab_size, h)
+
+
+def default_curriculum(max_distance: int, steps: int, first: int = 4) -> Curriculum:
+    """30 % of the steps at the shortest lag (learn the country -> language mapping),
+    then four equal stages up to ``max_distance`` (learn to hold it)."""
+    opening = max(1, round(steps * 0.3))
+    per = max(1, (steps - opening) // 4)
+    marks = [max(first, round(max_distance * k / 4)) for k in range(1, 5)]
+    return Curriculum([(min(first, max_distance), opening)] + [(m, per) for m in marks])
+
+
+def compare(task: str, cells: list[str], distances: list[int], steps: int, hidden: int = 64, match: str = "params",
+            seed: int = 0, progress: bool = True, test_count: int = 300, log: Callable[[str], None] = print) -> CompareResult:
+    """Train every model with the same step budget and evaluate it at every distance.
+
+    stories: one model per cell, trained over all distances up to the largest (curriculum),
+    evaluated on held-out stories at each distance. adding / copy: one model per cell and
+    distance (sequence length T for adding, blank delay for copy).
+    """
+    if task == "stories":
+        vocab = story_vocabulary()
+        build = _story_build(len(vocab))
+    elif task == "adding":
+        build = lambda cell, h: SequenceRegressor(cell, h)  # noqa: E731
+    elif task == "copy":
+        build = lambda cell, h: SequenceTagger(cell, h)  # noqa: E731
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    sizes = hidden_sizes(cells, hidden, match, build)
+    params = {c: sum(p.numel() for p in build(c, sizes[c]).parameters()) for c in cells}
+    budget = f"{steps} steps each, " + ("same parameter count" if match == "params" else "same hidden size")
+    result = CompareResult(task, budget, sizes, params)
+    for cell in cells:
+        if task == "stories":
+            model = build(cell, sizes[cell])
+            started = time.perf_counter()
+            train_story_model(model, vocab, default_curriculum(max(distances), steps), seed=seed, progress=progress,
+                              desc=f"{cell} stories")
+            seconds = time.perf_counter() - started
+            for d in distances:
+                score = score_stories(lm_logits(model), tasks.make_stories(test_count, d, d, seed + 1, "test"), vocab)
+                result.rows.append({"model": cell, "distance": d, "accuracy": score.accuracy,
+                                    "mean_probability": score.mean_probability, "seconds": seconds})
+        else:
+            for d in distances:
+                model = build(cell, sizes[cell])
+                started = time.perf_counter()
+                if task == "adding":
+                    train_adding(model, d, steps, seed=seed, progress=progress, desc=f"{cell} adding T={d}")
+                    score = score_adding(model, d)
+                    row = {"rmse": score.rmse, "within_0_04": score.within_0_04}
+                else:
+                    train_copy(model, d, steps, seed=seed, progress=progress, desc=f"{cell} copy delay={d}")
+                    row = {"accuracy": score_copy(model, d)}
+                result.rows.append({"model": cell, "distance": d, **row, "seconds": time.perf_counter() - started})
+        log(f"{cell}: done")
+    return result
+
+
+def write_compare(result: CompareResult, out_dir) -> dict[str, str]:
+    """results.json, results.csv and a plot (metric vs distance, one line per model)."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from .checkpoint import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(asdict(result), indent=2))
+    keys = sorted({k for r in result.rows for k in r}, key=lambda k: (k not in ("model", "distance"), k))
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(result.rows)
+    atomic_write_text(out / "results.csv", buffer.getvalue())
+    metric, label = METRICS[result.task]
+    from .plots import line_plot
+
+    series = {m: [(r["distance"], r[metric]) for r in result.rows if r["model"] == m] for m in result.hidden}
+    line_plot(series, out / "plot.png", xlabel="distance between clue and answer (tokens / steps)", ylabel=label,
+              title=f"{result.task}: {result.budget}")
+    return {"json": str(out / "results.json"), "csv": str(out / "results.csv"), "plot": str(out / "plot.png")}
+
+
+def chance_level(task: str) -> float:
+    return {"stories": 1 / len(set(tasks.COUNTRY_LANGUAGE.values())), "copy": 1 / tasks.COPY_SYMBOLS,
+            "adding": math.sqrt(1 / 6)}[task]
