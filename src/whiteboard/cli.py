@@ -20,6 +20,8 @@ commands, each with one example:
   generate   whiteboard generate runs/mine --prompt "The" --length 50 --temperature 0.8
   compare    whiteboard compare --task stories --models rnn,lstm,gru --distances 10,50,100,150
   demo       whiteboard demo --out demo-out
+  inspect    whiteboard inspect demo-out/models/lstm "Alice lives in France . She speaks" --out report.html
+  reach      whiteboard reach demo-out/models/rnn demo-out/models/lstm --text "Alice lives in France . She speaks"
 
 'whiteboard COMMAND --help' shows a command's options.
 """
@@ -111,6 +113,36 @@ def _add_demo(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="an HTML report of every gate and state over a text")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("text")
+    p.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file; heatmap PNGs go beside it")
+    p.add_argument("--units", type=_unit_list, help="comma-separated unit indices to show (default: the most active)")
+    p.add_argument("--top-units", type=int, default=12, help="how many of the most active units to show")
+    p.add_argument("--pattern", help="find units that follow a pattern: inside-quotes, line-position, word-position, regex:EXPR")
+    p.add_argument("--reach", action="store_true", help="add this model's gradient reach to the report")
+
+
+def _add_reach(sub) -> None:
+    p = sub.add_parser("reach", help="how far back the gradient reaches, for one or more trained models")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--text", required=True, help="the text to measure on (tokens the models know)")
+    p.add_argument("--max-lag", type=int)
+    p.add_argument("--out", type=Path, default=Path("reach.png"))
+    p.add_argument("--json", action="store_true")
+
+
+def _unit_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated unit indices, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("no units given")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="whiteboard", description="Recurrent sequence models you can see into.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_compare(sub)
     _add_demo(sub)
+    _add_inspect(sub)
+    _add_reach(sub)
     return parser
 
 
@@ -266,8 +300,50 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .checkpoint import load_run
+    from .inspection import build_report
+
+    if args.top_units < 1:
+        raise UsageError(f"--top-units must be positive, got {args.top_units}")
+    model, vocab, _ = load_run(args.run_dir)
+    result = build_report(model, vocab, args.text, args.out, units=args.units, unit_count=args.top_units,
+                          pattern=args.pattern, reach_models={model.config.cell.upper(): model} if args.reach else None,
+                          title=f"whiteboard inspect: {args.run_dir}")
+    if result["trace"].unknown:
+        print(f"note: not in the vocabulary, read as <unk>: {', '.join(result['trace'].unknown)}", file=sys.stderr)
+    print("wrote " + ", ".join(result["files"].values()))
+    return 0
+
+
+def cmd_reach(args) -> int:
+    from .checkpoint import load_run
+    from .inspection import lm_gradient_reach
+    from .plots import line_plot
+
+    curves = {}
+    for run_dir in args.run_dirs:
+        model, vocab, config = load_run(run_dir)
+        name = config.model.cell.upper()
+        if name in curves:
+            name = f"{name} ({run_dir})"
+        curves[name] = lm_gradient_reach(model, vocab, args.text, args.max_lag).tolist()
+    line_plot({n: list(enumerate(v)) for n, v in curves.items()}, args.out, xlabel="lag k (tokens back)",
+              ylabel="mean ||d loss_t / d input_{t-k}||", title="gradient reach", logy=True)
+    if args.json:
+        print(json.dumps(curves))
+    else:
+        longest = max(len(v) for v in curves.values())
+        lags = sorted({0, 1, 2, 5, 10, 20, 50, 100, 200, longest - 1} & set(range(longest)))
+        print(f"{'lag':>5} " + " ".join(f"{n:>12}" for n in curves))
+        for k in lags:
+            print(f"{k:>5} " + " ".join(f"{v[k]:>12.3e}" if k < len(v) else f"{'-':>12}" for v in curves.values()))
+        print(f"wrote {args.out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "generate": cmd_generate,
-            "compare": cmd_compare, "demo": cmd_demo}
+            "compare": cmd_compare, "demo": cmd_demo, "inspect": cmd_inspect, "reach": cmd_reach}
 
 
 def main(argv: list[str] | None = None) -> int:

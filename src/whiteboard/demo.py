@@ -115,10 +115,11 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
         "train_seconds": train_seconds, "prompts": prompts, "predictions": predictions, "accuracy": rows,
         "total_seconds": time.perf_counter() - started,
     }
+    extra = _inspection_sections(out_dir, models, vocab, prompts, result, say)
     atomic_write_text(out_dir / "results.json", json.dumps(result, indent=2))
     from .report import demo_report
 
-    demo_report(out_dir / "summary.html", result, plot_png, models, vocab)
+    demo_report(out_dir / "summary.html", result, plot_png, extra_sections=extra)
     say("")
     say(f"Wrote {out_dir / 'summary.html'}, {out_dir / 'accuracy_by_distance.png'}, {out_dir / 'results.json'} "
         f"and the models in {out_dir / 'models'} ({result['total_seconds']:.0f} s in all)")
@@ -131,3 +132,45 @@ def _row(rows: list[dict], cell: str, distance: int) -> dict:
 
 def _shorten(text: str, keep: int = 60) -> str:
     return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"
+
+
+def _inspection_sections(out_dir: Path, models: dict, vocab, prompts: dict, result: dict, say) -> str:
+    """Gate heatmaps of the RNN and LSTM on both prompts, and every model's gradient reach
+    on the long prompt: the views of ``whiteboard inspect`` / ``reach``, for the summary."""
+    from .inspection import build_report, lm_gradient_reach
+    from .plots import line_plot
+    from .report import esc, inline_png
+
+    parts = ["<h2>4. What each network writes, reads and forgets</h2>",
+             "<p>Every column is a token, every row one unit (the 12 most active). Interactive versions, with the "
+             "model's predictions at every token: "]
+    links, images = [], []
+    for cell in [c for c in ("rnn", "lstm") if c in models]:
+        for name in ("seed", "long"):
+            page_path = out_dir / "inspect" / f"{cell}-{name}.html"
+            built = build_report(models[cell], vocab, prompts[name], page_path, unit_count=12,
+                                 title=f"whiteboard demo: the {cell.upper()} on the {name} prompt")
+            links.append(f'<a href="inspect/{esc(page_path.name)}">{cell.upper()}, {name} prompt</a>')
+            png = Path(built["files"]["layer0"]).read_bytes()
+            images.append(f"<h3>{cell.upper()} on the {name} prompt</h3>{inline_png(png, f'{cell} {name} heatmaps')}")
+    parts.append(", ".join(links) + ".</p>")
+    parts.extend(images)
+    reach = {cell.upper(): lm_gradient_reach(model, vocab, prompts["long"]).tolist() for cell, model in models.items()}
+    result["gradient_reach_long_prompt"] = reach
+    png = line_plot({n: list(enumerate(v)) for n, v in reach.items()}, out_dir / "gradient_reach.png",
+                    xlabel="lag k (tokens back)", ylabel="mean ||d loss_t / d input_{t-k}||", logy=True,
+                    title="How much of the error at step t reaches step t-k")
+    lags = [k for k in (1, 5, 10, 25, 50, 100) if k < min(len(v) for v in reach.values())]
+    rows = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{v[k]:.2e}</td>" for v in reach.values()) + "</tr>" for k in lags)
+    parts.append("<h2>5. How far back the error reaches</h2><p>The seed: on an overwritten board we \"wouldn't be able "
+                 "to find how much error was caused due to whatever we calculated at timestep t - k\". Measured on the "
+                 "long prompt: the mean norm of the gradient of the loss at step t with respect to the input at t-k.</p>"
+                 + inline_png(png, "gradient reach")
+                 + "<table><thead><tr><th>lag k</th>" + "".join(f"<th>{esc(n)}</th>" for n in reach)
+                 + f"</tr></thead><tbody>{rows}</tbody></table>")
+    if lags:
+        k = lags[-1]
+        say("")
+        say(f"Gradient reach on the long prompt, {k} tokens back: "
+            + ", ".join(f"{n} {v[k]:.1e}" for n, v in reach.items()) + f" (plot: {out_dir / 'gradient_reach.png'})")
+    return "\n".join(parts)

@@ -48,7 +48,7 @@ SEED_NAMES: dict[str, str] = {
     "forget_gate": "selective forget",
     "output_gate": "selective write",
     "cell_candidate": "what could be written",
-    "cell": "the whiteboard (cell state)",
+    "cell": "the whiteboard",
     "hidden": "what is shown to the next step",
 }
 

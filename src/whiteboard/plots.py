@@ -47,3 +47,27 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path | None, x
     data = _save(fig, path)
     plt.close(fig)
     return data
+
+
+def heatmap_panels(panels: list[tuple[str, list[list[float]], bool]], tokens: list[str], units: list[int],
+                   path: Path | None, title: str = "") -> bytes:
+    """Stacked tokens x units heatmaps, one panel per (name, values (units, T), is_gate)."""
+    plt = _pyplot()
+    height = 0.9 + 0.22 * len(units) * len(panels) + 0.4 * len(panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.16 * len(tokens) + 2), height), squeeze=False)
+    for ax, (name, values, is_gate) in zip(axes[:, 0], panels):
+        if is_gate:
+            image = ax.imshow(values, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            bound = max(1e-6, max(abs(v) for row in values for v in row))
+            image = ax.imshow(values, aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, interpolation="nearest")
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.set_yticks(range(len(units)), [str(u) for u in units], fontsize=6)
+        ax.set_xticks(range(len(tokens)), [t if t != "\n" else "\\n" for t in tokens], fontsize=6, rotation=90)
+        fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    data = _save(fig, path)
+    plt.close(fig)
+    return data
