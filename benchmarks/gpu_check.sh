@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU machine (its python3 already holds torch, pytest, tqdm, safetensors):
+# the CUDA parity tests, a CUDA training smoke run, and the CUDA speed table.
+# Usage there: bash benchmarks/gpu_check.sh [--bench]
+set -x
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+timeout 100 python3 -m pytest -q -p no:cacheprovider -x "tests/test_layers_parity.py::test_layer_matches_torch_nn[cuda-reference-dtype0-rnn_tanh-1-True-False-False]" 2>&1 | grep -E "^E " | head -20
+timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -4
+python3 - <<'PY'
+import random
+random.seed(0)
+w = "the cat sat on a mat dog ran to park big small red blue house tree".split()
+open("/tmp/c.txt", "w").write("\n".join(" ".join(random.choice(w) for _ in range(8)) for _ in range(400)) + "\n")
+PY
+timeout 120 python3 -m whiteboard train /tmp/c.txt --run-dir /tmp/run --set train.device=cuda --set train.epochs=2 --set model.hidden_size=32 --set model.embedding_size=32 --quiet 2>&1 | tail -3
+if [ "${1:-}" = "--bench" ]; then timeout 300 python3 benchmarks/recurrent_speed.py --device cuda --rounds 7 --repeats 5; fi
