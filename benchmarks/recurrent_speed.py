@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="steps timed together in one round")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--implementation", default="fused", choices=["fused", "reference"])
+    parser.add_argument("--implementation", default="auto", choices=["auto", "native", "fused", "reference"])
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)

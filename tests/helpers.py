@@ -14,9 +14,23 @@ MODES = {
 
 # float32 tolerances: tight, but a hand-written backward sums in another order than oneDNN.
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float64: dict(rtol=1e-7, atol=1e-9)}
+# cuDNN's float32 bidirectional tanh RNN gradients differ from an exact float32 loop by up to
+# ~1e-3 relative (measured on an H200: 6e-5 absolute in weight_ih, with our fused and reference
+# paths agreeing with each other and with the CPU); compare with cuDNN at that accuracy.
+CUDA_FLOAT32 = dict(rtol=2e-3, atol=1e-4)
 
 
-def make_pair(mode, input_size, hidden_size, dtype=torch.float64, device="cpu", implementation="fused", **kwargs):
+def tolerance(dtype, device="cpu"):
+    if torch.device(device).type == "cuda" and dtype == torch.float32:
+        return CUDA_FLOAT32
+    return TOLERANCES[dtype]
+
+
+def make_pair(mode, input_size, hidden_size, dtype=torch.float64, device="cpu", implementation="auto", **kwargs):
+    if implementation == "native" and torch.device(device).type != "cpu":
+        import pytest
+
+        pytest.skip("the compiled time loops are CPU-only; on CUDA 'auto' takes the fused path")
     ours_cls, torch_cls, extra = MODES[mode]
     reference = torch_cls(input_size, hidden_size, **extra, **kwargs).to(device=device, dtype=dtype)
     ours = ours_cls(input_size, hidden_size, **extra, implementation=implementation, **kwargs).to(device=device, dtype=dtype)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from whiteboard import fused
+from whiteboard import fused, native
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors
 
 T, B, I, H = 4, 2, 3, 5
@@ -23,32 +23,47 @@ def _inputs():
     return x, h0
 
 
+BACKENDS = ["torch", "native"]
+
+
+def _backend(name):
+    """None selects the torch loop; the compiled module the C++ loop."""
+    if name == "torch":
+        return None
+    module = native.load()
+    assert module is not None, f"the compiled loops must build here: {native._failed}"
+    return module
+
+
 MASKS = {
     "full": None,
     "ragged": (torch.arange(T).unsqueeze(1) < torch.tensor([2, 4]).unsqueeze(0)).unsqueeze(-1),
 }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("mask", list(MASKS))
-def test_fused_lstm_gradcheck(bias, mask):
+def test_fused_lstm_gradcheck(bias, mask, backend):
     x, h0 = _inputs()
     c0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
-    args = (x, h0, c0, *_params(4, bias), MASKS[mask])
+    args = (x, h0, c0, *_params(4, bias), MASKS[mask], _backend(backend))
     assert gradcheck(fused.FusedLSTM.apply, args)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("mask", list(MASKS))
-def test_fused_gru_gradcheck(bias, mask):
+def test_fused_gru_gradcheck(bias, mask, backend):
     x, h0 = _inputs()
-    assert gradcheck(fused.FusedGRU.apply, (x, h0, *_params(3, bias), MASKS[mask]))
+    assert gradcheck(fused.FusedGRU.apply, (x, h0, *_params(3, bias), MASKS[mask], _backend(backend)))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("nonlinearity", ["tanh", "sigmoid", "relu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("mask", list(MASKS))
-def test_fused_rnn_gradcheck(nonlinearity, bias, mask):
+def test_fused_rnn_gradcheck(nonlinearity, bias, mask, backend):
     x, h0 = _inputs()
     w_ih, w_hh, b_ih, b_hh = _params(1, bias)
     if nonlinearity == "relu":
@@ -59,25 +74,26 @@ def test_fused_rnn_gradcheck(nonlinearity, bias, mask):
                 b_ih.add_(3.0)
             x.abs_()
             w_ih.abs_()
-    args = (x, h0, w_ih, w_hh, b_ih, b_hh, MASKS[mask], nonlinearity)
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, MASKS[mask], nonlinearity, _backend(backend))
     assert gradcheck(fused.FusedRNN.apply, args)
 
 
 @pytest.mark.parametrize("mode", list(MODES) + ["rnn_sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_path_matches_reference_loop(mode, dtype, device):
+@pytest.mark.parametrize("implementation", ["auto", "fused"])
+def test_fused_path_matches_reference_loop(mode, dtype, implementation, device):
     """The oracle for modes torch.nn lacks (sigmoid RNN) is our own reference loop."""
     import whiteboard
 
     kwargs = dict(num_layers=2, bidirectional=True)
     if mode == "rnn_sigmoid":
         make = lambda impl: whiteboard.RNN(I, H, nonlinearity="sigmoid", implementation=impl, **kwargs)  # noqa: E731
-        fast, slow = make("fused"), make("reference")
+        fast, slow = make(implementation), make("reference")
         slow.load_state_dict(fast.state_dict())
         fast, slow = fast.to(device, dtype), slow.to(device, dtype)
         state_mode = "rnn"
     else:
-        fast, torch_layer = make_pair(mode, I, H, dtype=dtype, device=device, **kwargs)
+        fast, torch_layer = make_pair(mode, I, H, dtype=dtype, device=device, implementation=implementation, **kwargs)
         slow, _ = make_pair(mode, I, H, dtype=dtype, device=device, implementation="reference", **kwargs)
         slow.load_state_dict(fast.state_dict())
         state_mode = mode
@@ -113,3 +129,28 @@ def test_fused_backward_handles_unused_outputs():
     g_ours = torch.autograd.grad(h_ours.sum(), x)[0]
     g_ref = torch.autograd.grad(h_ref.sum(), x)[0]
     torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_native_loops_build_and_are_the_cpu_default():
+    import whiteboard
+
+    assert native.load() is not None, f"the compiled loops must build on this machine: {native._failed}"
+    layer = whiteboard.LSTM(I, H)
+    assert layer.implementation == "auto"
+    assert layer._native_for(torch.randn(T, B, I)) is native.load()
+    assert layer._native_for(torch.randn(T, B, I, dtype=torch.float16)) is None
+
+
+def test_failed_build_falls_back_to_the_torch_path_with_one_warning(monkeypatch):
+    import whiteboard
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(native, "_source", lambda: __import__("pathlib").Path("/nonexistent/recurrent.cpp"))
+    layer, reference = make_pair("lstm", I, H)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        out = layer(x)[0]
+    torch.testing.assert_close(out, reference(x)[0])
+    with pytest.raises(RuntimeError, match="implementation='native' needs"):
+        whiteboard.LSTM(I, H, implementation="native").double()(x)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors
+from helpers import MODES, TOLERANCES, initial_state, tolerance, loss_of, make_pair, state_tensors
 
 T, B, I, H = 5, 3, 4, 6
 
@@ -14,7 +14,7 @@ GRID = list(itertools.product(MODES, [1, 2, 3], [False, True], [False, True], [T
 
 
 def _compare(ours, reference, x, hx, dtype):
-    tol = TOLERANCES[dtype]
+    tol = tolerance(dtype, x.device)
     out_ours, state_ours = ours(x, hx)
     out_ref, state_ref = reference(x, hx)
     torch.testing.assert_close(out_ours, out_ref, **tol)
@@ -30,7 +30,7 @@ def _compare(ours, reference, x, hx, dtype):
 
 @pytest.mark.parametrize("mode,num_layers,bidirectional,batch_first,bias", GRID)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("implementation", ["fused", "reference"])
+@pytest.mark.parametrize("implementation", ["native", "fused", "reference"])
 def test_layer_matches_torch_nn(mode, num_layers, bidirectional, batch_first, bias, dtype, implementation, device):
     ours, reference = make_pair(
         mode, I, H, dtype=dtype, device=device, implementation=implementation,
@@ -64,7 +64,7 @@ def test_unbatched_input_matches_torch_nn(mode, bidirectional, device):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("enforce_sorted", [False, True])
-@pytest.mark.parametrize("implementation", ["fused", "reference"])
+@pytest.mark.parametrize("implementation", ["native", "fused", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_packed_sequence_matches_torch_nn(mode, bidirectional, enforce_sorted, implementation, dtype, device):
     ours, reference = make_pair(
@@ -82,7 +82,7 @@ def test_packed_sequence_matches_torch_nn(mode, bidirectional, enforce_sorted, i
 
     (out_ours, state_ours), (out_ref, state_ref) = run(ours), run(reference)
     assert isinstance(out_ours, torch.nn.utils.rnn.PackedSequence)
-    tol = TOLERANCES[dtype]
+    tol = tolerance(dtype, device)
     torch.testing.assert_close(out_ours.batch_sizes, out_ref.batch_sizes)
     if enforce_sorted:
         assert out_ours.sorted_indices is None and out_ref.sorted_indices is None

@@ -77,14 +77,25 @@ def _relu(a: Tensor, out: Tensor | None = None) -> Tensor:
 _RNN_ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": _relu}
 
 
-def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity):
-    """Forward only; returns (states (T+1, B, H), output (T, B, H))."""
+def _native_mask(mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else mask.squeeze(-1).contiguous()  # (T, B) bool
+
+
+_RNN_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2}
+
+
+def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None):
+    """Forward only; returns (states (T+1, B, H), output (T, B, H)). ``native`` is the
+    compiled loop module (:mod:`whiteboard.native`) or None for the torch loop."""
     T, B, _ = x.shape
     phi = _RNN_ACTIVATIONS[nonlinearity]
     xw = _input_projection(x, w_ih, _sum_bias(b_ih, b_hh))  # (T, B, H)
     w_hh_t = w_hh.t().contiguous()  # (H, H); see module docstring
     hs = x.new_empty((T + 1,) + h0.shape)  # (T+1, B, H)
     hs[0] = h0
+    if native is not None:
+        native.rnn_forward(xw, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask))
+        return hs, (hs[1:] if mask is None else hs[1:] * mask)
     for t in range(T):
         a = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, H)
         if mask is None:
@@ -97,8 +108,9 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity):
 
 class FusedRNN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity):
-        hs, out = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity)
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None):
+        hs, out = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native)
+        ctx.native = native
         ctx.nonlinearity = nonlinearity
         ctx.has_bias = b_ih is not None
         ctx.save_for_backward(x, w_ih, w_hh, hs, mask)
@@ -109,10 +121,14 @@ class FusedRNN(torch.autograd.Function):
     def backward(ctx, d_out, d_hn):
         x, w_ih, w_hh, hs, mask = ctx.saved_tensors
         T = x.shape[0]
+        dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.contiguous().clone()
+        d_out = torch.zeros_like(hs[1:]) if d_out is None else d_out.contiguous()
+        if ctx.native is not None:
+            dz = torch.empty_like(d_out)  # (T, B, H)
+            ctx.native.rnn_backward(d_out, hs, w_hh.contiguous(), dh, dz, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask))
+            return _rnn_grads(ctx, dz, dh, x, w_ih, hs)
         deriv = _rnn_derivative(hs[1:], ctx.nonlinearity)  # (T, B, H)
         dz = torch.empty_like(deriv)  # (T, B, H)
-        dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.clone()
-        d_out = torch.zeros_like(deriv) if d_out is None else d_out
         for t in range(T - 1, -1, -1):
             if mask is None:
                 torch.mul(d_out[t] + dh, deriv[t], out=dz[t])
@@ -121,16 +137,20 @@ class FusedRNN(torch.autograd.Function):
                 m = mask[t]
                 torch.mul((d_out[t] + dh) * m, deriv[t], out=dz[t])
                 dh = torch.where(m, torch.mm(dz[t], w_hh), dh)
-        needs = ctx.needs_input_grad
-        dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[2], needs[3]))
-        db = dz.sum((0, 1)) if ctx.has_bias and (needs[4] or needs[5]) else None
-        return dx, dh, dw_ih, dw_hh, db, db, None, None
+        return _rnn_grads(ctx, dz, dh, x, w_ih, hs)
+
+
+def _rnn_grads(ctx, dz, dh, x, w_ih, hs):
+    needs = ctx.needs_input_grad
+    dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[2], needs[3]))
+    db = dz.sum((0, 1)) if ctx.has_bias and (needs[4] or needs[5]) else None
+    return dx, dh, dw_ih, dw_hh, db, db, None, None, None
 
 
 # --------------------------------------------------------------------------- LSTM
 
 
-def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool):
+def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, native=None):
     """Forward only. Returns (hs, cs, gates, output): hs, cs (T+1, B, H) with the initial
     state at index 0; gates (T, B, 4H) activated i|f|g|o (only when keep_gates, else None).
     """
@@ -143,6 +163,9 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool):
     hs[0] = h0
     cs[0] = c0
     gates = x.new_empty((T, B, 4 * H)) if keep_gates else x.new_empty((1, B, 4 * H))
+    if native is not None:
+        native.lstm_forward(xw, w_hh_t, hs, cs, gates, _native_mask(mask))
+        return hs, cs, (gates if keep_gates else None), (hs[1:] if mask is None else hs[1:] * mask)
     for t in range(T):
         z = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, 4H) pre-activations
         a = gates[t if keep_gates else 0]  # (B, 4H)
@@ -165,8 +188,9 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool):
 
 class FusedLSTM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask):
-        hs, cs, gates, out = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, True)
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, native=None):
+        hs, cs, gates, out = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, True, native)
+        ctx.native = native
         ctx.has_bias = b_ih is not None
         ctx.save_for_backward(x, w_ih, w_hh, hs, cs, gates, mask)
         return out, hs[-1].clone(), cs[-1].clone()
@@ -177,6 +201,15 @@ class FusedLSTM(torch.autograd.Function):
         x, w_ih, w_hh, hs, cs, gates, mask = ctx.saved_tensors
         T, B, H4 = gates.shape
         H = H4 // 4
+        if ctx.native is not None:
+            # The compiled sweep recomputes the few factors it needs per element instead of
+            # keeping a (T, B, 4, H) K tensor: less memory, one pass per step.
+            dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.contiguous().clone()
+            dc = torch.zeros_like(cs[0]) if d_cn is None else d_cn.contiguous().clone()
+            d_out = torch.zeros_like(hs[1:]) if d_out is None else d_out.contiguous()
+            dz = torch.empty_like(gates)  # (T, B, 4H)
+            ctx.native.lstm_backward(d_out, gates, cs, w_hh.contiguous(), dh, dc, dz, _native_mask(mask))
+            return _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs)
         i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
         tanh_c = torch.tanh(cs[1:])  # (T, B, H)
         # dZ = [dc·K_i, dc·K_f, dc·K_g, dh·K_o]: every factor that does not depend on
@@ -208,17 +241,20 @@ class FusedLSTM(torch.autograd.Function):
             else:
                 dh = torch.where(m, dh_prev, dh)
                 dc = torch.where(m, dc_prev, dc)
-        dz = dz.view(T, B, H4)
-        needs = ctx.needs_input_grad
-        dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[3], needs[4]))
-        db = dz.sum((0, 1)) if ctx.has_bias and (needs[5] or needs[6]) else None
-        return dx, dh, dc, dw_ih, dw_hh, db, db, None
+        return _lstm_grads(ctx, dz.view(T, B, H4), dh, dc, x, w_ih, hs)
+
+
+def _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs):
+    needs = ctx.needs_input_grad
+    dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[3], needs[4]))
+    db = dz.sum((0, 1)) if ctx.has_bias and (needs[5] or needs[6]) else None
+    return dx, dh, dc, dw_ih, dw_hh, db, db, None, None
 
 
 # --------------------------------------------------------------------------- GRU
 
 
-def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool):
+def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     """Forward only. Returns (hs, rz, n, hn, output): hs (T+1, B, H); when keep, rz
     (T, B, 2H) activated r|z, n (T, B, H) the candidate and hn (T, B, H) = W_hn h + b_hn.
     """
@@ -232,6 +268,10 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool):
     rz = x.new_empty((steps, B, 2 * H))
     n = x.new_empty((steps, B, H))
     hn = x.new_empty((steps, B, H))
+    if native is not None:
+        native.gru_forward(xw, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask))
+        out = hs[1:] if mask is None else hs[1:] * mask
+        return (hs, rz, n, hn, out) if keep else (hs, None, None, None, out)
     for t in range(T):
         s = t if keep else 0
         hw = torch.mm(hs[t], w_hh_t) if b_hh is None else torch.addmm(b_hh, hs[t], w_hh_t)
@@ -252,8 +292,9 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool):
 
 class FusedGRU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask):
-        hs, rz, n, hn, out = gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, True)
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask, native=None):
+        hs, rz, n, hn, out = gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, True, native)
+        ctx.native = native
         ctx.has_bias = b_ih is not None
         ctx.save_for_backward(x, w_ih, w_hh, hs, rz, n, hn, mask)
         return out, hs[-1].clone()
@@ -263,6 +304,13 @@ class FusedGRU(torch.autograd.Function):
     def backward(ctx, d_out, d_hn):
         x, w_ih, w_hh, hs, rz, n, hn, mask = ctx.saved_tensors
         T, B, H = n.shape
+        if ctx.native is not None:
+            dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.contiguous().clone()
+            d_out = torch.zeros_like(n) if d_out is None else d_out.contiguous()
+            dz_x = x.new_empty((T, B, 3 * H))
+            dz_h = x.new_empty((T, B, 3 * H))
+            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh.contiguous(), dh, dz_x, dz_h, _native_mask(mask))
+            return _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs)
         r, z = rz.chunk(2, dim=2)  # 2 x (T, B, H)
         k_n = (1 - z) * (1 - n * n)  # ∂h/∂(n pre-activation)
         k_z = (hs[:-1] - n) * z * (1 - z)  # ∂h/∂(z pre-activation)
@@ -286,12 +334,15 @@ class FusedGRU(torch.autograd.Function):
             dh_prev = torch.addmm(dh_t * z[t], dz_h[t].view(B, 3 * H), w_hh)  # (B, H)
             dh = dh_prev if mask is None else torch.where(m, dh_prev, dh)
         dz_x = dh_all.unsqueeze(2) * torch.stack((k_r, k_z, k_n), dim=2)  # (T, B, 3, H)
-        dz_x = dz_x.view(T, B, 3 * H)
-        dz_h = dz_h.view(T, B, 3 * H)
-        needs = ctx.needs_input_grad
-        dx = torch.mm(dz_x.view(T * B, -1), w_ih).view(T, B, -1) if needs[0] else None
-        dw_ih = torch.mm(dz_x.view(T * B, -1).t(), x.reshape(T * B, -1)) if needs[2] else None
-        dw_hh = torch.mm(dz_h.view(T * B, -1).t(), hs[:-1].reshape(T * B, H)) if needs[3] else None
-        db_ih = dz_x.sum((0, 1)) if ctx.has_bias and needs[4] else None
-        db_hh = dz_h.sum((0, 1)) if ctx.has_bias and needs[5] else None
-        return dx, dh, dw_ih, dw_hh, db_ih, db_hh, None
+        return _gru_grads(ctx, dz_x.view(T, B, 3 * H), dz_h.view(T, B, 3 * H), dh, x, w_ih, hs)
+
+
+def _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs):
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    needs = ctx.needs_input_grad
+    dx = torch.mm(dz_x.view(T * B, -1), w_ih).view(T, B, -1) if needs[0] else None
+    dw_ih = torch.mm(dz_x.view(T * B, -1).t(), x.reshape(T * B, -1)) if needs[2] else None
+    dw_hh = torch.mm(dz_h.view(T * B, -1).t(), hs[:-1].reshape(T * B, H)) if needs[3] else None
+    db_ih = dz_x.sum((0, 1)) if ctx.has_bias and needs[4] else None
+    db_hh = dz_h.sum((0, 1)) if ctx.has_bias and needs[5] else None
+    return dx, dh, dw_ih, dw_hh, db_ih, db_hh, None, None

@@ -52,7 +52,10 @@ SEED_NAMES: dict[str, str] = {
     "hidden": "what is shown to the next step",
 }
 
-_IMPLEMENTATIONS = ("fused", "reference")
+# auto: the compiled loops (whiteboard.native) for CPU float32/float64 where they can be built,
+#       else the pure-PyTorch fused path; native: the compiled loops, or an error;
+# fused: the pure-PyTorch fused path; reference: the loop over whiteboard.cells.
+_IMPLEMENTATIONS = ("auto", "native", "fused", "reference")
 
 
 @dataclass
@@ -100,7 +103,7 @@ class _RecurrentBase(nn.Module):
         device=None,
         dtype=None,
         *,
-        implementation: str = "fused",
+        implementation: str = "auto",
     ) -> None:
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
@@ -122,6 +125,9 @@ class _RecurrentBase(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.implementation = implementation
+        # Set for the duration of one call by whiteboard.regularizers.WeightDrop / Zoneout.
+        self._weight_overrides: dict[str, Tensor] | None = None
+        self._zoneout: tuple[float, float, bool] | None = None
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
         gate_rows = self.gate_count * hidden_size
@@ -166,6 +172,8 @@ class _RecurrentBase(nn.Module):
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         w_ih = getattr(self, f"weight_ih{suffix}")
         w_hh = getattr(self, f"weight_hh{suffix}")
+        if self._weight_overrides:
+            w_hh = self._weight_overrides.get(f"weight_hh{suffix}", w_hh)
         if not self.bias:
             return w_ih, w_hh, None, None
         return w_ih, w_hh, getattr(self, f"bias_ih{suffix}"), getattr(self, f"bias_hh{suffix}")
@@ -182,7 +190,7 @@ class _RecurrentBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
-        if self.implementation != "fused":
+        if self.implementation != "auto":
             s += f", implementation={self.implementation!r}"
         return s
 
@@ -361,12 +369,27 @@ class _RecurrentBase(nn.Module):
 
     def _direction(self, x, initial, weights, mask, trace: bool):
         """One layer, one direction over (T, B, I). Returns (output, finals, fields)."""
-        if trace or self.implementation == "reference":
+        if trace or self.implementation == "reference" or self._zoneout is not None:
             return self._reference_direction(x, initial, weights, mask, trace)
-        out, finals = self._fused_direction(x.contiguous(), initial, weights, mask)
+        out, finals = self._fused_direction(x.contiguous(), initial, weights, mask, self._native_for(x))
         return out, finals, None
 
-    def _fused_direction(self, x, initial, weights, mask):
+    def _native_for(self, x: Tensor):
+        """The compiled loop module when this call should use it, else None."""
+        if self.implementation == "fused":
+            return None
+        from . import native
+
+        if native.usable_for(x):
+            return native.load()
+        if self.implementation == "native":
+            raise RuntimeError(
+                f"{self.mode}: implementation='native' needs CPU float32/float64 input and a built extension "
+                f"(got {x.dtype} on {x.device}; build problem: {native._failed or 'none'})"
+            )
+        return None
+
+    def _fused_direction(self, x, initial, weights, mask, native):
         raise NotImplementedError
 
     def _step(self, x_t, state, weights):
@@ -379,6 +402,13 @@ class _RecurrentBase(nn.Module):
         for t in range(x.shape[0]):
             step = self._step(x[t], state, weights)
             new_state = [step.hidden] if self.mode != "LSTM" else [step.hidden, step.cell]
+            if self._zoneout is not None:
+                from .regularizers import zoneout_mix
+
+                p_hidden, p_cell, training = self._zoneout
+                new_state = [zoneout_mix(new, old, p, training)
+                             for new, old, p in zip(new_state, state, (p_hidden, p_cell))]
+                step = step._replace(hidden=new_state[0], **({"cell": new_state[1]} if self.mode == "LSTM" else {}))
             if mask is not None:
                 m = mask[t]
                 new_state = [torch.where(m, new, old) for new, old in zip(new_state, state)]
@@ -414,7 +444,8 @@ class RNN(_RecurrentBase):
         batch_first: input and output are (B, T, ·) instead of (T, B, ·). Default False.
         dropout: dropout on each layer's output except the last, in training. Default 0.
         bidirectional: add a layer that reads the sequence backwards. Default False.
-        implementation: ``'fused'`` (default) or ``'reference'``.
+        implementation: ``'auto'`` (default: compiled time loops on CPU where they build,
+            else the pure-PyTorch fused path), ``'native'``, ``'fused'`` or ``'reference'``.
 
     Shapes:
         input: (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or a PackedSequence.
@@ -445,11 +476,11 @@ class RNN(_RecurrentBase):
     def _step(self, x_t, state, weights):
         return cells.rnn_step(x_t, state[0], *weights, nonlinearity=self.nonlinearity)
 
-    def _fused_direction(self, x, initial, weights, mask):
+    def _fused_direction(self, x, initial, weights, mask, native):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
-            out, h_n = fused.FusedRNN.apply(x, initial[0], *weights, mask, self.nonlinearity)
+            out, h_n = fused.FusedRNN.apply(x, initial[0], *weights, mask, self.nonlinearity, native)
             return out, [h_n]
-        hs, out = fused.rnn_sequence(x, initial[0], *weights, mask, self.nonlinearity)
+        hs, out = fused.rnn_sequence(x, initial[0], *weights, mask, self.nonlinearity, native)
         return out, [hs[-1]]
 
 
@@ -494,11 +525,11 @@ class LSTM(_RecurrentBase):
     def _step(self, x_t, state, weights):
         return cells.lstm_step(x_t, state[0], state[1], *weights)
 
-    def _fused_direction(self, x, initial, weights, mask):
+    def _fused_direction(self, x, initial, weights, mask, native):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
-            out, h_n, c_n = fused.FusedLSTM.apply(x, initial[0], initial[1], *weights, mask)
+            out, h_n, c_n = fused.FusedLSTM.apply(x, initial[0], initial[1], *weights, mask, native)
             return out, [h_n, c_n]
-        hs, cs, _, out = fused.lstm_sequence(x, initial[0], initial[1], *weights, mask, False)
+        hs, cs, _, out = fused.lstm_sequence(x, initial[0], initial[1], *weights, mask, False, native)
         return out, [hs[-1], cs[-1]]
 
 
@@ -526,11 +557,11 @@ class GRU(_RecurrentBase):
     def _step(self, x_t, state, weights):
         return cells.gru_step(x_t, state[0], *weights)
 
-    def _fused_direction(self, x, initial, weights, mask):
+    def _fused_direction(self, x, initial, weights, mask, native):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
-            out, h_n = fused.FusedGRU.apply(x, initial[0], *weights, mask)
+            out, h_n = fused.FusedGRU.apply(x, initial[0], *weights, mask, native)
             return out, [h_n]
-        hs, _, _, _, out = fused.gru_sequence(x, initial[0], *weights, mask, False)
+        hs, _, _, _, out = fused.gru_sequence(x, initial[0], *weights, mask, False, native)
         return out, [hs[-1]]
 
 

@@ -1,0 +1,405 @@
+// The time loops of the fused RNN / LSTM / GRU kernels, compiled.
+//
+// Python (whiteboard/fused.py) does everything that is one large operation: the input
+// projection for all steps, the weight gradients after the reverse sweep, allocation of
+// every buffer. This file does only what must happen once per time step:
+//
+//   forward:  Z_t = XW_t + h_{t-1} W_hh^T      (at::addmm_out: torch's own BLAS)
+//             gate math and state update       (one pass over B x H, below)
+//   backward: dZ_t from dh_t, dc_t             (one pass over B x H, below)
+//             dh_{t-1} = dZ_t W_hh             (at::mm_out / at::addmm_out)
+//
+// Why: from Python each small op costs 5-15 us of dispatch, which dominates at the sizes
+// recurrent nets run at; here the loop costs one GEMM call plus one pass per step. The
+// GEMMs go through ATen, so they use the BLAS torch was built with and torch's threads.
+//
+// The pointwise passes evaluate sigmoid/tanh with branch-free polynomial approximations
+// (Cephes' expf / tanhf, ~1 ulp) for float so the compiler vectorises them; double uses
+// the C library. Every buffer is contiguous and allocated by the caller.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// ------------------------------------------------------------------ scalar math
+
+inline float exp_approx(float x) {
+  // Cephes expf: x = n ln2 + r, exp(r) by a degree-6 polynomial, 2^n built in the exponent.
+  x = x > 88.3762626647949f ? 88.3762626647949f : x;
+  x = x < -87.3365447505531f ? -87.3365447505531f : x;
+  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  int32_t n = static_cast<int32_t>(fx);
+  int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+inline float tanh_approx(float x) {
+  // Cephes tanhf: an odd polynomial for |x| < 0.625, (1 - e^{-2|x|}) / (1 + e^{-2|x|}) beyond.
+  float ax = std::fabs(x);
+  float z = x * x;
+  float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+                  1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+  float e = exp_approx(-2.0f * ax);
+  float large = (1.0f - e) / (1.0f + e);
+  large = x < 0 ? -large : large;
+  return ax < 0.625f ? small : large;
+}
+
+inline float tanh_(float x) { return tanh_approx(x); }
+inline double tanh_(double x) { return std::tanh(x); }
+
+// Rows of the batch are independent: split them over torch's intra-op threads when the
+// step has enough work to pay for the hand-off (below ~16k elements one thread wins).
+template <typename F>
+void for_rows(int64_t rows, int64_t row_elements, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elements));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) body(b);
+  });
+}
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+
+const bool* mask_ptr(const c10::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous(), "mask must be a contiguous bool (T, B) tensor");
+  return mask->data_ptr<bool>();
+}
+
+// ------------------------------------------------------------------ LSTM
+
+template <typename T>
+void lstm_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor& hs, at::Tensor& cs,
+                       at::Tensor& gates, const c10::optional<at::Tensor>& mask) {
+  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
+  const bool keep = gates.size(0) == steps;
+  const bool* m = mask_ptr(mask);
+  for (int64_t t = 0; t < steps; ++t) {
+    at::Tensor z = gates[keep ? t : 0];  // (B, 4H): pre-activations, then activations
+    at::addmm_out(z, xw[t], hs[t], w_hh_t);
+    T* zp = z.data_ptr<T>();
+    const T* c_prev = cs[t].data_ptr<T>();
+    const T* h_prev = hs[t].data_ptr<T>();
+    T* c_next = cs[t + 1].data_ptr<T>();
+    T* h_next = hs[t + 1].data_ptr<T>();
+    const bool* mt = m ? m + t * B : nullptr;
+    for_rows(B, 4 * H, [&](int64_t b) {
+      T* zb = zp + b * 4 * H;
+      const bool alive = mt == nullptr || mt[b];
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        T i = sigmoid(zb[j]);
+        T f = sigmoid(zb[H + j]);
+        T g = tanh_(zb[2 * H + j]);
+        T o = sigmoid(zb[3 * H + j]);
+        zb[j] = i;
+        zb[H + j] = f;
+        zb[2 * H + j] = g;
+        zb[3 * H + j] = o;
+        T c = f * c_prev[b * H + j] + i * g;
+        T h = o * tanh_(c);
+        c_next[b * H + j] = alive ? c : c_prev[b * H + j];
+        h_next[b * H + j] = alive ? h : h_prev[b * H + j];
+      }
+    });
+  }
+}
+
+template <typename T>
+void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
+                        at::Tensor& dh, at::Tensor& dc, at::Tensor& dz, const c10::optional<at::Tensor>& mask) {
+  const int64_t steps = gates.size(0), B = gates.size(1), H = dh.size(1);
+  const bool* m = mask_ptr(mask);
+  at::Tensor dh_prev = at::empty_like(dh);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const T* a = gates[t].data_ptr<T>();
+    const T* c = cs[t + 1].data_ptr<T>();
+    const T* c_prev = cs[t].data_ptr<T>();
+    const T* go = d_out[t].data_ptr<T>();
+    T* dhp = dh.data_ptr<T>();
+    T* dcp = dc.data_ptr<T>();
+    T* dzt = dz[t].data_ptr<T>();
+    const bool* mt = m ? m + t * B : nullptr;
+    for_rows(B, 4 * H, [&](int64_t b) {
+      const T* ab = a + b * 4 * H;
+      T* dzb = dzt + b * 4 * H;
+      const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t k = b * H + j;
+        T i = ab[j], f = ab[H + j], g = ab[2 * H + j], o = ab[3 * H + j];
+        T tc = tanh_(c[k]);
+        T dh_t = (go[k] + dhp[k]) * alive;
+        T dc_t = dcp[k] * alive + dh_t * o * (T(1) - tc * tc);
+        dzb[j] = dc_t * g * i * (T(1) - i);
+        dzb[H + j] = dc_t * c_prev[k] * f * (T(1) - f);
+        dzb[2 * H + j] = dc_t * i * (T(1) - g * g);
+        dzb[3 * H + j] = dh_t * tc * o * (T(1) - o);
+        // A finished sequence (alive = 0) carries its gradient through unchanged.
+        dcp[k] = alive != T(0) ? dc_t * f : dcp[k];
+      }
+    });
+    at::mm_out(dh_prev, dz[t], w_hh);  // (B, 4H) x (4H, H)
+    if (mt == nullptr) {
+      dh.copy_(dh_prev);
+    } else {
+      T* out = dh.data_ptr<T>();
+      const T* in = dh_prev.data_ptr<T>();
+      for (int64_t b = 0; b < B; ++b)
+        if (mt[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
+    }
+  }
+}
+
+// ------------------------------------------------------------------ GRU
+
+template <typename T>
+void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10::optional<at::Tensor>& b_hh,
+                      at::Tensor& hs, at::Tensor& rz, at::Tensor& n, at::Tensor& hn,
+                      const c10::optional<at::Tensor>& mask) {
+  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
+  const bool keep = n.size(0) == steps;
+  const bool* m = mask_ptr(mask);
+  at::Tensor hw = at::empty({B, 3 * H}, xw.options());
+  for (int64_t t = 0; t < steps; ++t) {
+    if (b_hh.has_value()) {
+      at::addmm_out(hw, *b_hh, hs[t], w_hh_t);
+    } else {
+      at::mm_out(hw, hs[t], w_hh_t);
+    }
+    const int64_t s = keep ? t : 0;
+    const T* x = xw[t].data_ptr<T>();
+    const T* hwp = hw.data_ptr<T>();
+    const T* h_prev = hs[t].data_ptr<T>();
+    T* h_next = hs[t + 1].data_ptr<T>();
+    T* rzp = rz[s].data_ptr<T>();
+    T* np = n[s].data_ptr<T>();
+    T* hnp = hn[s].data_ptr<T>();
+    const bool* mt = m ? m + t * B : nullptr;
+    for_rows(B, 3 * H, [&](int64_t b) {
+      const T* xb = x + b * 3 * H;
+      const T* hb = hwp + b * 3 * H;
+      const bool alive = mt == nullptr || mt[b];
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t k = b * H + j;
+        T r = sigmoid(xb[j] + hb[j]);
+        T z = sigmoid(xb[H + j] + hb[H + j]);
+        T hn_j = hb[2 * H + j];
+        T cand = tanh_(xb[2 * H + j] + r * hn_j);
+        rzp[b * 2 * H + j] = r;
+        rzp[b * 2 * H + H + j] = z;
+        np[k] = cand;
+        hnp[k] = hn_j;
+        T h = cand + z * (h_prev[k] - cand);
+        h_next[k] = alive ? h : h_prev[k];
+      }
+    });
+  }
+}
+
+template <typename T>
+void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
+                       const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dz_x,
+                       at::Tensor& dz_h, const c10::optional<at::Tensor>& mask) {
+  const int64_t steps = n.size(0), B = n.size(1), H = n.size(2);
+  const bool* m = mask_ptr(mask);
+  at::Tensor direct = at::empty_like(dh);
+  at::Tensor dh_prev = at::empty_like(dh);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const T* rzp = rz[t].data_ptr<T>();
+    const T* np = n[t].data_ptr<T>();
+    const T* hnp = hn[t].data_ptr<T>();
+    const T* h_prev = hs[t].data_ptr<T>();
+    const T* go = d_out[t].data_ptr<T>();
+    T* dhp = dh.data_ptr<T>();
+    T* dir = direct.data_ptr<T>();
+    T* dx = dz_x[t].data_ptr<T>();
+    T* dhh = dz_h[t].data_ptr<T>();
+    const bool* mt = m ? m + t * B : nullptr;
+    for_rows(B, 3 * H, [&](int64_t b) {
+      const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t k = b * H + j;
+        T r = rzp[b * 2 * H + j], z = rzp[b * 2 * H + H + j], cand = np[k];
+        T dh_t = (go[k] + dhp[k]) * alive;
+        T d_n = dh_t * (T(1) - z) * (T(1) - cand * cand);
+        T d_z = dh_t * (h_prev[k] - cand) * z * (T(1) - z);
+        T d_r = d_n * hnp[k] * r * (T(1) - r);
+        dx[b * 3 * H + j] = d_r;
+        dx[b * 3 * H + H + j] = d_z;
+        dx[b * 3 * H + 2 * H + j] = d_n;
+        dhh[b * 3 * H + j] = d_r;
+        dhh[b * 3 * H + H + j] = d_z;
+        dhh[b * 3 * H + 2 * H + j] = d_n * r;
+        dir[k] = dh_t * z;
+      }
+    });
+    at::addmm_out(dh_prev, direct, dz_h[t], w_hh);  // dh z + dZ_h W_hh
+    if (mt == nullptr) {
+      dh.copy_(dh_prev);
+    } else {
+      T* out = dh.data_ptr<T>();
+      const T* in = dh_prev.data_ptr<T>();
+      for (int64_t b = 0; b < B; ++b)
+        if (mt[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
+    }
+  }
+}
+
+// ------------------------------------------------------------------ RNN
+
+enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };
+
+template <typename T>
+inline T activate(T a, int64_t kind) {
+  return kind == kTanh ? tanh_(a) : (kind == kRelu ? (a > T(0) ? a : T(0)) : sigmoid(a));
+}
+
+template <typename T>
+inline T derivative_from_output(T h, int64_t kind) {
+  return kind == kTanh ? T(1) - h * h : (kind == kRelu ? (h > T(0) ? T(1) : T(0)) : h * (T(1) - h));
+}
+
+template <typename T>
+void rnn_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor& hs, int64_t kind,
+                      const c10::optional<at::Tensor>& mask) {
+  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
+  const bool* m = mask_ptr(mask);
+  at::Tensor a = at::empty({B, H}, xw.options());
+  for (int64_t t = 0; t < steps; ++t) {
+    at::addmm_out(a, xw[t], hs[t], w_hh_t);
+    const T* ap = a.data_ptr<T>();
+    const T* h_prev = hs[t].data_ptr<T>();
+    T* h_next = hs[t + 1].data_ptr<T>();
+    const bool* mt = m ? m + t * B : nullptr;
+    for_rows(B, H, [&](int64_t b) {
+      const bool alive = mt == nullptr || mt[b];
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t k = b * H + j;
+        T h = activate(ap[k], kind);
+        h_next[k] = alive ? h : h_prev[k];
+      }
+    });
+  }
+}
+
+template <typename T>
+void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor& dh,
+                       at::Tensor& dz, int64_t kind, const c10::optional<at::Tensor>& mask) {
+  const int64_t steps = d_out.size(0), B = d_out.size(1), H = d_out.size(2);
+  const bool* m = mask_ptr(mask);
+  at::Tensor dh_prev = at::empty_like(dh);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const T* h = hs[t + 1].data_ptr<T>();
+    const T* go = d_out[t].data_ptr<T>();
+    const T* dhp = dh.data_ptr<T>();
+    T* dzt = dz[t].data_ptr<T>();
+    const bool* mt = m ? m + t * B : nullptr;
+    for_rows(B, H, [&](int64_t b) {
+      const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t k = b * H + j;
+        dzt[k] = (go[k] + dhp[k]) * alive * derivative_from_output(h[k], kind);
+      }
+    });
+    at::mm_out(dh_prev, dz[t], w_hh);
+    if (mt == nullptr) {
+      dh.copy_(dh_prev);
+    } else {
+      T* out = dh.data_ptr<T>();
+      const T* in = dh_prev.data_ptr<T>();
+      for (int64_t b = 0; b < B; ++b)
+        if (mt[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
+    }
+  }
+}
+
+// ------------------------------------------------------------------ dispatch
+
+#define WB_DISPATCH(tensor, NAME, ...)                                                      \
+  do {                                                                                      \
+    if ((tensor).scalar_type() == at::kFloat) {                                             \
+      using scalar_t = float;                                                               \
+      __VA_ARGS__;                                                                          \
+    } else if ((tensor).scalar_type() == at::kDouble) {                                     \
+      using scalar_t = double;                                                              \
+      __VA_ARGS__;                                                                          \
+    } else {                                                                                \
+      TORCH_CHECK(false, NAME, ": only float32 and float64 are compiled, got ", (tensor).scalar_type()); \
+    }                                                                                       \
+  } while (0)
+
+void lstm_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor hs, at::Tensor cs, at::Tensor gates,
+                  const c10::optional<at::Tensor>& mask) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &cs, &gates}) check(*t, "lstm_forward argument");
+  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t>(xw, w_hh_t, hs, cs, gates, mask));
+}
+
+void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
+                   at::Tensor dh, at::Tensor dc, at::Tensor dz, const c10::optional<at::Tensor>& mask) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &gates, &cs, &w_hh, &dh, &dc, &dz}) check(*t, "lstm_backward argument");
+  WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, mask));
+}
+
+void gru_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10::optional<at::Tensor>& b_hh, at::Tensor hs,
+                 at::Tensor rz, at::Tensor n, at::Tensor hn, const c10::optional<at::Tensor>& mask) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &rz, &n, &hn}) check(*t, "gru_forward argument");
+  WB_DISPATCH(xw, "gru_forward", gru_forward_impl<scalar_t>(xw, w_hh_t, b_hh, hs, rz, n, hn, mask));
+}
+
+void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
+                  const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz_x, at::Tensor dz_h,
+                  const c10::optional<at::Tensor>& mask) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &rz, &n, &hn, &w_hh, &dh, &dz_x, &dz_h}) check(*t, "gru_backward argument");
+  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dz_h, mask));
+}
+
+void rnn_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor hs, int64_t kind,
+                 const c10::optional<at::Tensor>& mask) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs}) check(*t, "rnn_forward argument");
+  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t>(xw, w_hh_t, hs, kind, mask));
+}
+
+void rnn_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz,
+                  int64_t kind, const c10::optional<at::Tensor>& mask) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &w_hh, &dh, &dz}) check(*t, "rnn_backward argument");
+  WB_DISPATCH(hs, "rnn_backward", rnn_backward_impl<scalar_t>(d_out, hs, w_hh, dh, dz, kind, mask));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "whiteboard's compiled recurrent time loops (see recurrent.cpp)";
+  m.def("lstm_forward", &lstm_forward);
+  m.def("lstm_backward", &lstm_backward);
+  m.def("gru_forward", &gru_forward);
+  m.def("gru_backward", &gru_backward);
+  m.def("rnn_forward", &rnn_forward);
+  m.def("rnn_backward", &rnn_backward);
+}

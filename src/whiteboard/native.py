@@ -1,0 +1,92 @@
+"""The compiled time loops (``csrc/recurrent.cpp``): built at first use, cached on disk.
+
+Why a C++ extension: on CPU the pure-PyTorch fused path spends most of its time in
+per-op Python dispatch (5-15 us per op per step). Moving only the time loops to C++
+removes that while the GEMMs still go through ATen, i.e. the BLAS torch ships with (MKL
+here) and torch's own thread pool; no second thread pool is ever started. ``torch.compile``
+and TorchScript were measured slower than eager here, and a numba loop could only reach
+OpenBLAS, whose small sgemm is about 2x slower than MKL's at these sizes.
+
+The build is keyed by a hash of the source, the compiler flags, torch's version and the
+CPU's instruction sets (it is compiled with ``-march=native``), and cached under
+``$WHITEBOARD_CACHE`` (default ``~/.cache/whiteboard``). Set ``WHITEBOARD_NATIVE=0`` to
+never build or use it. Where it cannot be built (no compiler, say) whiteboard warns once
+and uses the pure-PyTorch fused path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"]
+
+_module = None
+_failed: str | None = None
+build_seconds: float | None = None  # how long the last load took (cold build or warm cache)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WHITEBOARD_CACHE", Path.home() / ".cache" / "whiteboard")) / "extensions"
+
+
+def _source() -> Path:
+    return Path(str(resources.files("whiteboard") / "csrc" / "recurrent.cpp"))
+
+
+def build_key() -> str:
+    digest = hashlib.sha256()
+    digest.update(_source().read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
+    digest.update(torch.__version__.encode())
+    digest.update(_cpu_flags().encode())
+    return digest.hexdigest()[:16]
+
+
+def enabled() -> bool:
+    return os.environ.get("WHITEBOARD_NATIVE", "1") != "0"
+
+
+def load(verbose: bool = False):
+    """The compiled module, building it on first use; None where it cannot be had."""
+    global _module, _failed, build_seconds
+    if _module is not None or _failed is not None or not enabled():
+        return _module
+    started = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        key = build_key()
+        directory = cache_dir() / key
+        directory.mkdir(parents=True, exist_ok=True)
+        _module = load_extension(name=f"whiteboard_recurrent_{key}", sources=[str(_source())], extra_cflags=CFLAGS,
+                                 build_directory=str(directory), verbose=verbose)
+    except Exception as exc:  # no compiler, no ninja, a broken toolchain: fall back, loudly once
+        _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        warnings.warn(f"whiteboard: the compiled time loops could not be built ({_failed}); "
+                      "using the pure-PyTorch fused path", RuntimeWarning, stacklevel=2)
+        return None
+    build_seconds = time.perf_counter() - started
+    return _module
+
+
+def usable_for(tensor: torch.Tensor) -> bool:
+    """Compiled loops cover CPU float32/float64; anything else takes the torch path."""
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and load() is not None

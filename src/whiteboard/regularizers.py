@@ -1,0 +1,154 @@
+"""Regularizers for recurrent language models, each a small module named after its paper.
+
+* :class:`LockedDropout` - variational dropout (Gal & Ghahramani 2016): one mask per
+  sequence, the same at every time step.
+* :class:`EmbeddingDropout` - drops whole words from the embedding matrix (Gal &
+  Ghahramani 2016, as used in AWD-LSTM).
+* :class:`WeightDrop` - DropConnect on the hidden-to-hidden weights (Wan et al. 2013,
+  Merity et al. 2018): one mask per forward call, shared by every time step, so it works
+  unchanged with the fused and compiled paths.
+* :class:`Zoneout` - each unit keeps its previous value with probability p (Krueger et al.
+  2016). It changes the recurrence itself, so it runs on the reference loop.
+* :func:`activation_regularization` / :func:`temporal_activation_regularization` - AR and
+  TAR (Merity et al. 2017): L2 penalties on the outputs and on their step-to-step change.
+
+Every one is the identity in evaluation mode except zoneout, which (as in the paper, like
+dropout's rescaling) uses its expectation there: h_t = p h_{t-1} + (1 - p) h~_t.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layers import _RecurrentBase
+
+
+class LockedDropout(nn.Module):
+    """x (T, B, F) -> x with one dropout mask per (sequence, feature), constant over time."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"LockedDropout: p must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        mask = x.new_empty((1,) + x.shape[1:]).bernoulli_(1 - self.p) / (1 - self.p)  # (1, B, F)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class EmbeddingDropout(nn.Module):
+    """An embedding lookup that drops whole rows (words) of the matrix in training: a
+    dropped word is zero wherever it occurs in the batch."""
+
+    def __init__(self, embedding: nn.Embedding, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"EmbeddingDropout: p must be in [0, 1), got {p}")
+        self.embedding = embedding
+        self.p = p
+
+    @property
+    def weight(self) -> Tensor:
+        return self.embedding.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        weight = self.embedding.weight
+        if self.training and self.p > 0:
+            mask = weight.new_empty((weight.shape[0], 1)).bernoulli_(1 - self.p) / (1 - self.p)  # (V, 1)
+            weight = weight * mask
+        return nn.functional.embedding(tokens, weight, self.embedding.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _hidden_weight_names(layer: _RecurrentBase) -> list[str]:
+    return [name for name, _ in layer.named_parameters() if name.startswith("weight_hh")]
+
+
+class WeightDrop(nn.Module):
+    """DropConnect on a whiteboard layer's ``weight_hh_*`` (AWD-LSTM's weight drop).
+
+    The wrapped layer keeps its parameters and names (``module.layer.weight_hh_l0``); in
+    training each call draws one mask per weight matrix and runs the layer with the
+    dropped weights, whichever implementation it uses.
+    """
+
+    def __init__(self, layer: _RecurrentBase, p: float):
+        super().__init__()
+        if not isinstance(layer, _RecurrentBase):
+            raise TypeError("WeightDrop wraps a whiteboard RNN/LSTM/GRU layer")
+        if not 0 <= p < 1:
+            raise ValueError(f"WeightDrop: p must be in [0, 1), got {p}")
+        self.layer = layer
+        self.p = p
+
+    def forward(self, *args, **kwargs):
+        if not self.training or self.p == 0:
+            return self.layer(*args, **kwargs)
+        self.layer._weight_overrides = {
+            name: nn.functional.dropout(getattr(self.layer, name), self.p, training=True)
+            for name in _hidden_weight_names(self.layer)
+        }
+        try:
+            return self.layer(*args, **kwargs)
+        finally:
+            self.layer._weight_overrides = None
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Zoneout(nn.Module):
+    """Zoneout on a whiteboard layer's states: per unit and step, keep the previous value
+    with probability ``p`` (``p_cell`` for an LSTM's cell state; defaults to ``p``)."""
+
+    def __init__(self, layer: _RecurrentBase, p: float, p_cell: float | None = None):
+        super().__init__()
+        for value in (p, p if p_cell is None else p_cell):
+            if not 0 <= value <= 1:
+                raise ValueError(f"Zoneout: probabilities must be in [0, 1], got {value}")
+        self.layer = layer
+        self.p = p
+        self.p_cell = p if p_cell is None else p_cell
+
+    def forward(self, *args, **kwargs):
+        if self.p == 0 and self.p_cell == 0:
+            return self.layer(*args, **kwargs)
+        self.layer._zoneout = (self.p, self.p_cell, self.training)
+        try:
+            return self.layer(*args, **kwargs)
+        finally:
+            self.layer._zoneout = None
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, p_cell={self.p_cell}"
+
+
+def zoneout_mix(new: Tensor, old: Tensor, p: float, training: bool) -> Tensor:
+    """Keep ``old`` with probability p per element (training) or mix by p (evaluation)."""
+    if p == 0:
+        return new
+    if training:
+        keep = torch.empty_like(new).bernoulli_(p).bool()
+        return torch.where(keep, old, new)
+    return p * old + (1 - p) * new
+
+
+def activation_regularization(output: Tensor, alpha: float) -> Tensor:
+    """AR: alpha * mean(h_t^2) over the (dropped-out) outputs of the last layer."""
+    return alpha * output.pow(2).mean()
+
+
+def temporal_activation_regularization(output: Tensor, beta: float) -> Tensor:
+    """TAR: beta * mean((h_t - h_{t-1})^2) over the last layer's raw outputs (T, B, H)."""
+    if output.shape[0] < 2:
+        return output.new_zeros(())
+    return beta * (output[1:] - output[:-1]).pow(2).mean()
