@@ -212,24 +212,33 @@ class AddingScore:
     within_0_04: float  # share of answers with |error| < 0.04 (Hochreiter & Schmidhuber's criterion)
 
 
-def train_adding(model: SequenceRegressor, length: int, steps: int, batch_size: int = 64, lr: float = 2e-3,
-                 seed: int = 0, progress: bool = True, desc: str = "") -> list[dict]:
+def _train_steps(model: nn.Module, batch: Callable[[torch.Generator], tuple[Tensor, Tensor]],
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], steps: int, lr: float, seed: int, progress: bool,
+                 desc: str, metric: str) -> list[dict]:
+    """Adam, clipping at norm 1, a fresh batch each step from a seeded generator."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
     bar = tqdm(range(steps), desc=desc, disable=None if progress else True, dynamic_ncols=True, unit="step")
     for step in bar:
-        x, y = tasks.adding_batch(batch_size, length, generator)
-        loss = nn.functional.mse_loss(model(x), y)
+        x, y = batch(generator)
+        loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        bar.set_postfix(rmse=f"{loss.item() ** 0.5:.4f}")
+        value = loss.item() ** 0.5 if metric == "rmse" else loss.item()
+        bar.set_postfix({metric: f"{value:.4f}"})
         if (step + 1) % 50 == 0:
-            history.append({"step": step + 1, "rmse": loss.item() ** 0.5})
+            history.append({"step": step + 1, metric: value})
     return history
+
+
+def train_adding(model: SequenceRegressor, length: int, steps: int, batch_size: int = 64, lr: float = 2e-3,
+                 seed: int = 0, progress: bool = True, desc: str = "") -> list[dict]:
+    return _train_steps(model, lambda g: tasks.adding_batch(batch_size, length, g), nn.functional.mse_loss,
+                        steps, lr, seed, progress, desc, "rmse")
 
 
 @torch.no_grad()
@@ -243,23 +252,9 @@ def score_adding(model: SequenceRegressor, length: int, count: int = 1000, seed:
 
 def train_copy(model: SequenceTagger, delay: int, steps: int, batch_size: int = 64, lr: float = 2e-3,
                seed: int = 0, progress: bool = True, desc: str = "") -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    history = []
-    bar = tqdm(range(steps), desc=desc, disable=None if progress else True, dynamic_ncols=True, unit="step")
-    for step in bar:
-        x, y = tasks.copy_batch(batch_size, delay, generator)
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % 50 == 0:
-            history.append({"step": step + 1, "loss": loss.item()})
-    return history
+    return _train_steps(model, lambda g: tasks.copy_batch(batch_size, delay, g),
+                        lambda logits, y: nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()),
+                        steps, lr, seed, progress, desc, "loss")
 
 
 @torch.no_grad()

@@ -82,6 +82,21 @@ void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
 }
 
+// dh <- dh_new for the rows still inside their sequence; a finished sequence (mask false)
+// carries its gradient through the step unchanged.
+template <typename T>
+void take_alive_rows(at::Tensor& dh, const at::Tensor& dh_new, const bool* alive) {
+  if (alive == nullptr) {
+    dh.copy_(dh_new);
+    return;
+  }
+  const int64_t B = dh.size(0), H = dh.size(1);
+  T* out = dh.data_ptr<T>();
+  const T* in = dh_new.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    if (alive[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
+}
+
 const bool* mask_ptr(const c10::optional<at::Tensor>& mask) {
   if (!mask.has_value()) return nullptr;
   TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous(), "mask must be a contiguous bool (T, B) tensor");
@@ -162,14 +177,7 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
       }
     });
     at::mm_out(dh_prev, dz[t], w_hh);  // (B, 4H) x (4H, H)
-    if (mt == nullptr) {
-      dh.copy_(dh_prev);
-    } else {
-      T* out = dh.data_ptr<T>();
-      const T* in = dh_prev.data_ptr<T>();
-      for (int64_t b = 0; b < B; ++b)
-        if (mt[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
-    }
+    take_alive_rows<T>(dh, dh_prev, mt);
   }
 }
 
@@ -259,14 +267,7 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
       }
     });
     at::addmm_out(dh_prev, direct, dz_h[t], w_hh);  // dh z + dZ_h W_hh
-    if (mt == nullptr) {
-      dh.copy_(dh_prev);
-    } else {
-      T* out = dh.data_ptr<T>();
-      const T* in = dh_prev.data_ptr<T>();
-      for (int64_t b = 0; b < B; ++b)
-        if (mt[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
-    }
+    take_alive_rows<T>(dh, dh_prev, mt);
   }
 }
 
@@ -329,14 +330,7 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
       }
     });
     at::mm_out(dh_prev, dz[t], w_hh);
-    if (mt == nullptr) {
-      dh.copy_(dh_prev);
-    } else {
-      T* out = dh.data_ptr<T>();
-      const T* in = dh_prev.data_ptr<T>();
-      for (int64_t b = 0; b < B; ++b)
-        if (mt[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
-    }
+    take_alive_rows<T>(dh, dh_prev, mt);
   }
 }
 
