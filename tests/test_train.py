@@ -146,3 +146,51 @@ def test_loss_per_sequence_equals_token_loss_with_lr_times_bptt(tmp_path):
     assert len(seq) >= 5
     for a, b in zip(seq, tok):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_ntasgd_trigger_is_merity_et_als_non_monotone_criterion():
+    from whiteboard.train import ntasgd_should_switch
+
+    assert not ntasgd_should_switch([5.0, 4.0, 3.0], 3.5, nonmono=3)  # too few evaluations yet
+    assert not ntasgd_should_switch([5.0, 4.0, 3.0, 2.9, 2.8], 2.95, nonmono=3)  # better than 5.0, 4.0
+    assert ntasgd_should_switch([5.0, 4.0, 3.0, 2.9, 2.8], 4.5, nonmono=3)  # worse than min(5.0, 4.0)
+
+
+def test_ntasgd_switches_to_averaged_sgd_when_validation_stalls_and_resumes(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    # A large learning rate makes validation stall quickly.
+    config = tiny_config(corpus, epochs=2, optimizer="ntasgd", lr=30.0, nonmono=1, eval_every=8)
+    train(config, tmp_path / "run", progress=False, log=quiet)
+    valid = [r for r in losses(tmp_path / "run") if r["split"] == "valid"]
+    kinds = [r["optimizer"] for r in valid]
+    assert kinds[0] == "sgd" and "asgd" in kinds
+    switched_at = kinds.index("asgd")
+    assert valid[switched_at]["loss"] > min(r["loss"] for r in valid[: switched_at - 1])
+    # The averaged-SGD state survives a resume.
+    stopped = tiny_config(corpus, epochs=2, optimizer="ntasgd", lr=30.0, nonmono=1, eval_every=8,
+                          max_steps=8 * (switched_at + 2))
+    train(stopped, tmp_path / "split", progress=False, log=quiet)
+    train(config, tmp_path / "split", resume=True, progress=False, log=quiet)
+    assert losses(tmp_path / "split") == losses(tmp_path / "run")
+
+
+def test_awd_regularizers_train_and_resume_exactly(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    sets = dict(epochs=2, ar_alpha=2.0, tar_beta=1.0)
+
+    def make(**extra):
+        config = tiny_config(corpus, **sets, **extra)
+        config.model.dropout = 0.3
+        config.model.variational = True
+        config.model.embedding_dropout = 0.1
+        config.model.weight_drop = 0.3
+        return config
+
+    train(make(), tmp_path / "whole", progress=False, log=quiet)
+    train(make(max_steps=11), tmp_path / "split", progress=False, log=quiet)
+    train(make(), tmp_path / "split", resume=True, progress=False, log=quiet)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    from whiteboard.checkpoint import load_run
+
+    model, _, _ = load_run(tmp_path / "whole")
+    assert type(model.recurrent).__name__ == "WeightDrop"

@@ -172,6 +172,12 @@ def save_training_state(run_dir: Path, model, optimizer, counters: dict, hidden,
     atomic_write_bytes(Path(run_dir) / "training_state.safetensors", st_save(tensors, metadata=metadata))
 
 
+def read_training_counters(run_dir: Path) -> dict:
+    """The counters of the resume point alone (to rebuild the right optimizer first)."""
+    _, metadata = _read_safetensors(Path(run_dir) / "training_state.safetensors")
+    return json.loads(metadata["counters"])
+
+
 def load_training_state(run_dir: Path, model, optimizer, data_generator: torch.Generator, device):
     """Restore model, optimizer and RNGs; return (counters, hidden state)."""
     path = Path(run_dir) / "training_state.safetensors"

@@ -28,6 +28,10 @@ class ModelConfig:
     tie_weights: bool = False  # needs embedding_size == hidden_size
     nonlinearity: str = "tanh"  # rnn only: tanh | relu | sigmoid
     init_range: float = 0.1  # all weights ~ U(-r, r) as in Zaremba et al.; 0 = torch.nn defaults
+    # AWD-LSTM's regularizers (whiteboard.regularizers), each its own knob; 0 / false = off.
+    variational: bool = False  # the embedding and output dropouts use one mask per sequence
+    embedding_dropout: float = 0.0  # drop whole words from the embedding matrix
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
 
 
 @dataclass
@@ -65,6 +69,9 @@ class TrainConfig:
     eval_batch_size: int = 10
     log_every: int = 100  # steps between training-loss lines in metrics.jsonl
     max_steps: int = 0  # >0: stop after this many steps (smoke runs)
+    ar_alpha: float = 0.0  # activation regularization on the last layer's dropped output
+    tar_beta: float = 0.0  # temporal activation regularization on its raw output
+    nonmono: int = 5  # ntasgd: switch to averaged SGD when validation is worse than the best of all but the last N
     seed: int = 1234
     device: str = "cpu"
     threads: int = 0  # 0 = torch's default
@@ -87,7 +94,7 @@ CHOICES = {
     ("model", "cell"): ("lstm", "gru", "rnn"),
     ("model", "nonlinearity"): ("tanh", "relu", "sigmoid"),
     ("data", "level"): ("", "word", "char"),
-    ("train", "optimizer"): ("sgd", "adam", "adamw"),
+    ("train", "optimizer"): ("sgd", "adam", "adamw", "ntasgd"),
     ("train", "loss_per"): ("token", "sequence"),
 }
 
@@ -201,8 +208,9 @@ def validate(config: RunConfig) -> None:
         raise UsageError(
             f"model.tie_weights needs embedding_size == hidden_size, got {m.embedding_size} and {m.hidden_size}"
         )
-    if not 0 <= m.dropout < 1:
-        raise UsageError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    for name in ("dropout", "embedding_dropout", "weight_drop"):
+        if not 0 <= getattr(m, name) < 1:
+            raise UsageError(f"model.{name} must be in [0, 1), got {getattr(m, name)}")
     for name in ("epochs", "batch_size", "bptt", "eval_batch_size"):
         if getattr(t, name) <= 0:
             raise UsageError(f"train.{name} must be positive, got {getattr(t, name)}")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .layers import GRU, LSTM, RNN
+from .regularizers import EmbeddingDropout, LockedDropout, WeightDrop
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -34,7 +35,8 @@ class LanguageModel(nn.Module):
         self.config = config
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
-        self.dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = EmbeddingDropout(config.embedding_dropout)
+        self.dropout = LockedDropout(config.dropout) if config.variational else nn.Dropout(config.dropout)
         kwargs = dict(num_layers=config.num_layers, dropout=config.dropout if config.num_layers > 1 else 0.0)
         if config.cell == "lstm":
             self.recurrent = LSTM(config.embedding_size, config.hidden_size, **kwargs)
@@ -42,6 +44,8 @@ class LanguageModel(nn.Module):
             self.recurrent = GRU(config.embedding_size, config.hidden_size, **kwargs)
         else:
             self.recurrent = RNN(config.embedding_size, config.hidden_size, nonlinearity=config.nonlinearity, **kwargs)
+        if config.weight_drop:
+            self.recurrent = WeightDrop(self.recurrent, config.weight_drop)
         self.decoder = nn.Linear(config.hidden_size, vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight
@@ -54,7 +58,7 @@ class LanguageModel(nn.Module):
                 nn.init.uniform_(p, -r, r)
         else:
             nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-            self.recurrent.reset_parameters()
+            self.layer.reset_parameters()
             if not self.config.tie_weights:
                 nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
             nn.init.zeros_(self.decoder.bias)
@@ -65,11 +69,22 @@ class LanguageModel(nn.Module):
         zeros = weight.new_zeros(shape)
         return (zeros, zeros.clone()) if self.config.cell == "lstm" else zeros
 
+    @property
+    def layer(self):
+        """The whiteboard RNN/LSTM/GRU itself (inside any WeightDrop wrapper)."""
+        return self.recurrent.layer if isinstance(self.recurrent, WeightDrop) else self.recurrent
+
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """tokens (T, B) -> logits (T, B, V) and the final state."""
-        emb = self.dropout(self.embedding(tokens))  # (T, B, E)
+        logits, state, _, _ = self.forward_with_outputs(tokens, state)
+        return logits, state
+
+    def forward_with_outputs(self, tokens: Tensor, state: State | None = None):
+        """Also the last layer's raw and dropped-out outputs (T, B, H), for AR/TAR."""
+        emb = self.dropout(self.embedding_dropout(self.embedding, tokens))  # (T, B, E)
         output, state = self.recurrent(emb, state)  # (T, B, H)
-        return self.decoder(self.dropout(output)), state  # (T, B, V)
+        dropped = self.dropout(output)
+        return self.decoder(dropped), state, output, dropped  # logits (T, B, V)
 
     def step(self, token: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """One new token per sequence: token (B,) -> logits (B, V). O(1) work per token;
@@ -79,8 +94,8 @@ class LanguageModel(nn.Module):
 
     def trace(self, tokens: Tensor, state: State | None = None):
         """Like forward, plus the recurrent stack's :class:`~whiteboard.layers.Trace`."""
-        emb = self.dropout(self.embedding(tokens))
-        output, state, trace = self.recurrent.trace(emb, state)
+        emb = self.dropout(self.embedding_dropout(self.embedding, tokens))
+        output, state, trace = self.layer.trace(emb, state)
         return self.decoder(self.dropout(output)), state, trace
 
     def parameter_count(self) -> int:

@@ -45,25 +45,21 @@ class LockedDropout(nn.Module):
 
 class EmbeddingDropout(nn.Module):
     """An embedding lookup that drops whole rows (words) of the matrix in training: a
-    dropped word is zero wherever it occurs in the batch."""
+    dropped word is zero wherever it occurs in the batch. Call it with the embedding to
+    use: ``EmbeddingDropout(0.1)(model.embedding, tokens)`` (it holds no weights itself)."""
 
-    def __init__(self, embedding: nn.Embedding, p: float):
+    def __init__(self, p: float):
         super().__init__()
         if not 0 <= p < 1:
             raise ValueError(f"EmbeddingDropout: p must be in [0, 1), got {p}")
-        self.embedding = embedding
         self.p = p
 
-    @property
-    def weight(self) -> Tensor:
-        return self.embedding.weight
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        weight = self.embedding.weight
+    def forward(self, embedding: nn.Embedding, tokens: Tensor) -> Tensor:
+        weight = embedding.weight
         if self.training and self.p > 0:
             mask = weight.new_empty((weight.shape[0], 1)).bernoulli_(1 - self.p) / (1 - self.p)  # (V, 1)
             weight = weight * mask
-        return nn.functional.embedding(tokens, weight, self.embedding.padding_idx)
+        return nn.functional.embedding(tokens, weight, embedding.padding_idx)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -25,6 +25,7 @@ from .config import RunConfig
 from .data import batchify, check_long_enough, load_corpus, windows
 from .errors import WhiteboardError
 from .model import LanguageModel, detach_state
+from .regularizers import activation_regularization, temporal_activation_regularization
 from .vocab import Vocabulary
 
 
@@ -101,9 +102,37 @@ def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int
     return total / count
 
 
-def _make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+def ntasgd_should_switch(previous: list[float], current: float, nonmono: int) -> bool:
+    """Merity et al.'s non-monotone trigger: switch to averaged SGD once the validation loss
+    is worse than the best of all evaluations before the last ``nonmono``."""
+    return len(previous) > nonmono and current > min(previous[:-nonmono])
+
+
+class _AveragedWeights:
+    """While active, the model holds ASGD's averaged weights (for evaluation and saving)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.pairs = []
+        if isinstance(optimizer, torch.optim.ASGD):
+            self.pairs = [(p, optimizer.state[p]["ax"]) for p in model.parameters() if "ax" in optimizer.state[p]]
+
+    def __enter__(self):
+        self.saved = [p.detach().clone() for p, _ in self.pairs]
+        with torch.no_grad():
+            for p, ax in self.pairs:
+                p.copy_(ax)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for (p, _), saved in zip(self.pairs, self.saved):
+                p.copy_(saved)
+
+
+def _make_optimizer(model: nn.Module, config: RunConfig, averaged: bool = False) -> torch.optim.Optimizer:
     t = config.train
-    if t.optimizer == "sgd":
+    if averaged:
+        return torch.optim.ASGD(model.parameters(), lr=t.lr, t0=0, lambd=0.0, weight_decay=t.weight_decay)
+    if t.optimizer in ("sgd", "ntasgd"):
         return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -209,9 +238,12 @@ def train(
     optimizer = _make_optimizer(model, config)
     metrics = _Metrics(run_dir / "metrics.jsonl")
     counters = {"epoch": 1, "position": 0, "step": 0, "best_valid": math.inf, "bad_evals": 0, "plateau": 1.0,
-                "log_loss": 0.0, "log_tokens": 0, "train_tokens": 0, "train_seconds": 0.0}
+                "log_loss": 0.0, "log_tokens": 0, "train_tokens": 0, "train_seconds": 0.0, "asgd": False,
+                "valid_history": []}
     hidden = None
     if resume:
+        counters = checkpoint.read_training_counters(run_dir)
+        optimizer = _make_optimizer(model, config, averaged=counters.get("asgd", False))
         counters, hidden = checkpoint.load_training_state(run_dir, model, optimizer, data_generator, device)
         metrics.keep_up_to(counters["step"])
         log(f"resuming {run_dir} at epoch {counters['epoch']}, step {counters['step']}")
@@ -229,18 +261,28 @@ def train(
         checkpoint.save_training_state(run_dir, model, optimizer, counters, final_hidden, data_generator)
 
     def run_evaluation() -> None:
-        valid_loss = evaluate(model, data.ids["valid"], t.eval_batch_size, t.bptt, device)
-        improved = valid_loss < counters["best_valid"]
+        nonlocal optimizer
+        with _AveragedWeights(model, optimizer):
+            valid_loss = evaluate(model, data.ids["valid"], t.eval_batch_size, t.bptt, device)
+            improved = valid_loss < counters["best_valid"]
+            if improved:
+                checkpoint.save_model(run_dir, model, counters["step"])
+        if t.optimizer == "ntasgd" and not counters["asgd"] and ntasgd_should_switch(counters["valid_history"], valid_loss, t.nonmono):
+            optimizer = _make_optimizer(model, config, averaged=True)
+            counters["asgd"] = True
+            log(f"step {counters['step']}: validation stopped improving, switching to averaged SGD (NT-ASGD)")
+        counters["valid_history"].append(valid_loss)
         if improved:
             counters["best_valid"] = valid_loss
             counters["bad_evals"] = 0
-            checkpoint.save_model(run_dir, model, counters["step"])
         else:
             counters["bad_evals"] += 1
             if t.plateau_decay > 0:
                 counters["plateau"] *= t.plateau_decay
         record = {"step": counters["step"], "epoch": counters["epoch"], "split": "valid", "loss": valid_loss,
                   "ppl": perplexity(valid_loss), "lr": optimizer.param_groups[0]["lr"]}
+        if t.optimizer == "ntasgd":
+            record["optimizer"] = "asgd" if counters["asgd"] else "sgd"
         if vocab.level == "char":
             record["bpc"] = bits_per_char(valid_loss)
         metrics.write(record)
@@ -264,7 +306,7 @@ def train(
             for window in windows(train_streams, t.bptt, counters["position"], data_generator, t.variable_bptt):
                 started = time.perf_counter()
                 hidden = detach_state(hidden)
-                logits, hidden = model(window.inputs, hidden)
+                logits, hidden, raw_output, dropped_output = model.forward_with_outputs(window.inputs, hidden)
                 loss = loss_fn(logits.flatten(0, 1), window.targets.flatten())
                 value = loss.item()
                 if not math.isfinite(value):
@@ -274,7 +316,12 @@ def train(
                         f"stopped, the last good checkpoint in {run_dir} is kept (try a lower train.lr or train.clip)"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                (loss * window.inputs.shape[0] if t.loss_per == "sequence" else loss).backward()
+                objective = loss * window.inputs.shape[0] if t.loss_per == "sequence" else loss
+                if t.ar_alpha:
+                    objective = objective + activation_regularization(dropped_output, t.ar_alpha)
+                if t.tar_beta:
+                    objective = objective + temporal_activation_regularization(raw_output, t.tar_beta)
+                objective.backward()
                 if t.clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), t.clip)
                 # AWD-LSTM: a shorter window gets a proportionally smaller step.
