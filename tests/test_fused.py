@@ -154,3 +154,21 @@ def test_failed_build_falls_back_to_the_torch_path_with_one_warning(monkeypatch)
     torch.testing.assert_close(out, reference(x)[0])
     with pytest.raises(RuntimeError, match="implementation='native' needs"):
         whiteboard.LSTM(I, H, implementation="native").double()(x)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("where", ["input", "weight"])
+def test_nan_propagates_like_torch_nn(mode, where):
+    """The compiled loops assume finite numbers; a NaN must still come out as torch.nn's does."""
+    layer, reference = make_pair(mode, I, H, dtype=torch.float32)
+    x = torch.randn(T, B, I)
+    if where == "input":
+        x[2, 1, 0] = float("nan")
+    else:
+        with torch.no_grad():
+            for module in (layer, reference):
+                module.weight_hh_l0[0, 0] = float("nan")
+    with torch.no_grad():
+        ours, theirs = layer(x)[0], reference(x)[0]
+    torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs))
+    assert torch.isnan(ours).any()

@@ -77,6 +77,18 @@ def _relu(a: Tensor, out: Tensor | None = None) -> Tensor:
 _RNN_ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": _relu}
 
 
+def finite_or_none(native, *tensors: Tensor | None):
+    """The compiled loops assume finite inputs (they are built with -ffinite-math-only); with
+    a NaN or Inf anywhere in the inputs, take the torch loop, which propagates it as
+    torch.nn does."""
+    if native is None:
+        return None
+    # One reduction per tensor and one sync: a NaN anywhere makes its sum NaN. (So does
+    # +Inf with -Inf, which then also takes the torch loop; a lone Inf is safe there.)
+    sums = torch.stack([t.sum() for t in tensors if t is not None])
+    return None if bool(torch.isnan(sums).any()) else native
+
+
 def _native_mask(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else mask.squeeze(-1).contiguous()  # (T, B) bool
 
@@ -109,6 +121,7 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
 class FusedRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None):
+        native = finite_or_none(native, x, h0, w_ih, w_hh, b_ih, b_hh)
         hs, out = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native)
         ctx.native = native
         ctx.nonlinearity = nonlinearity
@@ -189,6 +202,7 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
 class FusedLSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, native=None):
+        native = finite_or_none(native, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
         hs, cs, gates, out = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, True, native)
         ctx.native = native
         ctx.has_bias = b_ih is not None
@@ -293,6 +307,7 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
 class FusedGRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask, native=None):
+        native = finite_or_none(native, x, h0, w_ih, w_hh, b_ih, b_hh)
         hs, rz, n, hn, out = gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, True, native)
         ctx.native = native
         ctx.has_bias = b_ih is not None

@@ -15,7 +15,10 @@
 //
 // The pointwise passes evaluate sigmoid/tanh with branch-free polynomial approximations
 // (Cephes' expf / tanhf, ~1 ulp) for float so the compiler vectorises them; double uses
-// the C library. Every buffer is contiguous and allocated by the caller.
+// the C library. The file is compiled with -ffinite-math-only (without it gcc will not
+// vectorise the clamps), so the caller sends only finite inputs here: whiteboard/fused.py
+// checks and takes the torch loop, which propagates NaN/Inf like torch.nn, otherwise.
+// Every buffer is contiguous and allocated by the caller.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -30,9 +33,10 @@ namespace {
 
 inline float exp_approx(float x) {
   // Cephes expf: x = n ln2 + r, exp(r) by a degree-6 polynomial, 2^n built in the exponent.
-  x = x > 88.3762626647949f ? 88.3762626647949f : x;
-  x = x < -87.3365447505531f ? -87.3365447505531f : x;
-  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = std::fmin(std::fmax(x, -87.3365447505531f), 88.3762626647949f);
+  float t = x * 1.44269504088896341f + 0.5f;
+  float fx = static_cast<float>(static_cast<int32_t>(t));  // floor(t), written so it vectorises
+  fx -= static_cast<float>(fx > t);
   float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
   float r2 = r * r;
   float y = 1.9875691500e-4f;
@@ -44,9 +48,7 @@ inline float exp_approx(float x) {
   y = y * r2 + r + 1.0f;
   int32_t n = static_cast<int32_t>(fx);
   int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  return y * __builtin_bit_cast(float, bits);
 }
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
@@ -112,31 +114,39 @@ void lstm_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tenso
   const bool keep = gates.size(0) == steps;
   const bool* m = mask_ptr(mask);
   for (int64_t t = 0; t < steps; ++t) {
-    at::Tensor z = gates[keep ? t : 0];  // (B, 4H): pre-activations, then activations
-    at::addmm_out(z, xw[t], hs[t], w_hh_t);
+    at::Tensor z = gates[keep ? t : 0];  // (B, 4H): h W_hh^T, then the activations
+    at::mm_out(z, hs[t], w_hh_t);         // XW_t is added in the pass below: no extra copy
     T* zp = z.data_ptr<T>();
+    const T* xp = xw[t].data_ptr<T>();
     const T* c_prev = cs[t].data_ptr<T>();
     const T* h_prev = hs[t].data_ptr<T>();
     T* c_next = cs[t + 1].data_ptr<T>();
     T* h_next = hs[t + 1].data_ptr<T>();
     const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, 4 * H, [&](int64_t b) {
+    for_rows(B, 4 * H, [=](int64_t b) {
+      if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state (its gates are never used)
+        std::memcpy(c_next + b * H, c_prev + b * H, H * sizeof(T));
+        std::memcpy(h_next + b * H, h_prev + b * H, H * sizeof(T));
+        return;
+      }
       T* zb = zp + b * 4 * H;
-      const bool alive = mt == nullptr || mt[b];
+      const T* xb = xp + b * 4 * H;
+      const T* cp = c_prev + b * H;
+      T* cn = c_next + b * H;
+      T* hn = h_next + b * H;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
-        T i = sigmoid(zb[j]);
-        T f = sigmoid(zb[H + j]);
-        T g = tanh_(zb[2 * H + j]);
-        T o = sigmoid(zb[3 * H + j]);
+        T i = sigmoid(zb[j] + xb[j]);
+        T f = sigmoid(zb[H + j] + xb[H + j]);
+        T g = tanh_(zb[2 * H + j] + xb[2 * H + j]);
+        T o = sigmoid(zb[3 * H + j] + xb[3 * H + j]);
         zb[j] = i;
         zb[H + j] = f;
         zb[2 * H + j] = g;
         zb[3 * H + j] = o;
-        T c = f * c_prev[b * H + j] + i * g;
-        T h = o * tanh_(c);
-        c_next[b * H + j] = alive ? c : c_prev[b * H + j];
-        h_next[b * H + j] = alive ? h : h_prev[b * H + j];
+        T c = f * cp[j] + i * g;
+        cn[j] = c;
+        hn[j] = o * tanh_(c);
       }
     });
   }
@@ -157,7 +167,7 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
     T* dcp = dc.data_ptr<T>();
     T* dzt = dz[t].data_ptr<T>();
     const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, 4 * H, [&](int64_t b) {
+    for_rows(B, 4 * H, [=](int64_t b) {
       const T* ab = a + b * 4 * H;
       T* dzb = dzt + b * 4 * H;
       const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
@@ -191,12 +201,10 @@ void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10:
   const bool keep = n.size(0) == steps;
   const bool* m = mask_ptr(mask);
   at::Tensor hw = at::empty({B, 3 * H}, xw.options());
+  at::Tensor bias = b_hh.has_value() ? b_hh->contiguous() : at::zeros({3 * H}, xw.options());
+  const T* bh = bias.data_ptr<T>();
   for (int64_t t = 0; t < steps; ++t) {
-    if (b_hh.has_value()) {
-      at::addmm_out(hw, *b_hh, hs[t], w_hh_t);
-    } else {
-      at::mm_out(hw, hs[t], w_hh_t);
-    }
+    at::mm_out(hw, hs[t], w_hh_t);  // b_hh is added in the pass below: no extra copy
     const int64_t s = keep ? t : 0;
     const T* x = xw[t].data_ptr<T>();
     const T* hwp = hw.data_ptr<T>();
@@ -206,23 +214,32 @@ void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10:
     T* np = n[s].data_ptr<T>();
     T* hnp = hn[s].data_ptr<T>();
     const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, 3 * H, [&](int64_t b) {
+    for_rows(B, 3 * H, [=](int64_t b) {
+      if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state; zero the saved
+        std::memcpy(h_next + b * H, h_prev + b * H, H * sizeof(T));  // factors, which its
+        std::memset(rzp + b * 2 * H, 0, 2 * H * sizeof(T));           // zero gradient
+        std::memset(np + b * H, 0, H * sizeof(T));                     // multiplies
+        std::memset(hnp + b * H, 0, H * sizeof(T));
+        return;
+      }
       const T* xb = x + b * 3 * H;
       const T* hb = hwp + b * 3 * H;
-      const bool alive = mt == nullptr || mt[b];
+      const T* hp = h_prev + b * H;
+      T* rb = rzp + b * 2 * H;
+      T* nb = np + b * H;
+      T* hnb = hnp + b * H;
+      T* out = h_next + b * H;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
-        const int64_t k = b * H + j;
-        T r = sigmoid(xb[j] + hb[j]);
-        T z = sigmoid(xb[H + j] + hb[H + j]);
-        T hn_j = hb[2 * H + j];
+        T r = sigmoid(xb[j] + hb[j] + bh[j]);
+        T z = sigmoid(xb[H + j] + hb[H + j] + bh[H + j]);
+        T hn_j = hb[2 * H + j] + bh[2 * H + j];
         T cand = tanh_(xb[2 * H + j] + r * hn_j);
-        rzp[b * 2 * H + j] = r;
-        rzp[b * 2 * H + H + j] = z;
-        np[k] = cand;
-        hnp[k] = hn_j;
-        T h = cand + z * (h_prev[k] - cand);
-        h_next[k] = alive ? h : h_prev[k];
+        rb[j] = r;
+        rb[H + j] = z;
+        nb[j] = cand;
+        hnb[j] = hn_j;
+        out[j] = cand + z * (hp[j] - cand);
       }
     });
   }
@@ -247,7 +264,7 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
     T* dx = dz_x[t].data_ptr<T>();
     T* dhh = dz_h[t].data_ptr<T>();
     const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, 3 * H, [&](int64_t b) {
+    for_rows(B, 3 * H, [=](int64_t b) {
       const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
@@ -276,11 +293,6 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
 enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };
 
 template <typename T>
-inline T activate(T a, int64_t kind) {
-  return kind == kTanh ? tanh_(a) : (kind == kRelu ? (a > T(0) ? a : T(0)) : sigmoid(a));
-}
-
-template <typename T>
 inline T derivative_from_output(T h, int64_t kind) {
   return kind == kTanh ? T(1) - h * h : (kind == kRelu ? (h > T(0) ? T(1) : T(0)) : h * (T(1) - h));
 }
@@ -292,18 +304,29 @@ void rnn_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor
   const bool* m = mask_ptr(mask);
   at::Tensor a = at::empty({B, H}, xw.options());
   for (int64_t t = 0; t < steps; ++t) {
-    at::addmm_out(a, xw[t], hs[t], w_hh_t);
+    at::mm_out(a, hs[t], w_hh_t);  // XW_t is added in the pass below: no extra copy
     const T* ap = a.data_ptr<T>();
+    const T* xp = xw[t].data_ptr<T>();
     const T* h_prev = hs[t].data_ptr<T>();
     T* h_next = hs[t + 1].data_ptr<T>();
     const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, H, [&](int64_t b) {
-      const bool alive = mt == nullptr || mt[b];
+    for_rows(B, H, [=](int64_t b) {
+      if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state
+        std::memcpy(h_next + b * H, h_prev + b * H, H * sizeof(T));
+        return;
+      }
+      const T* a_b = ap + b * H;
+      const T* x_b = xp + b * H;
+      T* out = h_next + b * H;
+      if (kind == kTanh) {
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t k = b * H + j;
-        T h = activate(ap[k], kind);
-        h_next[k] = alive ? h : h_prev[k];
+        for (int64_t j = 0; j < H; ++j) out[j] = tanh_(a_b[j] + x_b[j]);
+      } else if (kind == kRelu) {
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) out[j] = std::max(a_b[j] + x_b[j], T(0));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) out[j] = sigmoid(a_b[j] + x_b[j]);
       }
     });
   }
@@ -321,7 +344,7 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
     const T* dhp = dh.data_ptr<T>();
     T* dzt = dz[t].data_ptr<T>();
     const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, H, [&](int64_t b) {
+    for_rows(B, H, [=](int64_t b) {
       const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
