@@ -19,6 +19,7 @@ from recurrent_speed import CELLS, CONFIGS
 
 CHILD = r"""
 import json, resource, sys, torch, whiteboard
+from whiteboard import native
 cell, config, which = sys.argv[1], sys.argv[2], sys.argv[3]
 layers, inp, hidden, batch, steps = json.loads(sys.argv[4])
 cls = {"lstm": (whiteboard.LSTM, torch.nn.LSTM), "gru": (whiteboard.GRU, torch.nn.GRU),
@@ -27,7 +28,7 @@ layer = cls(inp, hidden, num_layers=layers)
 x = torch.randn(steps, batch, inp, requires_grad=True)
 grad = torch.randn(steps, batch, hidden)
 if which == "ours":
-    whiteboard.native.load()  # build or load the extension before measuring
+    native.load()  # build or load the extension before measuring
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out, _ = layer(x)
 out.backward(grad)

@@ -69,6 +69,17 @@ inline float tanh_approx(float x) {
 inline float tanh_(float x) { return tanh_approx(x); }
 inline double tanh_(double x) { return std::tanh(x); }
 
+// Gradients that vanish through many steps (a vanilla RNN on the adding problem, say) sink
+// into subnormal floats, which x86 processes about 100x slower, and then every GEMM and
+// pass downstream crawls. Values this small carry no information at float precision, so
+// the backward passes flush them to zero (per value, so every thread does it, unlike
+// the MXCSR flag torch.set_flush_denormal sets for the calling thread only).
+template <typename T> inline T tiny();
+template <> inline float tiny<float>() { return 1e-30f; }
+template <> inline double tiny<double>() { return 1e-300; }
+template <typename T>
+inline T flush(T x) { return std::fabs(x) < tiny<T>() ? T(0) : x; }
+
 // Rows of the batch are independent: split them over torch's intra-op threads when the
 // step has enough work to pay for the hand-off (below ~16k elements one thread wins).
 template <typename F>
@@ -144,7 +155,7 @@ void lstm_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tenso
         zb[H + j] = f;
         zb[2 * H + j] = g;
         zb[3 * H + j] = o;
-        T c = f * cp[j] + i * g;
+        T c = flush(f * cp[j] + i * g);
         cn[j] = c;
         hn[j] = o * tanh_(c);
       }
@@ -178,12 +189,12 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
         T tc = tanh_(c[k]);
         T dh_t = (go[k] + dhp[k]) * alive;
         T dc_t = dcp[k] * alive + dh_t * o * (T(1) - tc * tc);
-        dzb[j] = dc_t * g * i * (T(1) - i);
-        dzb[H + j] = dc_t * c_prev[k] * f * (T(1) - f);
-        dzb[2 * H + j] = dc_t * i * (T(1) - g * g);
-        dzb[3 * H + j] = dh_t * tc * o * (T(1) - o);
+        dzb[j] = flush(dc_t * g * i * (T(1) - i));
+        dzb[H + j] = flush(dc_t * c_prev[k] * f * (T(1) - f));
+        dzb[2 * H + j] = flush(dc_t * i * (T(1) - g * g));
+        dzb[3 * H + j] = flush(dh_t * tc * o * (T(1) - o));
         // A finished sequence (alive = 0) carries its gradient through unchanged.
-        dcp[k] = alive != T(0) ? dc_t * f : dcp[k];
+        dcp[k] = alive != T(0) ? flush(dc_t * f) : dcp[k];
       }
     });
     at::mm_out(dh_prev, dz[t], w_hh);  // (B, 4H) x (4H, H)
@@ -274,13 +285,16 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
         T d_n = dh_t * (T(1) - z) * (T(1) - cand * cand);
         T d_z = dh_t * (h_prev[k] - cand) * z * (T(1) - z);
         T d_r = d_n * hnp[k] * r * (T(1) - r);
+        d_r = flush(d_r);
+        d_z = flush(d_z);
+        d_n = flush(d_n);
         dx[b * 3 * H + j] = d_r;
         dx[b * 3 * H + H + j] = d_z;
         dx[b * 3 * H + 2 * H + j] = d_n;
         dhh[b * 3 * H + j] = d_r;
         dhh[b * 3 * H + H + j] = d_z;
-        dhh[b * 3 * H + 2 * H + j] = d_n * r;
-        dir[k] = dh_t * z;
+        dhh[b * 3 * H + 2 * H + j] = flush(d_n * r);
+        dir[k] = flush(dh_t * z);
       }
     });
     at::addmm_out(dh_prev, direct, dz_h[t], w_hh);  // dh z + dZ_h W_hh
@@ -349,7 +363,7 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
         const int64_t k = b * H + j;
-        dzt[k] = (go[k] + dhp[k]) * alive * derivative_from_output(h[k], kind);
+        dzt[k] = flush((go[k] + dhp[k]) * alive * derivative_from_output(h[k], kind));
       }
     });
     at::mm_out(dh_prev, dz[t], w_hh);
