@@ -116,3 +116,8 @@ def test_lstm_learns_a_short_lag_story():
     ex.train_story_model(model, vocab, ex.Curriculum([(4, 500)]), lr=1e-2, progress=False)
     score = ex.score_stories(ex.lm_logits(model), tasks.make_stories(100, 4, 4, 1, "test"), vocab)
     assert score.accuracy > 0.5
+
+
+def test_length_curriculum_grows_to_the_full_length():
+    schedule = ex.length_curriculum(200, 400)
+    assert [schedule(s) for s in (0, 99, 100, 200, 300, 399, 10_000)] == [25, 25, 50, 100, 200, 200, 200]

@@ -51,8 +51,10 @@ class TrainResult:
     level: str
 
     def summary(self) -> str:
-        unit = _loss_words(self.best_valid_loss, self.level)
-        text = f"best validation {unit}"
+        if math.isfinite(self.best_valid_loss):
+            text = f"best validation {_loss_words(self.best_valid_loss, self.level)}"
+        else:
+            text = "stopped before the first evaluation"
         if self.test_loss is not None:
             text += f"; test {_loss_words(self.test_loss, self.level)}"
         return text + f"; {self.steps} steps in {self.elapsed_s:.0f} s ({self.train_tokens_per_s:,.0f} tokens/s)"
