@@ -185,3 +185,11 @@ def test_native_backward_flushes_subnormal_gradients():
     out, _ = layer(x)
     out.backward(torch.full_like(out, 1e-3))
     assert x.grad.abs().min() > 0 or x.grad.abs().max() > 1e-6
+
+
+def test_the_pip_installed_ninja_is_found_without_an_activated_environment(monkeypatch):
+    import sysconfig
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    native._put_scripts_on_path()
+    assert __import__("os").environ["PATH"].split(":")[0] == sysconfig.get_path("scripts")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sysconfig
 import time
 import warnings
 from importlib import resources
@@ -75,6 +76,7 @@ def load(verbose: bool = False):
     try:
         from torch.utils.cpp_extension import load as load_extension
 
+        _put_scripts_on_path()
         key = build_key()
         directory = cache_dir() / key
         directory.mkdir(parents=True, exist_ok=True)
@@ -87,6 +89,14 @@ def load(verbose: bool = False):
         return None
     build_seconds = time.perf_counter() - started
     return _module
+
+
+def _put_scripts_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the ninja that pip installed beside this
+    interpreter is not on it when the environment was never activated (``.venv/bin/python``)."""
+    scripts = sysconfig.get_path("scripts")
+    if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
 
 def usable_for(tensor: torch.Tensor) -> bool:
