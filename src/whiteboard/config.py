@@ -111,20 +111,14 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-    elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif expected in (int, float):
+        # An int key takes only ints; a float key takes ints too (TOML writes 1, not 1.0).
+        numeric = (int,) if expected is int else (int, float)
+        if isinstance(value, numeric) and not isinstance(value, bool):
+            return expected(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                pass
-    elif expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return expected(value)
             except ValueError:
                 pass
     elif expected is str:

@@ -65,6 +65,16 @@ class EmbeddingDropout(nn.Module):
         return f"p={self.p}"
 
 
+def _call_with(layer: _RecurrentBase, hook: str, value, args, kwargs):
+    """Call ``layer`` with one of its per-call hooks set, and always unset it after (an
+    exception mid-call must not leave the regularizer switched on)."""
+    setattr(layer, hook, value)
+    try:
+        return layer(*args, **kwargs)
+    finally:
+        setattr(layer, hook, None)
+
+
 def _hidden_weight_names(layer: _RecurrentBase) -> list[str]:
     return [name for name, _ in layer.named_parameters() if name.startswith("weight_hh")]
 
@@ -89,14 +99,9 @@ class WeightDrop(nn.Module):
     def forward(self, *args, **kwargs):
         if not self.training or self.p == 0:
             return self.layer(*args, **kwargs)
-        self.layer._weight_overrides = {
-            name: nn.functional.dropout(getattr(self.layer, name), self.p, training=True)
-            for name in _hidden_weight_names(self.layer)
-        }
-        try:
-            return self.layer(*args, **kwargs)
-        finally:
-            self.layer._weight_overrides = None
+        dropped = {name: nn.functional.dropout(getattr(self.layer, name), self.p, training=True)
+                   for name in _hidden_weight_names(self.layer)}
+        return _call_with(self.layer, "_weight_overrides", dropped, args, kwargs)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -118,11 +123,7 @@ class Zoneout(nn.Module):
     def forward(self, *args, **kwargs):
         if self.p == 0 and self.p_cell == 0:
             return self.layer(*args, **kwargs)
-        self.layer._zoneout = (self.p, self.p_cell, self.training)
-        try:
-            return self.layer(*args, **kwargs)
-        finally:
-            self.layer._zoneout = None
+        return _call_with(self.layer, "_zoneout", (self.p, self.p_cell, self.training), args, kwargs)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, p_cell={self.p_cell}"
