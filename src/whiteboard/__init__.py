@@ -9,8 +9,20 @@ The seed's whiteboard words map onto the standard names like this:
     output gate o_t  -> selective write     cell state c_t  -> the whiteboard itself
 """
 
-from .cells import gru_step, lstm_step, rnn_step
-from .layers import GRU, LSTM, RNN, SEED_NAMES, TRACE_FIELDS, Trace
+from .cells import gru_step, layernorm_lstm_step, lstm_step, rnn_step
+from .layers import GRU, LSTM, RNN, SEED_NAMES, TRACE_FIELDS, LayerNormLSTM, Trace
 
-__all__ = ["RNN", "LSTM", "GRU", "Trace", "TRACE_FIELDS", "SEED_NAMES", "rnn_step", "lstm_step", "gru_step"]
+__all__ = [
+    "RNN",
+    "LSTM",
+    "GRU",
+    "LayerNormLSTM",
+    "Trace",
+    "TRACE_FIELDS",
+    "SEED_NAMES",
+    "rnn_step",
+    "lstm_step",
+    "gru_step",
+    "layernorm_lstm_step",
+]
 __version__ = "0.1.0"

@@ -21,6 +21,9 @@ __all__ = [
     "rnn_step",
     "lstm_step",
     "gru_step",
+    "layer_norm",
+    "layernorm_lstm_step",
+    "LAYER_NORM_EPS",
     "NONLINEARITIES",
 ]
 
@@ -106,6 +109,62 @@ def lstm_step(
     o = torch.sigmoid(zo)
     c_new = f * c + i * g
     h_new = o * torch.tanh(c_new)
+    return LSTMStep(h_new, c_new, i, f, g, o)
+
+
+#: Added to the variance in :func:`layer_norm` (torch.nn.LayerNorm's default).
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm(z: Tensor, gain: Tensor, bias: Tensor | None = None, eps: float = LAYER_NORM_EPS) -> Tensor:
+    """Normalize over the last dimension, then scale and shift (Ba et al. 2016).
+
+    .. math:: \\mathrm{LN}(z; \\alpha, \\beta) = \\alpha \\odot (z - \\mu) / \\sqrt{\\sigma^2 + \\epsilon} + \\beta
+
+    with the mean and (biased) variance taken over the features of each row.
+    """
+    mean = z.mean(-1, keepdim=True)
+    variance = ((z - mean) ** 2).mean(-1, keepdim=True)
+    normalized = (z - mean) / torch.sqrt(variance + eps) * gain
+    return normalized if bias is None else normalized + bias
+
+
+def layernorm_lstm_step(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    gain_ih: Tensor,
+    gain_hh: Tensor,
+    gain_cell: Tensor,
+    bias_cell: Tensor,
+) -> LSTMStep:
+    """Layer-normalized LSTM step (Ba, Kiros & Hinton 2016, section 3.1), gate order i, f, g, o.
+
+    .. math::
+        z_t = \\mathrm{LN}(U x_t; \\alpha_{ih}) + \\mathrm{LN}(W h_{t-1}; \\alpha_{hh}) + b
+        i_t, f_t, o_t = \\sigma(z_t^{i,f,o}),\\quad g_t = \\tanh(z_t^{g})
+        c_t = f_t \\odot c_{t-1} + i_t \\odot g_t
+        h_t = o_t \\odot \\tanh(\\mathrm{LN}(c_t; \\alpha_c, \\beta_c))
+
+    The input and recurrent projections are each normalized over all 4H gate rows
+    together, so neither can drown the other out whatever the scale of x or h. The paper
+    gives those two normalizations a shift too; it would only duplicate ``b`` (here
+    ``b_ih + b_hh``, torch.nn's layout), so they have a gain alone.
+    """
+    z = layer_norm(x @ w_ih.T, gain_ih) + layer_norm(h @ w_hh.T, gain_hh)  # (B, 4H)
+    if b_ih is not None:
+        z = z + b_ih + b_hh
+    zi, zf, zg, zo = z.chunk(4, dim=-1)  # 4 x (B, H)
+    i = torch.sigmoid(zi)
+    f = torch.sigmoid(zf)
+    g = torch.tanh(zg)
+    o = torch.sigmoid(zo)
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(layer_norm(c_new, gain_cell, bias_cell))
     return LSTMStep(h_new, c_new, i, f, g, o)
 
 

@@ -33,7 +33,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import cells, fused
 
-__all__ = ["RNN", "LSTM", "GRU", "Trace", "TRACE_FIELDS", "SEED_NAMES"]
+__all__ = ["RNN", "LSTM", "GRU", "LayerNormLSTM", "Trace", "TRACE_FIELDS", "SEED_NAMES"]
 
 #: What each layer type records per step in a :class:`Trace`, in order.
 TRACE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -140,6 +140,8 @@ class _RecurrentBase(nn.Module):
                 if bias:
                     self.register_parameter(f"bias_ih{suffix}", nn.Parameter(torch.empty(gate_rows, **factory)))
                     self.register_parameter(f"bias_hh{suffix}", nn.Parameter(torch.empty(gate_rows, **factory)))
+                for name, size in self._extra_parameter_sizes().items():
+                    self.register_parameter(f"{name}{suffix}", nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
 
     # ----------------------------------------------------------------- properties
@@ -157,6 +159,10 @@ class _RecurrentBase(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    def _extra_parameter_sizes(self) -> dict[str, int]:
+        """Per layer and direction parameters beyond torch.nn's four (name prefix: size)."""
+        return {}
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
@@ -566,6 +572,68 @@ class GRU(_RecurrentBase):
         native = fused.finite_or_none(native, x, *initial, *weights)
         hs, _, _, _, out = fused.gru_sequence(x, initial[0], *weights, mask, False, native)
         return out, [hs[-1]]
+
+
+class LayerNormLSTM(LSTM):
+    """Layer-normalized LSTM (Ba, Kiros & Hinton 2016), an LSTM with the same interface.
+
+    .. math::
+        (i, f, g, o)_t = \\mathrm{LN}(W_{ih} x_t; \\alpha_{ih}) + \\mathrm{LN}(W_{hh} h_{t-1}; \\alpha_{hh}) + b_{ih} + b_{hh}
+        c_t = \\sigma(f_t) \\odot c_{t-1} + \\sigma(i_t) \\odot \\tanh(g_t)
+        h_t = \\sigma(o_t) \\odot \\tanh(\\mathrm{LN}(c_t; \\alpha_c, \\beta_c))
+
+    Normalizing each projection keeps the gates' pre-activations at unit scale whatever the
+    size of the weights or of the inputs, which steadies training of deep and long-unrolled
+    stacks. The state, returns and trace fields are the LSTM's.
+
+    Parameters: torch.nn.LSTM's four per layer and direction (so an ``nn.LSTM`` state dict
+    loads with ``strict=False``), plus ``gain_ih_l{k}`` (4H), ``gain_hh_l{k}`` (4H),
+    ``gain_cell_l{k}`` (H) and ``bias_cell_l{k}`` (H); gains start at 1 and the shift at 0.
+
+    Implementations: ``reference`` (:func:`whiteboard.cells.layernorm_lstm_step` per step)
+    and ``fused`` (:class:`whiteboard.fused.FusedLayerNormLSTM`, hand-written backward);
+    ``auto`` picks ``fused``. There is no compiled loop for this cell yet.
+    """
+
+    eps = cells.LAYER_NORM_EPS
+
+    def _extra_parameter_sizes(self) -> dict[str, int]:
+        H = self.hidden_size
+        return {"gain_ih": 4 * H, "gain_hh": 4 * H, "gain_cell": H, "bias_cell": H}
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.reset_normalization()
+
+    def reset_normalization(self) -> None:
+        """Gains to 1 and the cell's shift to 0: the normalizations start as plain standardization."""
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                if name.startswith("gain_"):
+                    parameter.fill_(1.0)
+                elif name.startswith("bias_cell"):
+                    parameter.zero_()
+
+    def layer_weights(self, layer: int, direction: int) -> tuple:
+        """(weight_ih, weight_hh, bias_ih, bias_hh, gain_ih, gain_hh, gain_cell, bias_cell)."""
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        names = ("gain_ih", "gain_hh", "gain_cell", "bias_cell")
+        return (*super().layer_weights(layer, direction), *(getattr(self, name + suffix) for name in names))
+
+    def _native_for(self, x: Tensor):
+        if self.implementation == "native":
+            raise RuntimeError("LayerNormLSTM: there is no compiled loop for this cell; use 'auto' or 'fused'")
+        return None
+
+    def _step(self, x_t, state, weights):
+        return cells.layernorm_lstm_step(x_t, state[0], state[1], *weights)
+
+    def _fused_direction(self, x, initial, weights, mask, native):
+        if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
+            out, h_n, c_n = fused.FusedLayerNormLSTM.apply(x, initial[0], initial[1], *weights, mask, self.eps)
+            return out, [h_n, c_n]
+        hs, cs, out, _ = fused.layernorm_lstm_sequence(x, initial[0], initial[1], *weights, mask, False, self.eps)
+        return out, [hs[-1], cs[-1]]
 
 
 def _any_requires_grad(x: Tensor, initial: list[Tensor], weights) -> bool:
