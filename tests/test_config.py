@@ -31,7 +31,7 @@ def test_zaremba_small_is_the_published_configuration():
         (["model.tie_weights=maybe"], "model.tie_weights takes a bool"),
         (["model.cell=transformer"], "model.cell must be one of"),
         (["train.lr"], "--set takes section.key=value"),
-        (["model.tie_weights=true", "model.embedding_size=10"], "tie_weights needs embedding_size == hidden_size"),
+        (["model.hidden_dropout=1.0"], "model.hidden_dropout must be below 1"),
     ],
 )
 def test_bad_config_is_refused_with_the_key_named(sets, message):

@@ -194,3 +194,73 @@ def test_awd_regularizers_train_and_resume_exactly(tmp_path):
 
     model, _, _ = load_run(tmp_path / "whole")
     assert type(model.recurrent).__name__ == "WeightDrop"
+
+
+def test_anneal_factor_is_constant_then_linear_to_zero():
+    factor = train_mod.anneal_factor
+    assert [factor(0.25, p) for p in (0.0, 0.5, 0.75, 0.875, 1.0, 1.2)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+    assert factor(0.0, 0.99) == 1.0
+
+
+def test_anneal_lowers_the_lr_over_the_last_part_of_the_run(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    config = tiny_config(corpus, epochs=5, lr=2.0, anneal=0.5, max_steps=40, log_every=1)
+    train(config, tmp_path / "run", progress=False, log=quiet)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert len(lrs) == 40
+    assert lrs[:20] == [2.0] * 20  # steps 1..20 start at progress < 0.5
+    assert all(a > b for a, b in zip(lrs[20:], lrs[21:]))  # then falling every step
+    assert lrs[-1] == pytest.approx(2.0 * (1 - 39 / 40) / 0.5)
+
+
+def test_time_limit_ends_the_run_with_a_last_evaluation_and_the_test(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    config = tiny_config(corpus, epochs=50, time_limit=0.01)  # 0.6 s of a 50-epoch run
+    messages = []
+    result = train(config, tmp_path / "run", progress=False, log=messages.append)
+    records = read_metrics(tmp_path / "run")
+    assert any("time limit of 0.01 minutes reached" in m for m in messages)
+    assert result.epochs_done < 50 and not result.interrupted
+    assert records[-1]["split"] == "test" and records[-2]["split"] == "valid"
+    assert records[-2]["step"] == result.steps  # the last evaluation saw the last step
+    assert result.test_loss is not None
+
+
+def test_bfloat16_decoder_only_in_training(tmp_path):
+    from whiteboard import config as cfg
+    from whiteboard.model import LanguageModel
+
+    config = cfg.resolve(sets=["model.embedding_size=16", "model.hidden_size=16", "model.decoder_precision=bfloat16"])
+    model = LanguageModel(50, config.model)
+    hidden = torch.randn(4, 3, 16)
+    logits = model.decode(hidden)
+    exact = model.decoder(hidden)
+    assert logits.dtype == torch.float32
+    assert not torch.equal(logits, exact) and torch.allclose(logits, exact, atol=0.05)  # rounded to bfloat16
+    model.eval()
+    assert torch.equal(model.decode(hidden), exact)
+    corpus = write_corpus(tmp_path / "c.txt")
+    run_config = tiny_config(corpus, epochs=2)
+    run_config.model.decoder_precision = "bfloat16"
+    result = train(run_config, tmp_path / "run", progress=False, log=quiet)
+    assert result.best_valid_loss < math.log(len(WORDS_IN_CORPUS)) + 0.1  # it learned something
+
+
+WORDS_IN_CORPUS = set("the cat sat on a mat dog ran to park big small red blue house tree".split())
+
+
+def test_awd_ptb_preset_runs_a_few_steps(tmp_path):
+    """The full AWD-LSTM configuration (a GPU recipe), two steps on the CPU on a tiny corpus."""
+    from whiteboard import config as cfg
+
+    corpus = write_corpus(tmp_path / "c.txt", lines=400)
+    config = cfg.resolve("awd-ptb", sets=[f"data.corpus={corpus}", "train.device=cpu", "train.max_steps=2",
+                                          "train.eval_batch_size=2"])
+    result = train(config, tmp_path / "run", progress=False, log=quiet)
+    assert result.steps == 2
+    model, _, _ = load_run(tmp_path / "run")
+    sizes = [layer.layer.hidden_size for layer in model.recurrent.layers]
+    assert sizes == [1150, 1150, 400] and model.decoder.weight is model.embedding.weight
+    assert model.recurrent.dropout.p == 0.25 and model.input_dropout.p == 0.4 and model.dropout.p == 0.4
+    # AWD's "24 M parameters" at PTB's 10 k words: these 20.2 M in the LSTMs + the 4 M embedding.
+    assert sum(p.numel() for p in model.recurrent.parameters()) == 20_211_600

@@ -20,18 +20,25 @@ from .errors import UsageError
 
 @dataclass
 class ModelConfig:
-    cell: str = "lstm"  # lstm | gru | rnn
+    cell: str = "lstm"  # lstm | layernorm-lstm | gru | rnn
     embedding_size: int = 200
     hidden_size: int = 200
     num_layers: int = 2
-    dropout: float = 0.0  # on embeddings, between layers and before the decoder
-    tie_weights: bool = False  # needs embedding_size == hidden_size
+    dropout: float = 0.0  # before the decoder, and on embeddings / between layers unless set below
+    input_dropout: float = -1.0  # on the embeddings (AWD's dropouti); < 0 = same as dropout
+    hidden_dropout: float = -1.0  # between layers (AWD's dropouth); < 0 = same as dropout
+    # The decoder shares the embedding matrix (Press & Wolf 2017). If embedding_size differs
+    # from hidden_size, the last layer gets embedding_size units (AWD-LSTM's rule).
+    tie_weights: bool = False
     nonlinearity: str = "tanh"  # rnn only: tanh | relu | sigmoid
     init_range: float = 0.1  # all weights ~ U(-r, r) as in Zaremba et al.; 0 = torch.nn defaults
     # AWD-LSTM's regularizers (whiteboard.regularizers), each its own knob; 0 / false = off.
     variational: bool = False  # the embedding and output dropouts use one mask per sequence
     embedding_dropout: float = 0.0  # drop whole words from the embedding matrix
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
+    # "bfloat16": in training the decoder's matmul runs under bfloat16 autocast (fast on CPUs
+    # with AMX or AVX512-BF16, and on GPUs); evaluation and generation stay float32.
+    decoder_precision: str = "float32"
 
 
 @dataclass
@@ -68,7 +75,13 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at each evaluation
     eval_batch_size: int = 10
     log_every: int = 100  # steps between training-loss lines in metrics.jsonl
-    max_steps: int = 0  # >0: stop after this many steps (smoke runs)
+    max_steps: int = 0  # >0: stop after this many steps
+    # >0: end the run after this many minutes of wall time (training and evaluation, summed
+    # over resumes); it then ends like a finished run: a last evaluation, then the test split.
+    time_limit: float = 0.0
+    # >0: over this last fraction of the run (by time_limit, else max_steps, else epochs) the
+    # lr falls linearly to 0: a constant lr, then a cooldown (Hägele et al. 2024, "WSD").
+    anneal: float = 0.0
     ar_alpha: float = 0.0  # activation regularization on the last layer's dropped output
     tar_beta: float = 0.0  # temporal activation regularization on its raw output
     nonmono: int = 5  # ntasgd: switch to averaged SGD when validation is worse than the best of all but the last N
@@ -91,8 +104,9 @@ class RunConfig:
 
 
 CHOICES = {
-    ("model", "cell"): ("lstm", "gru", "rnn"),
+    ("model", "cell"): ("lstm", "layernorm-lstm", "gru", "rnn"),
     ("model", "nonlinearity"): ("tanh", "relu", "sigmoid"),
+    ("model", "decoder_precision"): ("float32", "bfloat16"),
     ("data", "level"): ("", "word", "char"),
     ("train", "optimizer"): ("sgd", "adam", "adamw", "ntasgd"),
     ("train", "loss_per"): ("token", "sequence"),
@@ -198,18 +212,21 @@ def validate(config: RunConfig) -> None:
     for name in ("embedding_size", "hidden_size", "num_layers"):
         if getattr(m, name) <= 0:
             raise UsageError(f"model.{name} must be positive, got {getattr(m, name)}")
-    if m.tie_weights and m.embedding_size != m.hidden_size:
-        raise UsageError(
-            f"model.tie_weights needs embedding_size == hidden_size, got {m.embedding_size} and {m.hidden_size}"
-        )
     for name in ("dropout", "embedding_dropout", "weight_drop"):
         if not 0 <= getattr(m, name) < 1:
             raise UsageError(f"model.{name} must be in [0, 1), got {getattr(m, name)}")
+    for name in ("input_dropout", "hidden_dropout"):
+        if not getattr(m, name) < 1:
+            raise UsageError(f"model.{name} must be below 1 (negative = same as model.dropout), got {getattr(m, name)}")
     for name in ("epochs", "batch_size", "bptt", "eval_batch_size"):
         if getattr(t, name) <= 0:
             raise UsageError(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.lr <= 0:
         raise UsageError(f"train.lr must be positive, got {t.lr}")
+    if t.time_limit < 0:
+        raise UsageError(f"train.time_limit must be >= 0 minutes, got {t.time_limit}")
+    if not 0 <= t.anneal <= 1:
+        raise UsageError(f"train.anneal must be a fraction in [0, 1], got {t.anneal}")
 
 
 def from_json(data: dict) -> RunConfig:

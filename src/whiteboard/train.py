@@ -141,6 +141,13 @@ def _make_optimizer(model: nn.Module, config: RunConfig, averaged: bool = False)
     return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
+def anneal_factor(anneal: float, progress: float) -> float:
+    """1 until the last ``anneal`` fraction of the run, then linearly down to 0 at its end."""
+    if anneal <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (1.0 - progress) / anneal))
+
+
 def _scheduled_lr(config: RunConfig, epoch: int, plateau_factor: float) -> float:
     """Zaremba et al.: constant, then multiplied by lr_decay each epoch after decay_start."""
     t = config.train
@@ -241,7 +248,7 @@ def train(
     metrics = _Metrics(run_dir / "metrics.jsonl")
     counters = {"epoch": 1, "position": 0, "step": 0, "best_valid": math.inf, "bad_evals": 0, "plateau": 1.0,
                 "log_loss": 0.0, "log_tokens": 0, "train_tokens": 0, "train_seconds": 0.0, "asgd": False,
-                "valid_history": []}
+                "valid_history": [], "wall_seconds": 0.0}
     hidden = None
     if resume:
         counters = checkpoint.read_training_counters(run_dir)
@@ -258,12 +265,32 @@ def train(
     train_streams = batchify(data.ids["train"], t.batch_size).to(device)
     windows_per_epoch = math.ceil((train_streams.shape[0] - 1) / t.bptt)
     loss_fn = nn.CrossEntropyLoss()
+    session_started = time.monotonic()
+    wall_before = counters.get("wall_seconds", 0.0)
+
+    def wall_seconds() -> float:
+        return wall_before + time.monotonic() - session_started
+
+    def time_is_up() -> bool:
+        return t.time_limit > 0 and wall_seconds() >= t.time_limit * 60
+
+    def progress() -> float:
+        """How far through the run we are, in [0, 1], for the anneal schedule."""
+        if t.time_limit > 0:
+            return wall_seconds() / (t.time_limit * 60)
+        if t.max_steps:
+            return counters["step"] / t.max_steps
+        return (counters["epoch"] - 1 + counters["position"] / max(1, train_streams.shape[0] - 1)) / t.epochs
 
     def save(final_hidden) -> None:
+        counters["wall_seconds"] = wall_seconds()
         checkpoint.save_training_state(run_dir, model, optimizer, counters, final_hidden, data_generator)
 
+    evaluated_at = -1
+
     def run_evaluation() -> None:
-        nonlocal optimizer
+        nonlocal optimizer, evaluated_at
+        evaluated_at = counters["step"]
         with _AveragedWeights(model, optimizer):
             valid_loss = evaluate(model, data.ids["valid"], t.eval_batch_size, t.bptt, device)
             improved = valid_loss < counters["best_valid"]
@@ -294,11 +321,10 @@ def train(
 
     interrupted = False
     stop_early = False
+    time_up = False
     with _StopFlag() as stop:
         while counters["epoch"] <= t.epochs and not stop_early:
-            lr = _scheduled_lr(config, counters["epoch"], counters["plateau"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            epoch_lr = _scheduled_lr(config, counters["epoch"], counters["plateau"])
             model.train()
             if counters["position"] == 0 or hidden is None:
                 hidden = model.init_state(t.batch_size)
@@ -307,6 +333,7 @@ def train(
                        unit="win", dynamic_ncols=True)
             for window in windows(train_streams, t.bptt, counters["position"], data_generator, t.variable_bptt):
                 started = time.perf_counter()
+                lr = epoch_lr * anneal_factor(t.anneal, progress())
                 hidden = detach_state(hidden)
                 logits, hidden, raw_output, dropped_output = model.forward_with_outputs(window.inputs, hidden)
                 loss = loss_fn(logits.flatten(0, 1), window.targets.flatten())
@@ -328,13 +355,11 @@ def train(
                     nn.utils.clip_grad_norm_(model.parameters(), t.clip)
                 # AWD-LSTM: a shorter window gets a proportionally smaller step.
                 scale = window.inputs.shape[0] / t.bptt if t.variable_bptt else 1.0
-                if scale != 1.0:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * scale
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * scale
                 optimizer.step()
-                if scale != 1.0:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 tokens = window.targets.numel()
                 counters["step"] += 1
                 counters["position"] = window.start + window.inputs.shape[0]
@@ -359,11 +384,16 @@ def train(
                     log(f"no improvement in {t.early_stop} evaluations: stopping early")
                     stop_early = True
                     break
-                if stop.requested or (t.max_steps and counters["step"] >= t.max_steps):
+                time_up = time_is_up()
+                if stop.requested or (t.max_steps and counters["step"] >= t.max_steps) or time_up:
                     interrupted = stop.requested
                     break
             bar.close()
-            if stop.requested or (t.max_steps and counters["step"] >= t.max_steps) or stop_early:
+            if time_up and not interrupted:
+                log(f"time limit of {t.time_limit:g} minutes reached at step {counters['step']}")
+                if evaluated_at != counters["step"]:
+                    run_evaluation()
+            if stop.requested or (t.max_steps and counters["step"] >= t.max_steps) or stop_early or time_up:
                 save(hidden)
                 break
             if not t.eval_every:
@@ -375,7 +405,8 @@ def train(
                 log(f"no improvement in {t.early_stop} evaluations: stopping early")
                 break
 
-    finished = not interrupted and not (t.max_steps and counters["step"] >= t.max_steps and counters["epoch"] <= t.epochs)
+    stopped_by_steps = t.max_steps and counters["step"] >= t.max_steps and counters["epoch"] <= t.epochs
+    finished = not interrupted and (time_up or not stopped_by_steps)
     if not (run_dir / "model.safetensors").exists():
         # Stopped before the first evaluation: still leave a usable model (not logged as a
         # validation result, so a resumed run's metrics equal an uninterrupted run's).
