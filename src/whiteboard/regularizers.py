@@ -56,10 +56,13 @@ class EmbeddingDropout(nn.Module):
 
     def forward(self, embedding: nn.Embedding, tokens: Tensor) -> Tensor:
         weight = embedding.weight
-        if self.training and self.p > 0:
-            mask = weight.new_empty((weight.shape[0], 1)).bernoulli_(1 - self.p) / (1 - self.p)  # (V, 1)
-            weight = weight * mask
-        return nn.functional.embedding(tokens, weight, embedding.padding_idx)
+        looked_up = nn.functional.embedding(tokens, weight, embedding.padding_idx)  # (..., E)
+        if not self.training or self.p == 0:
+            return looked_up
+        mask = weight.new_empty((weight.shape[0], 1)).bernoulli_(1 - self.p) / (1 - self.p)  # (V, 1)
+        # Scaling the looked-up rows equals looking up in the scaled matrix, without writing
+        # (and back-propagating through) a V x E copy of it at every step.
+        return looked_up * nn.functional.embedding(tokens, mask)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
