@@ -193,3 +193,42 @@ def test_the_pip_installed_ninja_is_found_without_an_activated_environment(monke
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     native._put_scripts_on_path()
     assert __import__("os").environ["PATH"].split(":")[0] == sysconfig.get_path("scripts")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("lengths", [None, [T, 2]], ids=["full", "lengths"])
+def test_packed_weight_gemms_match_plain_ones(mode, lengths, monkeypatch):
+    """float32 per-step GEMMs go through oneDNN's packed weights; they must give what MKL's
+    plain sgemm gives, forward and backward, and be used for both directions of the sweep."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    layer, reference = make_pair(mode, I, H, dtype=torch.float32, implementation="native", num_layers=2)
+    x = torch.randn(T, B, I)
+    monkeypatch.setattr(native, "packed_gemm_min_macs", 0)  # tiny sizes here: pack anyway
+    results = {}
+    for packed in (True, False):
+        monkeypatch.setattr(native, "packed_gemm", packed)
+        calls = []
+        original = native.packed_weight
+        monkeypatch.setattr(native, "packed_weight", lambda w, b: calls.append(tuple(w.shape)) or original(w, b))
+        x_in = x.clone().requires_grad_()
+        output, state = layer(x_in, lengths=None if lengths is None else torch.tensor(lengths))
+        grads = torch.autograd.grad(loss_of(output, state), [x_in, *layer.parameters()])
+        results[packed] = (output, state_tensors(state), grads)
+        monkeypatch.setattr(native, "packed_weight", original)
+        if packed:
+            G = {"lstm": 4, "gru": 3}.get(mode, 1)
+            # 2 layers, each packing W_hh for the forward and W_hhᵀ for the backward sweep
+            assert sorted(calls) == sorted([(G * H, H), (H, G * H)] * 2)
+    (out_p, states_p, grads_p), (out_m, states_m, grads_m) = results[True], results[False]
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out_p, out_m, **tol)
+    for a, b in zip(states_p + list(grads_p), states_m + list(grads_m)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_small_per_step_gemms_are_not_packed():
+    assert native.packed_weight(torch.randn(800, 200), 20) is None  # 3.2 M multiply-adds per step
+    if torch.backends.mkldnn.is_available():
+        assert native.packed_weight(torch.randn(2048, 512), 64) is not None  # 67 M
+    assert native.packed_weight(torch.randn(2048, 512, dtype=torch.float64), 64) is None

@@ -13,7 +13,8 @@ and saves what the backward needs, and whose backward is the reverse sweep writt
 
 Why it is laid out like this (measured on 2 CPU cores with torch 2.13):
 - ``W_hhᵀ`` is copied to a contiguous tensor once per call: small GEMMs against a
-  transposed view were 3-4x slower.
+  transposed view were 3-4x slower. The compiled loops instead take ``W_hh`` packed by
+  oneDNN once per call for float32 (:func:`whiteboard.native.packed_weight`).
 - Everything that does not depend on the reverse recurrence (the K factors) is computed
   in a few large ops before the loop, so the loop holds ~5 small ops per step.
 - Weight gradients are single GEMMs over all T·B rows rather than T small ones.
@@ -98,6 +99,20 @@ def finite_or_none(native, *tensors: Tensor | None):
     return None if bool(torch.isnan(sums).any()) else native
 
 
+def _packed(weight: Tensor, batch: int) -> Tensor | None:
+    """The weight packed for the compiled loop's per-step GEMM, or None (plain sgemm)."""
+    from . import native
+
+    return native.packed_weight(weight, batch)
+
+
+def _step_weights(w_hh: Tensor, batch: int, native) -> tuple[Tensor, Tensor | None]:
+    """(W_hhᵀ as a contiguous copy, None), or for the compiled loop where oneDNN can pack
+    it (W_hh itself, unused, and W_hh packed): what the per-step GEMM h @ W_hhᵀ runs on."""
+    packed = _packed(w_hh, batch) if native is not None else None
+    return (w_hh.contiguous() if packed is not None else w_hh.t().contiguous()), packed
+
+
 def _native_mask(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else mask.squeeze(-1).contiguous()  # (T, B) bool
 
@@ -111,11 +126,11 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
     T, B, _ = x.shape
     phi = _RNN_ACTIVATIONS[nonlinearity]
     xw = _input_projection(x, w_ih, _sum_bias(b_ih, b_hh))  # (T, B, H)
-    w_hh_t = w_hh.t().contiguous()  # (H, H); see module docstring
+    w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, H); see module docstring
     hs = x.new_empty((T + 1,) + h0.shape)  # (T+1, B, H)
     hs[0] = h0
     if native is not None:
-        native.rnn_forward(xw, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask))
+        native.rnn_forward(xw, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed)
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
     for t in range(T):
         a = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, H)
@@ -147,7 +162,9 @@ class FusedRNN(torch.autograd.Function):
         d_out = torch.zeros_like(hs[1:]) if d_out is None else d_out.contiguous()
         if ctx.native is not None:
             dz = torch.empty_like(d_out)  # (T, B, H)
-            ctx.native.rnn_backward(d_out, hs, w_hh.contiguous(), dh, dz, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask))
+            w_hh = w_hh.contiguous()
+            ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask),
+                                    _packed(w_hh.t(), dh.shape[0]))
             return _rnn_grads(ctx, dz, dh, x, w_ih, hs)
         deriv = _rnn_derivative(hs[1:], ctx.nonlinearity)  # (T, B, H)
         dz = torch.empty_like(deriv)  # (T, B, H)
@@ -179,15 +196,16 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
     T, B, _ = x.shape
     H = h0.shape[-1]
     xw = _input_projection(x, w_ih, _sum_bias(b_ih, b_hh))  # (T, B, 4H)
-    w_hh_t = w_hh.t().contiguous()  # (H, 4H); see module docstring
     hs = x.new_empty((T + 1, B, H))
     cs = x.new_empty((T + 1, B, H))
     hs[0] = h0
     cs[0] = c0
     gates = x.new_empty((T, B, 4 * H)) if keep_gates else x.new_empty((1, B, 4 * H))
     if native is not None:
-        native.lstm_forward(xw, w_hh_t, hs, cs, gates, _native_mask(mask))
+        w_hh_t, packed = _step_weights(w_hh, B, native)
+        native.lstm_forward(xw, w_hh_t, hs, cs, gates, _native_mask(mask), packed)
         return hs, cs, (gates if keep_gates else None), (hs[1:] if mask is None else hs[1:] * mask)
+    w_hh_t = w_hh.t().contiguous()  # (H, 4H); see module docstring
     for t in range(T):
         z = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, 4H) pre-activations
         a = gates[t if keep_gates else 0]  # (B, 4H)
@@ -231,7 +249,9 @@ class FusedLSTM(torch.autograd.Function):
             dc = torch.zeros_like(cs[0]) if d_cn is None else d_cn.contiguous().clone()
             d_out = torch.zeros_like(hs[1:]) if d_out is None else d_out.contiguous()
             dz = torch.empty_like(gates)  # (T, B, 4H)
-            ctx.native.lstm_backward(d_out, gates, cs, w_hh.contiguous(), dh, dc, dz, _native_mask(mask))
+            w_hh = w_hh.contiguous()
+            packed_t = _packed(w_hh.t(), B)  # dh_{t-1} = dZ_t W_hh = linear(dZ_t, W_hhᵀ)
+            ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, _native_mask(mask), packed_t)
             return _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs)
         i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
         tanh_c = torch.tanh(cs[1:])  # (T, B, H)
@@ -284,7 +304,7 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     T, B, _ = x.shape
     H = h0.shape[-1]
     xw = _input_projection(x, w_ih, b_ih)  # (T, B, 3H)
-    w_hh_t = w_hh.t().contiguous()  # (H, 3H)
+    w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, 3H)
     hs = x.new_empty((T + 1, B, H))
     hs[0] = h0
     steps = T if keep else 1
@@ -292,7 +312,7 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     n = x.new_empty((steps, B, H))
     hn = x.new_empty((steps, B, H))
     if native is not None:
-        native.gru_forward(xw, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask))
+        native.gru_forward(xw, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask), packed)
         out = hs[1:] if mask is None else hs[1:] * mask
         return (hs, rz, n, hn, out) if keep else (hs, None, None, None, out)
     for t in range(T):
@@ -333,7 +353,8 @@ class FusedGRU(torch.autograd.Function):
             d_out = torch.zeros_like(n) if d_out is None else d_out.contiguous()
             dz_x = x.new_empty((T, B, 3 * H))
             dz_h = x.new_empty((T, B, 3 * H))
-            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh.contiguous(), dh, dz_x, dz_h, _native_mask(mask))
+            w_hh = w_hh.contiguous()
+            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dz_h, _native_mask(mask), _packed(w_hh.t(), B))
             return _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs)
         r, z = rz.chunk(2, dim=2)  # 2 x (T, B, H)
         k_n = (1 - z) * (1 - n * n)  # ∂h/∂(n pre-activation)

@@ -99,6 +99,34 @@ def _put_scripts_on_path() -> None:
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
 
+#: Per-step GEMMs against a weight oneDNN packed once per call (see recurrent.cpp's
+#: step_gemm); ``WHITEBOARD_PACKED_GEMM=0`` (or setting this False) uses MKL's plain sgemm.
+packed_gemm = os.environ.get("WHITEBOARD_PACKED_GEMM", "1") != "0"
+#: Below this many multiply-adds per step the packed call's fixed cost (a oneDNN primitive
+#: lookup and a fresh output per step) outweighs its faster kernel. Measured on the 2-core
+#: AVX-512/AMX Xeon (benchmarks/README.md): packed loses at B x N x K = 2-8 M (configs (a)
+#: and the RNN at (b)) and wins from about 25 M (LSTM/GRU at (b), (c), (d)).
+packed_gemm_min_macs = 20_000_000
+
+
+def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """``weight`` (N, K) in oneDNN's blocked layout for per-step ``y = x @ weight.T`` with
+    ``batch`` rows, or None where that path is off, unavailable (float64 included) or too
+    small to pay."""
+    global packed_gemm
+    if not packed_gemm or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    if batch * weight.shape[0] * weight.shape[1] < packed_gemm_min_macs:
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch)
+    except (RuntimeError, AttributeError) as exc:  # an older torch, or a CPU oneDNN will not pack for
+        packed_gemm = False
+        warnings.warn(f"whiteboard: oneDNN weight packing is unavailable ({exc}); using plain GEMMs",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
 def usable_for(tensor: torch.Tensor) -> bool:
     """Compiled loops cover CPU float32/float64; anything else takes the torch path."""
     return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and load() is not None

@@ -22,6 +22,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <cstdint>
@@ -116,17 +117,41 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask) {
   return mask->data_ptr<bool>();
 }
 
+// The per-step GEMM y = x W^T. With a weight that oneDNN has packed once per call
+// (torch.ops.mkldnn._reorder_linear_weight, done in whiteboard/native.py), it goes through
+// mkldnn::_linear_pointwise, the blocked-weight GEMM torch's inductor uses on CPU: at
+// batch-sized M it beats an MKL sgemm against the plain weight. Otherwise at::mm_out into
+// `out`. Either way the returned tensor holds y.
+using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                   std::optional<c10::string_view>);
+
+at::Tensor step_gemm(const at::Tensor& x, const at::Tensor& plain_t, const c10::optional<at::Tensor>& packed,
+                     at::Tensor& out) {
+  if (packed.has_value()) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                               .typed<LinearPointwise>();
+    return op.call(x, *packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  at::mm_out(out, x, plain_t);
+  return out;
+}
+
 // ------------------------------------------------------------------ LSTM
 
 template <typename T>
 void lstm_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor& hs, at::Tensor& cs,
-                       at::Tensor& gates, const c10::optional<at::Tensor>& mask) {
+                       at::Tensor& gates, const c10::optional<at::Tensor>& mask,
+                       const c10::optional<at::Tensor>& packed) {
   const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
   const bool keep = gates.size(0) == steps;
   const bool* m = mask_ptr(mask);
   for (int64_t t = 0; t < steps; ++t) {
-    at::Tensor z = gates[keep ? t : 0];  // (B, 4H): h W_hh^T, then the activations
-    at::mm_out(z, hs[t], w_hh_t);         // XW_t is added in the pass below: no extra copy
+    at::Tensor z = gates[keep ? t : 0];  // (B, 4H): the activations
+    // h W_hh^T (written into z itself unless packed); XW_t is added in the pass below.
+    const at::Tensor hw = step_gemm(hs[t], w_hh_t, packed, z);
+    const T* yp = hw.data_ptr<T>();
     T* zp = z.data_ptr<T>();
     const T* xp = xw[t].data_ptr<T>();
     const T* c_prev = cs[t].data_ptr<T>();
@@ -141,16 +166,17 @@ void lstm_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tenso
         return;
       }
       T* zb = zp + b * 4 * H;
+      const T* yb = yp + b * 4 * H;
       const T* xb = xp + b * 4 * H;
       const T* cp = c_prev + b * H;
       T* cn = c_next + b * H;
       T* hn = h_next + b * H;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
-        T i = sigmoid(zb[j] + xb[j]);
-        T f = sigmoid(zb[H + j] + xb[H + j]);
-        T g = tanh_(zb[2 * H + j] + xb[2 * H + j]);
-        T o = sigmoid(zb[3 * H + j] + xb[3 * H + j]);
+        T i = sigmoid(yb[j] + xb[j]);
+        T f = sigmoid(yb[H + j] + xb[H + j]);
+        T g = tanh_(yb[2 * H + j] + xb[2 * H + j]);
+        T o = sigmoid(yb[3 * H + j] + xb[3 * H + j]);
         zb[j] = i;
         zb[H + j] = f;
         zb[2 * H + j] = g;
@@ -165,7 +191,8 @@ void lstm_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tenso
 
 template <typename T>
 void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
-                        at::Tensor& dh, at::Tensor& dc, at::Tensor& dz, const c10::optional<at::Tensor>& mask) {
+                        at::Tensor& dh, at::Tensor& dc, at::Tensor& dz, const c10::optional<at::Tensor>& mask,
+                        const c10::optional<at::Tensor>& packed_t) {
   const int64_t steps = gates.size(0), B = gates.size(1), H = dh.size(1);
   const bool* m = mask_ptr(mask);
   at::Tensor dh_prev = at::empty_like(dh);
@@ -197,8 +224,8 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
         dcp[k] = alive != T(0) ? flush(dc_t * f) : dcp[k];
       }
     });
-    at::mm_out(dh_prev, dz[t], w_hh);  // (B, 4H) x (4H, H)
-    take_alive_rows<T>(dh, dh_prev, mt);
+    // (B, 4H) x (4H, H); packed_t is W_hh^T packed as a linear weight.
+    take_alive_rows<T>(dh, step_gemm(dz[t], w_hh, packed_t, dh_prev), mt);
   }
 }
 
@@ -207,7 +234,7 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
 template <typename T>
 void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10::optional<at::Tensor>& b_hh,
                       at::Tensor& hs, at::Tensor& rz, at::Tensor& n, at::Tensor& hn,
-                      const c10::optional<at::Tensor>& mask) {
+                      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
   const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
   const bool keep = n.size(0) == steps;
   const bool* m = mask_ptr(mask);
@@ -215,10 +242,11 @@ void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10:
   at::Tensor bias = b_hh.has_value() ? b_hh->contiguous() : at::zeros({3 * H}, xw.options());
   const T* bh = bias.data_ptr<T>();
   for (int64_t t = 0; t < steps; ++t) {
-    at::mm_out(hw, hs[t], w_hh_t);  // b_hh is added in the pass below: no extra copy
+    // b_hh is added in the pass below: no extra copy.
+    const at::Tensor y = step_gemm(hs[t], w_hh_t, packed, hw);
     const int64_t s = keep ? t : 0;
     const T* x = xw[t].data_ptr<T>();
-    const T* hwp = hw.data_ptr<T>();
+    const T* hwp = y.data_ptr<T>();
     const T* h_prev = hs[t].data_ptr<T>();
     T* h_next = hs[t + 1].data_ptr<T>();
     T* rzp = rz[s].data_ptr<T>();
@@ -259,7 +287,8 @@ void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10:
 template <typename T>
 void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
                        const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dz_x,
-                       at::Tensor& dz_h, const c10::optional<at::Tensor>& mask) {
+                       at::Tensor& dz_h, const c10::optional<at::Tensor>& mask,
+                       const c10::optional<at::Tensor>& packed_t) {
   const int64_t steps = n.size(0), B = n.size(1), H = n.size(2);
   const bool* m = mask_ptr(mask);
   at::Tensor direct = at::empty_like(dh);
@@ -297,8 +326,13 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
         dir[k] = flush(dh_t * z);
       }
     });
-    at::addmm_out(dh_prev, direct, dz_h[t], w_hh);  // dh z + dZ_h W_hh
-    take_alive_rows<T>(dh, dh_prev, mt);
+    if (packed_t.has_value()) {
+      at::Tensor y = step_gemm(dz_h[t], w_hh, packed_t, dh_prev);
+      take_alive_rows<T>(dh, y.add_(direct), mt);
+    } else {
+      at::addmm_out(dh_prev, direct, dz_h[t], w_hh);  // dh z + dZ_h W_hh
+      take_alive_rows<T>(dh, dh_prev, mt);
+    }
   }
 }
 
@@ -313,13 +347,15 @@ inline T derivative_from_output(T h, int64_t kind) {
 
 template <typename T>
 void rnn_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor& hs, int64_t kind,
-                      const c10::optional<at::Tensor>& mask) {
+                      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
   const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
   const bool* m = mask_ptr(mask);
   at::Tensor a = at::empty({B, H}, xw.options());
   for (int64_t t = 0; t < steps; ++t) {
-    at::mm_out(a, hs[t], w_hh_t);  // XW_t is added in the pass below: no extra copy
-    const T* ap = a.data_ptr<T>();
+    // XW_t is added in the pass below: no extra copy. (Keep the tensor: when packed it is
+    // a fresh one, and a pointer into a temporary would dangle.)
+    const at::Tensor y = step_gemm(hs[t], w_hh_t, packed, a);
+    const T* ap = y.data_ptr<T>();
     const T* xp = xw[t].data_ptr<T>();
     const T* h_prev = hs[t].data_ptr<T>();
     T* h_next = hs[t + 1].data_ptr<T>();
@@ -348,7 +384,8 @@ void rnn_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor
 
 template <typename T>
 void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor& dh,
-                       at::Tensor& dz, int64_t kind, const c10::optional<at::Tensor>& mask) {
+                       at::Tensor& dz, int64_t kind, const c10::optional<at::Tensor>& mask,
+                       const c10::optional<at::Tensor>& packed_t) {
   const int64_t steps = d_out.size(0), B = d_out.size(1), H = d_out.size(2);
   const bool* m = mask_ptr(mask);
   at::Tensor dh_prev = at::empty_like(dh);
@@ -366,8 +403,7 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
         dzt[k] = flush((go[k] + dhp[k]) * alive * derivative_from_output(h[k], kind));
       }
     });
-    at::mm_out(dh_prev, dz[t], w_hh);
-    take_alive_rows<T>(dh, dh_prev, mt);
+    take_alive_rows<T>(dh, step_gemm(dz[t], w_hh, packed_t, dh_prev), mt);
   }
 }
 
@@ -387,40 +423,42 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
   } while (0)
 
 void lstm_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor hs, at::Tensor cs, at::Tensor gates,
-                  const c10::optional<at::Tensor>& mask) {
+                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &cs, &gates}) check(*t, "lstm_forward argument");
-  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t>(xw, w_hh_t, hs, cs, gates, mask));
+  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t>(xw, w_hh_t, hs, cs, gates, mask, packed));
 }
 
 void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
-                   at::Tensor dh, at::Tensor dc, at::Tensor dz, const c10::optional<at::Tensor>& mask) {
+                   at::Tensor dh, at::Tensor dc, at::Tensor dz, const c10::optional<at::Tensor>& mask,
+                   const c10::optional<at::Tensor>& packed_t) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &gates, &cs, &w_hh, &dh, &dc, &dz}) check(*t, "lstm_backward argument");
-  WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, mask));
+  WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, mask, packed_t));
 }
 
 void gru_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10::optional<at::Tensor>& b_hh, at::Tensor hs,
-                 at::Tensor rz, at::Tensor n, at::Tensor hn, const c10::optional<at::Tensor>& mask) {
+                 at::Tensor rz, at::Tensor n, at::Tensor hn, const c10::optional<at::Tensor>& mask,
+                 const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &rz, &n, &hn}) check(*t, "gru_forward argument");
-  WB_DISPATCH(xw, "gru_forward", gru_forward_impl<scalar_t>(xw, w_hh_t, b_hh, hs, rz, n, hn, mask));
+  WB_DISPATCH(xw, "gru_forward", gru_forward_impl<scalar_t>(xw, w_hh_t, b_hh, hs, rz, n, hn, mask, packed));
 }
 
 void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
                   const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz_x, at::Tensor dz_h,
-                  const c10::optional<at::Tensor>& mask) {
+                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed_t) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &rz, &n, &hn, &w_hh, &dh, &dz_x, &dz_h}) check(*t, "gru_backward argument");
-  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dz_h, mask));
+  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dz_h, mask, packed_t));
 }
 
 void rnn_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor hs, int64_t kind,
-                 const c10::optional<at::Tensor>& mask) {
+                 const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs}) check(*t, "rnn_forward argument");
-  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t>(xw, w_hh_t, hs, kind, mask));
+  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t>(xw, w_hh_t, hs, kind, mask, packed));
 }
 
 void rnn_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz,
-                  int64_t kind, const c10::optional<at::Tensor>& mask) {
+                  int64_t kind, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed_t) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &w_hh, &dh, &dz}) check(*t, "rnn_backward argument");
-  WB_DISPATCH(hs, "rnn_backward", rnn_backward_impl<scalar_t>(d_out, hs, w_hh, dh, dz, kind, mask));
+  WB_DISPATCH(hs, "rnn_backward", rnn_backward_impl<scalar_t>(d_out, hs, w_hh, dh, dz, kind, mask, packed_t));
 }
 
 }  // namespace
