@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (its python3 already holds torch, pytest, tqdm, safetensors):
-# the CUDA parity tests, a CUDA training smoke run, and the CUDA speed table.
+# the CUDA parity tests, a CUDA training smoke run, 30 steps of the awd-ptb GPU recipe (on a
+# synthetic corpus: the shared corpora do not travel), and the CUDA speed table.
 # Usage there: bash benchmarks/gpu_check.sh [--bench]
 set -x
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -13,4 +14,6 @@ w = "the cat sat on a mat dog ran to park big small red blue house tree".split()
 open("/tmp/c.txt", "w").write("\n".join(" ".join(random.choice(w) for _ in range(8)) for _ in range(400)) + "\n")
 PY
 timeout 120 python3 -m whiteboard train /tmp/c.txt --run-dir /tmp/run --set train.device=cuda --set train.epochs=2 --set model.hidden_size=32 --set model.embedding_size=32 --quiet 2>&1 | tail -3
+timeout 200 python3 -m whiteboard train /tmp/c.txt --preset awd-ptb --run-dir /tmp/awd --set train.max_steps=30 --set train.log_every=10 --quiet 2>&1 | tail -3
+grep train /tmp/awd/metrics.jsonl | tail -1
 if [ "${1:-}" = "--bench" ]; then timeout 300 python3 benchmarks/recurrent_speed.py --device cuda --rounds 7 --repeats 5; fi
