@@ -232,3 +232,27 @@ def test_small_per_step_gemms_are_not_packed():
     if torch.backends.mkldnn.is_available():
         assert native.packed_weight(torch.randn(2048, 512), 64) is not None  # 67 M
     assert native.packed_weight(torch.randn(2048, 512, dtype=torch.float64), 64) is None
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_reused_workspaces_do_not_leak_between_calls(mode, monkeypatch):
+    """Big temporaries are reused across calls; with every buffer reused (threshold 0),
+    two layers run forward, forward, backward, backward must still match torch.nn."""
+    monkeypatch.setattr(fused, "_WORKSPACE_MIN_BYTES", 0)
+    monkeypatch.setattr(fused, "_workspaces", __import__("threading").local())
+    pairs = [make_pair(mode, I, H, dtype=torch.float64, implementation="native", num_layers=2) for _ in range(2)]
+    inputs = [torch.randn(T, B, I, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    ours = [layer(x) for (layer, _), x in zip(pairs, inputs)]
+    theirs = [reference(x) for (_, reference), x in zip(pairs, inputs)]
+    for (output, state), (ref_output, ref_state), x in zip(ours, theirs, inputs):
+        torch.testing.assert_close(output, ref_output)
+        grad = torch.autograd.grad(loss_of(output, state), x)[0]
+        ref_grad = torch.autograd.grad(loss_of(ref_output, ref_state), x)[0]
+        torch.testing.assert_close(grad, ref_grad)
+    assert fused._workspaces.buffers  # the buffers were indeed shared
+
+
+def test_small_temporaries_are_not_kept():
+    like = torch.empty(1)
+    assert fused._workspace("test", (10, 10), like).shape == (10, 10)
+    assert "test" not in {name for name, _ in getattr(fused._workspaces, "buffers", {})}
