@@ -89,6 +89,16 @@ def test_zoneout_eval_uses_the_expectation():
         torch.testing.assert_close(out[t], h)
 
 
+def test_zoneout_identity_eval_mode_is_the_plain_layer():
+    layer = whiteboard.LSTM(I, H).double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    zoned = Zoneout(layer, 0.5, eval_mode="identity")
+    torch.testing.assert_close(zoned.eval()(x)[0], layer(x)[0])
+    assert not torch.allclose(zoned.train()(x)[0], layer(x)[0])  # still zoneout in training
+    with pytest.raises(ValueError, match="eval_mode"):
+        Zoneout(layer, 0.5, eval_mode="sometimes")
+
+
 def test_zoneout_training_keeps_some_units():
     layer = whiteboard.LSTM(I, H)
     torch.manual_seed(0)

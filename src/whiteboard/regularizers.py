@@ -112,24 +112,35 @@ class WeightDrop(nn.Module):
 
 class Zoneout(nn.Module):
     """Zoneout on a whiteboard layer's states: per unit and step, keep the previous value
-    with probability ``p`` (``p_cell`` for an LSTM's cell state; defaults to ``p``)."""
+    with probability ``p`` (``p_cell`` for an LSTM's cell state; defaults to ``p``).
 
-    def __init__(self, layer: _RecurrentBase, p: float, p_cell: float | None = None):
+    In evaluation, ``eval_mode="expectation"`` (the default, Krueger et al. 2016, section 3:
+    "as in dropout, we use the expectation of the random noise at test time") mixes
+    ``p * previous + (1 - p) * new``; ``eval_mode="identity"`` runs the plain layer, like
+    every other regularizer here in eval mode.
+    """
+
+    EVAL_MODES = ("expectation", "identity")
+
+    def __init__(self, layer: _RecurrentBase, p: float, p_cell: float | None = None, eval_mode: str = "expectation"):
         super().__init__()
         for value in (p, p if p_cell is None else p_cell):
             if not 0 <= value <= 1:
                 raise ValueError(f"Zoneout: probabilities must be in [0, 1], got {value}")
+        if eval_mode not in self.EVAL_MODES:
+            raise ValueError(f"Zoneout: eval_mode must be one of {self.EVAL_MODES}, got {eval_mode!r}")
         self.layer = layer
         self.p = p
         self.p_cell = p if p_cell is None else p_cell
+        self.eval_mode = eval_mode
 
     def forward(self, *args, **kwargs):
-        if self.p == 0 and self.p_cell == 0:
+        if (self.p == 0 and self.p_cell == 0) or (not self.training and self.eval_mode == "identity"):
             return self.layer(*args, **kwargs)
         return _call_with(self.layer, "_zoneout", (self.p, self.p_cell, self.training), args, kwargs)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, p_cell={self.p_cell}"
+        return f"p={self.p}, p_cell={self.p_cell}, eval_mode={self.eval_mode!r}"
 
 
 def zoneout_mix(new: Tensor, old: Tensor, p: float, training: bool) -> Tensor:
