@@ -51,7 +51,9 @@ __all__ = [
 # fresh pages, so such a temporary costs its page faults on every call: 12.5 ms per 52 MB
 # here, 15 % of an LSTM (c) inference. The compiled path's big temporaries (the input
 # projection and the backward's dZ, neither saved nor returned) are therefore reused
-# across calls, per thread; what is saved for backward or returned is always fresh.
+# across calls, per thread; what is saved for backward or returned is always fresh. The
+# forward's XW and the backward's dZ have the same shape and are never alive together, so
+# they share one buffer ("steps"): peak memory stays what it was with fresh buffers.
 _WORKSPACE_MIN_BYTES = 32 << 20
 _workspaces = threading.local()
 
@@ -77,7 +79,7 @@ def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None, workspace: b
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
     if workspace:
-        out = _workspace("xw", (T * B, w_ih.shape[0]), x)
+        out = _workspace("steps", (T * B, w_ih.shape[0]), x)
         if bias is None:
             torch.mm(x2, w_ih.t(), out=out)
         else:
@@ -196,7 +198,7 @@ class FusedRNN(torch.autograd.Function):
         dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.contiguous().clone()
         d_out = torch.zeros_like(hs[1:]) if d_out is None else d_out.contiguous()
         if ctx.native is not None:
-            dz = _workspace("dz", tuple(d_out.shape), d_out)  # (T, B, H)
+            dz = _workspace("steps", tuple(d_out.shape), d_out)  # (T, B, H)
             w_hh = w_hh.contiguous()
             ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask),
                                     _packed(w_hh.t(), dh.shape[0]))
@@ -283,7 +285,7 @@ class FusedLSTM(torch.autograd.Function):
             dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.contiguous().clone()
             dc = torch.zeros_like(cs[0]) if d_cn is None else d_cn.contiguous().clone()
             d_out = torch.zeros_like(hs[1:]) if d_out is None else d_out.contiguous()
-            dz = _workspace("dz", tuple(gates.shape), gates)  # (T, B, 4H)
+            dz = _workspace("steps", tuple(gates.shape), gates)  # (T, B, 4H)
             w_hh = w_hh.contiguous()
             packed_t = _packed(w_hh.t(), B)  # dh_{t-1} = dZ_t W_hh = linear(dZ_t, W_hhᵀ)
             ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, _native_mask(mask), packed_t)
@@ -386,11 +388,11 @@ class FusedGRU(torch.autograd.Function):
         if ctx.native is not None:
             dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.contiguous().clone()
             d_out = torch.zeros_like(n) if d_out is None else d_out.contiguous()
-            dz_x = _workspace("dz", (T, B, 3 * H), x)
-            dz_h = _workspace("dz_h", (T, B, 3 * H), x)
+            dz_x = _workspace("steps", (T, B, 3 * H), x)
+            dn_h = x.new_empty((T, B, H))  # the n block of dZ_h; its r, z blocks are dz_x's
             w_hh = w_hh.contiguous()
-            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dz_h, _native_mask(mask), _packed(w_hh.t(), B))
-            return _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs)
+            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, _native_mask(mask), _packed(w_hh.t(), B))
+            return _gru_grads(ctx, dz_x, dn_h, dh, x, w_ih, hs)
         r, z = rz.chunk(2, dim=2)  # 2 x (T, B, H)
         k_n = (1 - z) * (1 - n * n)  # ∂h/∂(n pre-activation)
         k_z = (hs[:-1] - n) * z * (1 - z)  # ∂h/∂(z pre-activation)
@@ -418,13 +420,23 @@ class FusedGRU(torch.autograd.Function):
 
 
 def _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs):
+    """dz_h is the hidden projection's gradient (T, B, 3H), or only its n block (T, B, H),
+    whose r and z blocks are then dz_x's (the compiled sweep keeps only that much)."""
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     needs = ctx.needs_input_grad
-    dx = torch.mm(dz_x.view(T * B, -1), w_ih).view(T, B, -1) if needs[0] else None
-    dw_ih = torch.mm(dz_x.view(T * B, -1).t(), x.reshape(T * B, -1)) if needs[2] else None
-    dw_hh = torch.mm(dz_h.view(T * B, -1).t(), hs[:-1].reshape(T * B, H)) if needs[3] else None
-    db_ih = dz_x.sum((0, 1)) if ctx.has_bias and needs[4] else None
-    db_hh = dz_h.sum((0, 1)) if ctx.has_bias and needs[5] else None
+    dz_x2 = dz_x.view(T * B, 3 * H)
+    dx = torch.mm(dz_x2, w_ih).view(T, B, -1) if needs[0] else None
+    dw_ih = torch.mm(dz_x2.t(), x.reshape(T * B, -1)) if needs[2] else None
+    h_prev = hs[:-1].reshape(T * B, H)
+    if dz_h.shape[-1] == 3 * H:
+        dz_h2 = dz_h.view(T * B, 3 * H)
+        dw_hh = torch.mm(dz_h2.t(), h_prev) if needs[3] else None
+        db_hh = dz_h2.sum(0) if ctx.has_bias and needs[5] else None
+    else:
+        blocks = (dz_x2[:, : 2 * H], dz_h.view(T * B, H))
+        dw_hh = torch.cat([torch.mm(block.t(), h_prev) for block in blocks]) if needs[3] else None
+        db_hh = torch.cat([block.sum(0) for block in blocks]) if ctx.has_bias and needs[5] else None
+    db_ih = dz_x2.sum(0) if ctx.has_bias and needs[4] else None
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh, None, None
 
 

@@ -287,12 +287,16 @@ void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10:
 template <typename T>
 void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
                        const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dz_x,
-                       at::Tensor& dz_h, const c10::optional<at::Tensor>& mask,
+                       at::Tensor& dn_h, const c10::optional<at::Tensor>& mask,
                        const c10::optional<at::Tensor>& packed_t) {
+  // The gradient of the hidden projection W_hh h + b_hh equals dz_x in its r and z blocks
+  // and differs only in the n block (d_n * r): that block alone is kept for all steps
+  // (dn_h, T x B x H), the full (B, 3H) row lives in a one-step scratch for the GEMM.
   const int64_t steps = n.size(0), B = n.size(1), H = n.size(2);
   const bool* m = mask_ptr(mask);
   at::Tensor direct = at::empty_like(dh);
   at::Tensor dh_prev = at::empty_like(dh);
+  at::Tensor dz_h = at::empty({B, 3 * H}, dh.options());
   for (int64_t t = steps - 1; t >= 0; --t) {
     const T* rzp = rz[t].data_ptr<T>();
     const T* np = n[t].data_ptr<T>();
@@ -302,7 +306,8 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
     T* dhp = dh.data_ptr<T>();
     T* dir = direct.data_ptr<T>();
     T* dx = dz_x[t].data_ptr<T>();
-    T* dhh = dz_h[t].data_ptr<T>();
+    T* dhh = dz_h.data_ptr<T>();
+    T* dnh = dn_h[t].data_ptr<T>();
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, 3 * H, [=](int64_t b) {
       const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
@@ -322,15 +327,15 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
         dx[b * 3 * H + 2 * H + j] = d_n;
         dhh[b * 3 * H + j] = d_r;
         dhh[b * 3 * H + H + j] = d_z;
-        dhh[b * 3 * H + 2 * H + j] = flush(d_n * r);
+        dhh[b * 3 * H + 2 * H + j] = dnh[k] = flush(d_n * r);
         dir[k] = flush(dh_t * z);
       }
     });
     if (packed_t.has_value()) {
-      at::Tensor y = step_gemm(dz_h[t], w_hh, packed_t, dh_prev);
+      at::Tensor y = step_gemm(dz_h, w_hh, packed_t, dh_prev);
       take_alive_rows<T>(dh, y.add_(direct), mt);
     } else {
-      at::addmm_out(dh_prev, direct, dz_h[t], w_hh);  // dh z + dZ_h W_hh
+      at::addmm_out(dh_prev, direct, dz_h, w_hh);  // dh z + dZ_h W_hh
       take_alive_rows<T>(dh, dh_prev, mt);
     }
   }
@@ -443,10 +448,10 @@ void gru_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10::opti
 }
 
 void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
-                  const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz_x, at::Tensor dz_h,
+                  const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz_x, at::Tensor dn_h,
                   const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed_t) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &rz, &n, &hn, &w_hh, &dh, &dz_x, &dz_h}) check(*t, "gru_backward argument");
-  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dz_h, mask, packed_t));
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &rz, &n, &hn, &w_hh, &dh, &dz_x, &dn_h}) check(*t, "gru_backward argument");
+  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, mask, packed_t));
 }
 
 void rnn_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor hs, int64_t kind,
