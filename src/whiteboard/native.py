@@ -29,7 +29,7 @@ import torch
 
 # -ffinite-math-only lets gcc vectorise the clamps in the gate math; fused.py sends only
 # finite inputs to the compiled loops (see recurrent.cpp).
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only"]
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only"]
 
 _module = None
 _failed: str | None = None
