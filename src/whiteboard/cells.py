@@ -102,14 +102,20 @@ def lstm_step(
         h_t = o_t \\odot \\tanh(c_t)
     """
     z = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)  # (B, 4H)
+    i, f, g, o, c_new = _lstm_gates_and_cell(z, c)
+    h_new = o * torch.tanh(c_new)
+    return LSTMStep(h_new, c_new, i, f, g, o)
+
+
+def _lstm_gates_and_cell(z: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Pre-activations z (B, 4H) in gate order i, f, g, o -> (i, f, g, o, c_t)."""
     zi, zf, zg, zo = z.chunk(4, dim=-1)  # 4 x (B, H)
     i = torch.sigmoid(zi)
     f = torch.sigmoid(zf)
     g = torch.tanh(zg)
     o = torch.sigmoid(zo)
     c_new = f * c + i * g
-    h_new = o * torch.tanh(c_new)
-    return LSTMStep(h_new, c_new, i, f, g, o)
+    return i, f, g, o, c_new
 
 
 #: Added to the variance in :func:`layer_norm` (torch.nn.LayerNorm's default).
@@ -158,12 +164,7 @@ def layernorm_lstm_step(
     z = layer_norm(x @ w_ih.T, gain_ih) + layer_norm(h @ w_hh.T, gain_hh)  # (B, 4H)
     if b_ih is not None:
         z = z + b_ih + b_hh
-    zi, zf, zg, zo = z.chunk(4, dim=-1)  # 4 x (B, H)
-    i = torch.sigmoid(zi)
-    f = torch.sigmoid(zf)
-    g = torch.tanh(zg)
-    o = torch.sigmoid(zo)
-    c_new = f * c + i * g
+    i, f, g, o, c_new = _lstm_gates_and_cell(z, c)
     h_new = o * torch.tanh(layer_norm(c_new, gain_cell, bias_cell))
     return LSTMStep(h_new, c_new, i, f, g, o)
 
