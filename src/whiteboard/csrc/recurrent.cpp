@@ -96,17 +96,31 @@ void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
 }
 
+// base[t] for a contiguous (T, ...) tensor, as a tensor that does not own its memory. The
+// per-step GEMM needs tensors, and base[t] (at::select through the dispatcher) cost 1-2 us
+// each, several per step: a measurable share of a step at small sizes.
+inline at::Tensor step_view(const at::Tensor& base, int64_t t) {
+  const int64_t stride = base.stride(0);
+  return at::from_blob(static_cast<char*>(base.data_ptr()) + t * stride * base.element_size(),
+                       base.sizes().slice(1), base.options());
+}
+
+template <typename T>
+inline T* step_ptr(const at::Tensor& base, int64_t t) {
+  return base.data_ptr<T>() + t * base.stride(0);
+}
+
 // dh <- dh_new for the rows still inside their sequence; a finished sequence (mask false)
 // carries its gradient through the step unchanged.
 template <typename T>
 void take_alive_rows(at::Tensor& dh, const at::Tensor& dh_new, const bool* alive) {
-  if (alive == nullptr) {
-    dh.copy_(dh_new);
-    return;
-  }
   const int64_t B = dh.size(0), H = dh.size(1);
   T* out = dh.data_ptr<T>();
   const T* in = dh_new.data_ptr<T>();
+  if (alive == nullptr) {
+    std::memcpy(out, in, B * H * sizeof(T));
+    return;
+  }
   for (int64_t b = 0; b < B; ++b)
     if (alive[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
 }
@@ -148,16 +162,16 @@ void lstm_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tenso
   const bool keep = gates.size(0) == steps;
   const bool* m = mask_ptr(mask);
   for (int64_t t = 0; t < steps; ++t) {
-    at::Tensor z = gates[keep ? t : 0];  // (B, 4H): the activations
+    at::Tensor z = step_view(gates, keep ? t : 0);  // (B, 4H): the activations
     // h W_hh^T (written into z itself unless packed); XW_t is added in the pass below.
-    const at::Tensor hw = step_gemm(hs[t], w_hh_t, packed, z);
+    const at::Tensor hw = step_gemm(step_view(hs, t), w_hh_t, packed, z);
     const T* yp = hw.data_ptr<T>();
     T* zp = z.data_ptr<T>();
-    const T* xp = xw[t].data_ptr<T>();
-    const T* c_prev = cs[t].data_ptr<T>();
-    const T* h_prev = hs[t].data_ptr<T>();
-    T* c_next = cs[t + 1].data_ptr<T>();
-    T* h_next = hs[t + 1].data_ptr<T>();
+    const T* xp = step_ptr<T>(xw, t);
+    const T* c_prev = step_ptr<T>(cs, t);
+    const T* h_prev = step_ptr<T>(hs, t);
+    T* c_next = step_ptr<T>(cs, t + 1);
+    T* h_next = step_ptr<T>(hs, t + 1);
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, 4 * H, [=](int64_t b) {
       if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state (its gates are never used)
@@ -197,13 +211,13 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
   const bool* m = mask_ptr(mask);
   at::Tensor dh_prev = at::empty_like(dh);
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const T* a = gates[t].data_ptr<T>();
-    const T* c = cs[t + 1].data_ptr<T>();
-    const T* c_prev = cs[t].data_ptr<T>();
-    const T* go = d_out[t].data_ptr<T>();
+    const T* a = step_ptr<T>(gates, t);
+    const T* c = step_ptr<T>(cs, t + 1);
+    const T* c_prev = step_ptr<T>(cs, t);
+    const T* go = step_ptr<T>(d_out, t);
     T* dhp = dh.data_ptr<T>();
     T* dcp = dc.data_ptr<T>();
-    T* dzt = dz[t].data_ptr<T>();
+    T* dzt = step_ptr<T>(dz, t);
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, 4 * H, [=](int64_t b) {
       // Per-row pointers and a branch-free blend: written so that gcc vectorises the loop
@@ -231,7 +245,7 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
       }
     });
     // (B, 4H) x (4H, H); packed_t is W_hh^T packed as a linear weight.
-    take_alive_rows<T>(dh, step_gemm(dz[t], w_hh, packed_t, dh_prev), mt);
+    take_alive_rows<T>(dh, step_gemm(step_view(dz, t), w_hh, packed_t, dh_prev), mt);
   }
 }
 
@@ -249,15 +263,15 @@ void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10:
   const T* bh = bias.data_ptr<T>();
   for (int64_t t = 0; t < steps; ++t) {
     // b_hh is added in the pass below: no extra copy.
-    const at::Tensor y = step_gemm(hs[t], w_hh_t, packed, hw);
+    const at::Tensor y = step_gemm(step_view(hs, t), w_hh_t, packed, hw);
     const int64_t s = keep ? t : 0;
-    const T* x = xw[t].data_ptr<T>();
+    const T* x = step_ptr<T>(xw, t);
     const T* hwp = y.data_ptr<T>();
-    const T* h_prev = hs[t].data_ptr<T>();
-    T* h_next = hs[t + 1].data_ptr<T>();
-    T* rzp = rz[s].data_ptr<T>();
-    T* np = n[s].data_ptr<T>();
-    T* hnp = hn[s].data_ptr<T>();
+    const T* h_prev = step_ptr<T>(hs, t);
+    T* h_next = step_ptr<T>(hs, t + 1);
+    T* rzp = step_ptr<T>(rz, s);
+    T* np = step_ptr<T>(n, s);
+    T* hnp = step_ptr<T>(hn, s);
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, 3 * H, [=](int64_t b) {
       if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state; zero the saved
@@ -304,16 +318,16 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
   at::Tensor dh_prev = at::empty_like(dh);
   at::Tensor dz_h = at::empty({B, 3 * H}, dh.options());
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const T* rzp = rz[t].data_ptr<T>();
-    const T* np = n[t].data_ptr<T>();
-    const T* hnp = hn[t].data_ptr<T>();
-    const T* h_prev = hs[t].data_ptr<T>();
-    const T* go = d_out[t].data_ptr<T>();
+    const T* rzp = step_ptr<T>(rz, t);
+    const T* np = step_ptr<T>(n, t);
+    const T* hnp = step_ptr<T>(hn, t);
+    const T* h_prev = step_ptr<T>(hs, t);
+    const T* go = step_ptr<T>(d_out, t);
     T* dhp = dh.data_ptr<T>();
     T* dir = direct.data_ptr<T>();
-    T* dx = dz_x[t].data_ptr<T>();
+    T* dx = step_ptr<T>(dz_x, t);
     T* dhh = dz_h.data_ptr<T>();
-    T* dnh = dn_h[t].data_ptr<T>();
+    T* dnh = step_ptr<T>(dn_h, t);
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, 3 * H, [=](int64_t b) {
       const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
@@ -365,11 +379,11 @@ void rnn_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor
   for (int64_t t = 0; t < steps; ++t) {
     // XW_t is added in the pass below: no extra copy. (Keep the tensor: when packed it is
     // a fresh one, and a pointer into a temporary would dangle.)
-    const at::Tensor y = step_gemm(hs[t], w_hh_t, packed, a);
+    const at::Tensor y = step_gemm(step_view(hs, t), w_hh_t, packed, a);
     const T* ap = y.data_ptr<T>();
-    const T* xp = xw[t].data_ptr<T>();
-    const T* h_prev = hs[t].data_ptr<T>();
-    T* h_next = hs[t + 1].data_ptr<T>();
+    const T* xp = step_ptr<T>(xw, t);
+    const T* h_prev = step_ptr<T>(hs, t);
+    T* h_next = step_ptr<T>(hs, t + 1);
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, H, [=](int64_t b) {
       if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state
@@ -401,10 +415,10 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
   const bool* m = mask_ptr(mask);
   at::Tensor dh_prev = at::empty_like(dh);
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const T* h = hs[t + 1].data_ptr<T>();
-    const T* go = d_out[t].data_ptr<T>();
+    const T* h = step_ptr<T>(hs, t + 1);
+    const T* go = step_ptr<T>(d_out, t);
     const T* dhp = dh.data_ptr<T>();
-    T* dzt = dz[t].data_ptr<T>();
+    T* dzt = step_ptr<T>(dz, t);
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, H, [=](int64_t b) {
       const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
@@ -414,7 +428,7 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
         dzt[k] = flush((go[k] + dhp[k]) * alive * derivative_from_output(h[k], kind));
       }
     });
-    take_alive_rows<T>(dh, step_gemm(dz[t], w_hh, packed_t, dh_prev), mt);
+    take_alive_rows<T>(dh, step_gemm(step_view(dz, t), w_hh, packed_t, dh_prev), mt);
   }
 }
 
