@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from recurrent_speed import CELLS, CONFIGS, _infer_step, _train_step
+from recurrent_speed import CELLS, CONFIGS, _infer_step, _train_step, print_table_header
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
@@ -100,9 +100,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     print(f"# torch {torch.__version__}, {platform.machine()}, threads {torch.get_num_threads()}, "
           f"medians of {args.rounds} rounds")
-    print("| cell | config | train: GEMM floor ms | torch.nn ms | **floor / torch.nn** | "
-          "infer: GEMM floor ms | torch.nn ms | **floor / torch.nn** |")
-    print("|---|---|---|---|---|---|---|---|")
+    print_table_header("cell", "config", "train: GEMM floor ms", "torch.nn ms", "**floor / torch.nn**",
+                       "infer: GEMM floor ms", "torch.nn ms", "**floor / torch.nn**")
     for cell in args.cells:
         for config in args.configs:
             floor_train, floor_infer = floor_ms(cell, config, args.rounds)

@@ -99,6 +99,12 @@ def bench(cell: str, config: str, device: torch.device, rounds: int, repeats: in
     return results
 
 
+def print_table_header(*columns: str) -> None:
+    """A Markdown table's header and rule, for results pasted into benchmarks/README.md."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
@@ -114,9 +120,8 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
           f"rounds {args.rounds} x {args.repeats} steps, implementation {args.implementation}")
-    print("| cell | config (L, I, H, B, T) | train ours ms | train torch.nn ms | train ratio | "
-          "infer ours ms | infer torch.nn ms | infer ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print_table_header("cell", "config (L, I, H, B, T)", "train ours ms", "train torch.nn ms", "train ratio",
+                       "infer ours ms", "infer torch.nn ms", "infer ratio")
     for cell in args.cells:
         for config in args.configs:
             r = bench(cell, config, device, args.rounds, args.repeats, args.warmup, args.implementation)

@@ -136,6 +136,23 @@ def finite_or_none(native, *tensors: Tensor | None):
     return None if bool(torch.isnan(sums).any()) else native
 
 
+def _state_grad(grad: Tensor | None, like: Tensor) -> Tensor:
+    """The gradient reaching a final state, as a fresh buffer the reverse sweep may
+    overwrite; zeros when that state was not used."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous().clone()
+
+
+def _output_grad(grad: Tensor | None, like: Tensor) -> Tensor:
+    """The gradient of the output sequence (contiguous); zeros when it was not used."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+def _carry(alive: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where the sequence is still running (alive, (B, 1) bool), ``old`` where it has
+    ended: a finished sequence carries its state (or its gradient) through the step."""
+    return new if alive is None else torch.where(alive, new, old)
+
+
 def _packed(weight: Tensor, batch: int) -> Tensor | None:
     """The weight packed for the compiled loop's per-step GEMM, or None (plain sgemm)."""
     from . import native
@@ -195,8 +212,8 @@ class FusedRNN(torch.autograd.Function):
     def backward(ctx, d_out, d_hn):
         x, w_ih, w_hh, hs, mask = ctx.saved_tensors
         T = x.shape[0]
-        dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.contiguous().clone()
-        d_out = torch.zeros_like(hs[1:]) if d_out is None else d_out.contiguous()
+        dh = _state_grad(d_hn, hs[0])
+        d_out = _output_grad(d_out, hs[1:])
         if ctx.native is not None:
             dz = _workspace("steps", tuple(d_out.shape), d_out)  # (T, B, H)
             w_hh = w_hh.contiguous()
@@ -282,9 +299,9 @@ class FusedLSTM(torch.autograd.Function):
         if ctx.native is not None:
             # The compiled sweep recomputes the few factors it needs per element instead of
             # keeping a (T, B, 4, H) K tensor: less memory, one pass per step.
-            dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.contiguous().clone()
-            dc = torch.zeros_like(cs[0]) if d_cn is None else d_cn.contiguous().clone()
-            d_out = torch.zeros_like(hs[1:]) if d_out is None else d_out.contiguous()
+            dh = _state_grad(d_hn, hs[0])
+            dc = _state_grad(d_cn, cs[0])
+            d_out = _output_grad(d_out, hs[1:])
             dz = _workspace("steps", tuple(gates.shape), gates)  # (T, B, 4H)
             w_hh = w_hh.contiguous()
             packed_t = _packed(w_hh.t(), B)  # dh_{t-1} = dZ_t W_hh = linear(dZ_t, W_hhᵀ)
@@ -301,26 +318,20 @@ class FusedLSTM(torch.autograd.Function):
         dc_from_dh = o * (1 - tanh_c * tanh_c)  # (T, B, H)
         f = f.contiguous()
         dz = torch.empty_like(k)  # (T, B, 4, H)
-        dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.clone()
-        dc = torch.zeros_like(cs[0]) if d_cn is None else d_cn.clone()
-        if d_out is None:
-            d_out = torch.zeros_like(tanh_c)
+        dh = _state_grad(d_hn, hs[0])
+        dc = _state_grad(d_cn, cs[0])
+        d_out = _output_grad(d_out, tanh_c)
         for t in range(T - 1, -1, -1):
-            if mask is None:
+            m = None if mask is None else mask[t]
+            if m is None:
                 dh_t = d_out[t] + dh
                 dc_t = torch.addcmul(dc, dh_t, dc_from_dh[t])
             else:
-                m = mask[t]
                 dh_t = (d_out[t] + dh) * m
                 dc_t = torch.addcmul(dc * m, dh_t, dc_from_dh[t])
             torch.mul(torch.stack((dc_t, dc_t, dc_t, dh_t), dim=1), k[t], out=dz[t])
             dh_prev = torch.mm(dz[t].view(B, H4), w_hh)  # (B, H)
-            dc_prev = dc_t * f[t]
-            if mask is None:
-                dh, dc = dh_prev, dc_prev
-            else:
-                dh = torch.where(m, dh_prev, dh)
-                dc = torch.where(m, dc_prev, dc)
+            dh, dc = _carry(m, dh_prev, dh), _carry(m, dc_t * f[t], dc)
         return _lstm_grads(ctx, dz.view(T, B, H4), dh, dc, x, w_ih, hs)
 
 
@@ -386,8 +397,8 @@ class FusedGRU(torch.autograd.Function):
         x, w_ih, w_hh, hs, rz, n, hn, mask = ctx.saved_tensors
         T, B, H = n.shape
         if ctx.native is not None:
-            dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.contiguous().clone()
-            d_out = torch.zeros_like(n) if d_out is None else d_out.contiguous()
+            dh = _state_grad(d_hn, hs[0])
+            d_out = _output_grad(d_out, n)
             dz_x = _workspace("steps", (T, B, 3 * H), x)
             dn_h = x.new_empty((T, B, H))  # the n block of dZ_h; its r, z blocks are dz_x's
             w_hh = w_hh.contiguous()
@@ -403,18 +414,17 @@ class FusedGRU(torch.autograd.Function):
         z = z.contiguous()
         dh_all = torch.empty_like(n)  # gradient reaching each new state, (T, B, H)
         dz_h = torch.empty_like(k_h)  # (T, B, 3, H)
-        dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.clone()
-        if d_out is None:
-            d_out = torch.zeros_like(n)
+        dh = _state_grad(d_hn, hs[0])
+        d_out = _output_grad(d_out, n)
         for t in range(T - 1, -1, -1):
-            if mask is None:
+            m = None if mask is None else mask[t]
+            if m is None:
                 dh_t = torch.add(d_out[t], dh, out=dh_all[t])
             else:
-                m = mask[t]
                 dh_t = torch.mul(d_out[t] + dh, m, out=dh_all[t])
             torch.mul(dh_t.unsqueeze(1), k_h[t], out=dz_h[t])
             dh_prev = torch.addmm(dh_t * z[t], dz_h[t].view(B, 3 * H), w_hh)  # (B, H)
-            dh = dh_prev if mask is None else torch.where(m, dh_prev, dh)
+            dh = _carry(m, dh_prev, dh)
         dz_x = dh_all.unsqueeze(2) * torch.stack((k_r, k_z, k_n), dim=2)  # (T, B, 3, H)
         return _gru_grads(ctx, dz_x.view(T, B, 3 * H), dz_h.view(T, B, 3 * H), dh, x, w_ih, hs)
 
@@ -536,10 +546,9 @@ class FusedLayerNormLSTM(torch.autograd.Function):
         dz = x.new_empty((T, B, H4))
         d_hw = x.new_empty((T, B, H4))  # gradient of W h_{t-1}, before its normalization
         d_y = x.new_empty((T, B, gain_cell.shape[0]))  # gradient of LN(c_t)
-        dh = torch.zeros_like(hs[0]) if d_hn is None else d_hn.clone()
-        dc = torch.zeros_like(cs[0]) if d_cn is None else d_cn.clone()
-        if d_out is None:
-            d_out = torch.zeros_like(tanh_y)
+        dh = _state_grad(d_hn, hs[0])
+        dc = _state_grad(d_cn, cs[0])
+        d_out = _output_grad(d_out, tanh_y)
         for t in range(T - 1, -1, -1):
             m = None if mask is None else mask[t]
             dh_t = d_out[t] + dh if m is None else (d_out[t] + dh) * m
@@ -551,12 +560,7 @@ class FusedLayerNormLSTM(torch.autograd.Function):
             torch.mul(dh_t, k_o[t], out=dz_t[:, 3])
             d_hw[t] = _normalize_backward(dz[t] * gain_hh, hw_hat[t], rstd_hh[t])
             dh_prev = torch.mm(d_hw[t], w_hh)  # (B, H)
-            dc_prev = dc_t * f[t]
-            if m is None:
-                dh, dc = dh_prev, dc_prev
-            else:
-                dh = torch.where(m, dh_prev, dh)
-                dc = torch.where(m, dc_prev, dc)
+            dh, dc = _carry(m, dh_prev, dh), _carry(m, dc_t * f[t], dc)
         needs = ctx.needs_input_grad
         rows = lambda t: t.reshape(T * B, -1)  # noqa: E731
         d_xw = _normalize_backward(dz * gain_ih, xw_hat, rstd_ih)  # (T, B, 4H)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -80,35 +81,36 @@ _TASTES = ("", "fresh", "warm", "sweet", "spicy", "cold")
 _SPAN = ("today", "this week", "in the morning", "again")
 
 
+# Filler sentences, one chosen uniformly per filler slot. {He}/{he} and {His}/{his} are the
+# story's pronouns; every other {slot} is a word drawn from its list, left to right.
+_FILLER_TEMPLATES = (
+    "{He} is {occupation} .",
+    "{He} likes to {hobby} {when} .",
+    "{He} enjoys {taste} {food} .",
+    "The weather is {weather} {span} .",
+    "{His} {relative} is {occupation} .",
+    "{He} often goes to the {place} .",
+    "{He} has {number} {pet} .",
+    "{He} owns a {color} {vehicle} .",
+    "{He} drinks {taste} {drink} {when} .",
+    "{He} wakes up at {hour} .",
+    "On {day} {he} visits the {place} with {his} {relative} .",
+    "{He} met {name} at the {place} .",
+)
+_FILLER_WORDS = {
+    "occupation": _OCCUPATIONS, "hobby": _HOBBIES, "when": _WHEN, "taste": _TASTES, "food": _FOODS,
+    "weather": _WEATHER, "span": _SPAN, "relative": _RELATIVES, "place": _PLACES, "number": _NUMBERS,
+    "pet": _PETS, "color": _COLORS, "vehicle": _VEHICLES, "drink": _DRINKS, "hour": _HOURS, "day": _DAYS,
+    "name": FEMALE_NAMES + MALE_NAMES,
+}
+_SLOT = re.compile(r"\{(\w+)\}")
+
+
 def _filler(rng: random.Random, pronoun: str, possessive: str) -> list[str]:
     """One filler sentence; none of them carries a hint about the country or language."""
-    kind = rng.randrange(12)
-    pick = rng.choice
-    if kind == 0:
-        words = f"{pronoun} is {pick(_OCCUPATIONS)} ."
-    elif kind == 1:
-        words = f"{pronoun} likes to {pick(_HOBBIES)} {pick(_WHEN)} ."
-    elif kind == 2:
-        words = f"{pronoun} enjoys {pick(_TASTES)} {pick(_FOODS)} ."
-    elif kind == 3:
-        words = f"The weather is {pick(_WEATHER)} {pick(_SPAN)} ."
-    elif kind == 4:
-        words = f"{possessive} {pick(_RELATIVES)} is {pick(_OCCUPATIONS)} ."
-    elif kind == 5:
-        words = f"{pronoun} often goes to the {pick(_PLACES)} ."
-    elif kind == 6:
-        words = f"{pronoun} has {pick(_NUMBERS)} {pick(_PETS)} ."
-    elif kind == 7:
-        words = f"{pronoun} owns a {pick(_COLORS)} {pick(_VEHICLES)} ."
-    elif kind == 8:
-        words = f"{pronoun} drinks {pick(_TASTES)} {pick(_DRINKS)} {pick(_WHEN)} ."
-    elif kind == 9:
-        words = f"{pronoun} wakes up at {pick(_HOURS)} ."
-    elif kind == 10:
-        words = f"On {pick(_DAYS)} {pronoun.lower()} visits the {pick(_PLACES)} with {possessive.lower()} {pick(_RELATIVES)} ."
-    else:
-        other = pick(FEMALE_NAMES + MALE_NAMES)
-        words = f"{pronoun} met {other} at the {pick(_PLACES)} ."
+    pronouns = {"He": pronoun, "he": pronoun.lower(), "His": possessive, "his": possessive.lower()}
+    template = _FILLER_TEMPLATES[rng.randrange(len(_FILLER_TEMPLATES))]
+    words = _SLOT.sub(lambda m: pronouns.get(m.group(1)) or rng.choice(_FILLER_WORDS[m.group(1)]), template)
     return words.split()
 
 
