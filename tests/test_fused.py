@@ -234,12 +234,23 @@ def test_small_per_step_gemms_are_not_packed():
     assert native.packed_weight(torch.randn(2048, 512, dtype=torch.float64), 64) is None
 
 
+@pytest.fixture
+def pool():
+    """The compiled module's buffer pool, its limits restored afterwards."""
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled loops are not built here")
+    yield module
+    module.set_pool_limits(native.POOL_MIN_BYTES, native.pool_max_idle_bytes())
+
+
 @pytest.mark.parametrize("mode", list(MODES))
-def test_reused_workspaces_do_not_leak_between_calls(mode, monkeypatch):
-    """Big temporaries are reused across calls; with every buffer reused (threshold 0),
-    two layers run forward, forward, backward, backward must still match torch.nn."""
-    monkeypatch.setattr(fused, "_WORKSPACE_MIN_BYTES", 0)
-    monkeypatch.setattr(fused, "_workspaces", __import__("threading").local())
+def test_pooled_buffers_do_not_leak_between_calls(mode, pool):
+    """With every buffer pooled (threshold 0), two models run forward, forward, backward,
+    backward, so blocks freed by one call are handed to the next while tensors saved for
+    backward are still alive: everything must still match torch.nn."""
+    pool.release_pool()
+    pool.set_pool_limits(0, 1 << 30)
     pairs = [make_pair(mode, I, H, dtype=torch.float64, implementation="native", num_layers=2) for _ in range(2)]
     inputs = [torch.randn(T, B, I, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     ours = [layer(x) for (layer, _), x in zip(pairs, inputs)]
@@ -249,10 +260,81 @@ def test_reused_workspaces_do_not_leak_between_calls(mode, monkeypatch):
         grad = torch.autograd.grad(loss_of(output, state), x)[0]
         ref_grad = torch.autograd.grad(loss_of(ref_output, ref_state), x)[0]
         torch.testing.assert_close(grad, ref_grad)
-    assert fused._workspaces.buffers  # the buffers were indeed shared
+    assert pool.pool_idle_bytes() > 0  # freed buffers did go back to the pool
 
 
-def test_small_temporaries_are_not_kept():
+def test_pool_reuses_a_block_only_after_its_last_view_dies(pool):
+    pool.release_pool()
+    pool.set_pool_limits(1 << 20, 1 << 30)
     like = torch.empty(1)
-    assert fused._workspace("test", (10, 10), like).shape == (10, 10)
-    assert "test" not in {name for name, _ in getattr(fused._workspaces, "buffers", {})}
+    first = pool.pooled_empty([1 << 19], like)  # 2 MiB of float32
+    address = first.data_ptr()
+    view = first[10:]
+    del first
+    assert pool.pool_idle_bytes() == 0  # a view still holds it
+    held = pool.pooled_empty([1 << 19], like)
+    assert held.data_ptr() != address
+    del view
+    assert pool.pool_idle_bytes() == 1 << 21
+    again = pool.pooled_empty([1 << 19], like)
+    assert again.data_ptr() == address and pool.pool_idle_bytes() == 0
+    again.fill_(3.0)
+    assert float(again.sum()) == 3.0 * (1 << 19)
+    del again, held
+    assert pool.pool_idle_bytes() == 2 << 21
+    pool.release_pool()
+    assert pool.pool_idle_bytes() == 0
+
+
+def test_pool_keeps_neither_small_blocks_nor_more_than_its_cap(pool):
+    pool.release_pool()
+    pool.set_pool_limits(1 << 20, 3 << 20)
+    like = torch.empty(1)
+    small = pool.pooled_empty([1000], like)
+    del small
+    assert pool.pool_idle_bytes() == 0
+    blocks = [pool.pooled_empty([1 << 19], like) for _ in range(3)]  # 3 x 2 MiB, cap 3 MiB
+    del blocks
+    assert pool.pool_idle_bytes() == 2 << 20  # one block kept, two freed
+    # An idle block much larger than asked is not handed out (most of it would be wasted).
+    smaller = pool.pooled_empty([1 << 18], like)  # 1 MiB
+    assert pool.pool_idle_bytes() == 2 << 20
+    del smaller  # 2 + 1 MiB still fits under the cap: kept
+    assert pool.pool_idle_bytes() == 3 << 20
+    extra = pool.pooled_empty([1 << 18], like)  # takes the 1 MiB block back
+    other = pool.pooled_empty([1 << 18], like)  # fresh
+    del extra, other  # only one of them fits under the cap again
+    assert pool.pool_idle_bytes() == 3 << 20
+    resized = pool.pooled_empty([10], like)
+    resized.resize_(1 << 20)  # storages from the pool stay resizable, like torch's own
+    assert resized.numel() == 1 << 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (33, 65), (800, 200), (200, 800)])
+def test_compiled_transpose_matches_torch(dtype, shape, pool):
+    matrix = torch.randn(shape, dtype=dtype)
+    result = pool.transposed(matrix)
+    assert result.is_contiguous()
+    assert torch.equal(result, matrix.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_compiled_finite_check(dtype, bad, pool):
+    tensors = [torch.randn(3, 4, dtype=dtype), torch.randn(100_000, dtype=dtype)]
+    if bad is not None:
+        tensors[1][77_777] = bad
+    assert pool.all_finite(tensors) is (bad is None)
+    assert pool.all_finite([tensors[0], tensors[1][:77_777]])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_inf_input_matches_torch_nn(mode):
+    """An infinite input takes the torch loop (the compiled one assumes finite numbers)."""
+    layer, reference = make_pair(mode, I, H, dtype=torch.float32)
+    x = torch.randn(T, B, I)
+    x[1, 0, 0] = float("inf")
+    with torch.no_grad():
+        ours, theirs = layer(x)[0], reference(x)[0]
+    torch.testing.assert_close(ours, theirs, equal_nan=True)

@@ -28,9 +28,6 @@ packed sequences. Double backward is not supported (``once_differentiable``).
 
 from __future__ import annotations
 
-import math
-import threading
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -47,43 +44,25 @@ __all__ = [
 ]
 
 
-# glibc serves every allocation above its largest mmap threshold (32 MB on 64-bit) with
-# fresh pages, so such a temporary costs its page faults on every call: 12.5 ms per 52 MB
-# here, 15 % of an LSTM (c) inference. The compiled path's big temporaries (the input
-# projection and the backward's dZ, neither saved nor returned) are therefore reused
-# across calls, per thread; what is saved for backward or returned is always fresh. The
-# forward's XW and the backward's dZ have the same shape and are never alive together, so
-# they share one buffer ("steps"): peak memory stays what it was with fresh buffers.
-_WORKSPACE_MIN_BYTES = 32 << 20
-_workspaces = threading.local()
-
-
-def _workspace(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """An uninitialised CPU tensor of ``shape``, reused across calls when it is large.
-    Valid only until the next request of the same name on this thread."""
-    numel = math.prod(shape)
-    if like.device.type != "cpu" or numel * like.element_size() < _WORKSPACE_MIN_BYTES:
+def _empty(shape: tuple[int, ...], like: Tensor, native=None) -> Tensor:
+    """An uninitialised tensor like ``like``; for the compiled path from its buffer pool
+    (csrc/recurrent.cpp, BufferPool), which spares large buffers their page faults on
+    every call. A pooled block is reused only after every tensor viewing it has died."""
+    if native is None:
         return like.new_empty(shape)
-    buffers = _workspaces.__dict__.setdefault("buffers", {})
-    key = (name, like.dtype)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffers[key] = None  # drop the old one before allocating its successor
-        buffer = buffers[key] = like.new_empty(numel)
-    return buffer[:numel].view(shape)
+    return native.pooled_empty(list(shape), like)
 
 
-def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None, workspace: bool = False) -> Tensor:
-    """X @ W_ihᵀ + b for all time steps in one GEMM. x (T, B, I) -> (T, B, G·H); in a
-    reused buffer when ``workspace`` (the caller drops it before its next call)."""
+def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None, native=None) -> Tensor:
+    """X @ W_ihᵀ + b for all time steps in one GEMM. x (T, B, I) -> (T, B, G·H).
+
+    For the compiled loops (``native``) the bias is not added here but in their gate pass
+    (addmm would first copy it into all T·B rows), and the result comes from the pool."""
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
-    if workspace:
-        out = _workspace("steps", (T * B, w_ih.shape[0]), x)
-        if bias is None:
-            torch.mm(x2, w_ih.t(), out=out)
-        else:
-            torch.addmm(bias, x2, w_ih.t(), out=out)
+    if native is not None:
+        out = _empty((T * B, w_ih.shape[0]), x, native)
+        torch.mm(x2, w_ih.t(), out=out)
     else:
         out = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
     return out.view(T, B, -1)
@@ -127,13 +106,11 @@ _RNN_ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": _relu}
 def finite_or_none(native, *tensors: Tensor | None):
     """The compiled loops assume finite inputs (they are built with -ffinite-math-only); with
     a NaN or Inf anywhere in the inputs, take the torch loop, which propagates it as
-    torch.nn does."""
+    torch.nn does. (One compiled pass over the inputs: the torch ops this took before,
+    a reduction per tensor and a sync, cost 2 % of a small LSTM step.)"""
     if native is None:
         return None
-    # One reduction per tensor and one sync: a NaN anywhere makes its sum NaN. (So does
-    # +Inf with -Inf, which then also takes the torch loop; a lone Inf is safe there.)
-    sums = torch.stack([t.sum() for t in tensors if t is not None])
-    return None if bool(torch.isnan(sums).any()) else native
+    return native if native.all_finite([t for t in tensors if t is not None]) else None
 
 
 def _state_grad(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -163,8 +140,10 @@ def _packed(weight: Tensor, batch: int) -> Tensor | None:
 def _step_weights(w_hh: Tensor, batch: int, native) -> tuple[Tensor, Tensor | None]:
     """(W_hhᵀ as a contiguous copy, None), or for the compiled loop where oneDNN can pack
     it (W_hh itself, unused, and W_hh packed): what the per-step GEMM h @ W_hhᵀ runs on."""
-    packed = _packed(w_hh, batch) if native is not None else None
-    return (w_hh.contiguous() if packed is not None else w_hh.t().contiguous()), packed
+    if native is None:
+        return w_hh.t().contiguous(), None
+    packed = _packed(w_hh, batch)
+    return (w_hh.contiguous() if packed is not None else native.transposed(w_hh.contiguous())), packed
 
 
 def _native_mask(mask: Tensor | None) -> Tensor | None:
@@ -179,12 +158,13 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
     compiled loop module (:mod:`whiteboard.native`) or None for the torch loop."""
     T, B, _ = x.shape
     phi = _RNN_ACTIVATIONS[nonlinearity]
-    xw = _input_projection(x, w_ih, _sum_bias(b_ih, b_hh), workspace=native is not None)  # (T, B, H)
+    bias = _sum_bias(b_ih, b_hh)
+    xw = _input_projection(x, w_ih, bias, native)  # (T, B, H)
     w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, H); see module docstring
-    hs = x.new_empty((T + 1,) + h0.shape)  # (T+1, B, H)
+    hs = _empty((T + 1,) + h0.shape, x, native)  # (T+1, B, H)
     hs[0] = h0
     if native is not None:
-        native.rnn_forward(xw, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed)
+        native.rnn_forward(xw, bias, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed)
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
     for t in range(T):
         a = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, H)
@@ -215,7 +195,7 @@ class FusedRNN(torch.autograd.Function):
         dh = _state_grad(d_hn, hs[0])
         d_out = _output_grad(d_out, hs[1:])
         if ctx.native is not None:
-            dz = _workspace("steps", tuple(d_out.shape), d_out)  # (T, B, H)
+            dz = _empty(tuple(d_out.shape), d_out, ctx.native)  # (T, B, H)
             w_hh = w_hh.contiguous()
             ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask),
                                     _packed(w_hh.t(), dh.shape[0]))
@@ -249,15 +229,16 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
-    xw = _input_projection(x, w_ih, _sum_bias(b_ih, b_hh), workspace=native is not None)  # (T, B, 4H)
-    hs = x.new_empty((T + 1, B, H))
-    cs = x.new_empty((T + 1, B, H))
+    bias = _sum_bias(b_ih, b_hh)
+    xw = _input_projection(x, w_ih, bias, native)  # (T, B, 4H)
+    hs = _empty((T + 1, B, H), x, native)
+    cs = _empty((T + 1, B, H), x, native)
     hs[0] = h0
     cs[0] = c0
-    gates = x.new_empty((T, B, 4 * H)) if keep_gates else x.new_empty((1, B, 4 * H))
+    gates = _empty((T if keep_gates else 1, B, 4 * H), x, native)
     if native is not None:
         w_hh_t, packed = _step_weights(w_hh, B, native)
-        native.lstm_forward(xw, w_hh_t, hs, cs, gates, _native_mask(mask), packed)
+        native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed)
         return hs, cs, (gates if keep_gates else None), (hs[1:] if mask is None else hs[1:] * mask)
     w_hh_t = w_hh.t().contiguous()  # (H, 4H); see module docstring
     for t in range(T):
@@ -302,7 +283,7 @@ class FusedLSTM(torch.autograd.Function):
             dh = _state_grad(d_hn, hs[0])
             dc = _state_grad(d_cn, cs[0])
             d_out = _output_grad(d_out, hs[1:])
-            dz = _workspace("steps", tuple(gates.shape), gates)  # (T, B, 4H)
+            dz = _empty(tuple(gates.shape), gates, ctx.native)  # (T, B, 4H)
             w_hh = w_hh.contiguous()
             packed_t = _packed(w_hh.t(), B)  # dh_{t-1} = dZ_t W_hh = linear(dZ_t, W_hhᵀ)
             ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, _native_mask(mask), packed_t)
@@ -351,16 +332,16 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
-    xw = _input_projection(x, w_ih, b_ih, workspace=native is not None)  # (T, B, 3H)
+    xw = _input_projection(x, w_ih, b_ih, native)  # (T, B, 3H)
     w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, 3H)
-    hs = x.new_empty((T + 1, B, H))
+    hs = _empty((T + 1, B, H), x, native)
     hs[0] = h0
     steps = T if keep else 1
-    rz = x.new_empty((steps, B, 2 * H))
-    n = x.new_empty((steps, B, H))
-    hn = x.new_empty((steps, B, H))
+    rz = _empty((steps, B, 2 * H), x, native)
+    n = _empty((steps, B, H), x, native)
+    hn = _empty((steps, B, H), x, native)
     if native is not None:
-        native.gru_forward(xw, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask), packed)
+        native.gru_forward(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask), packed)
         out = hs[1:] if mask is None else hs[1:] * mask
         return (hs, rz, n, hn, out) if keep else (hs, None, None, None, out)
     for t in range(T):
@@ -399,8 +380,8 @@ class FusedGRU(torch.autograd.Function):
         if ctx.native is not None:
             dh = _state_grad(d_hn, hs[0])
             d_out = _output_grad(d_out, n)
-            dz_x = _workspace("steps", (T, B, 3 * H), x)
-            dn_h = x.new_empty((T, B, H))  # the n block of dZ_h; its r, z blocks are dz_x's
+            dz_x = _empty((T, B, 3 * H), x, ctx.native)
+            dn_h = _empty((T, B, H), x, ctx.native)  # the n block of dZ_h; its r, z blocks are dz_x's
             w_hh = w_hh.contiguous()
             ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, _native_mask(mask), _packed(w_hh.t(), B))
             return _gru_grads(ctx, dz_x, dn_h, dh, x, w_ih, hs)

@@ -24,9 +24,15 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 namespace {
 
@@ -125,6 +131,15 @@ void take_alive_rows(at::Tensor& dh, const at::Tensor& dh_new, const bool* alive
     if (alive[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
 }
 
+// The bias as a contiguous vector of n, zeros when there is none: the passes add it to
+// every row, so the input projection is a plain GEMM (addmm would first copy the bias
+// into all T x B rows: a full extra write of the projection, 3 ms at config (c)).
+at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& bias, int64_t n, const at::Tensor& like) {
+  if (!bias.has_value()) return at::zeros({n}, like.options());
+  TORCH_CHECK(bias->numel() == n && bias->scalar_type() == like.scalar_type(), "bias must have ", n, " elements");
+  return bias->contiguous();
+}
+
 const bool* mask_ptr(const c10::optional<at::Tensor>& mask) {
   if (!mask.has_value()) return nullptr;
   TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous(), "mask must be a contiguous bool (T, B) tensor");
@@ -152,13 +167,176 @@ at::Tensor step_gemm(const at::Tensor& x, const at::Tensor& plain_t, const c10::
   return out;
 }
 
+
+// ------------------------------------------------------------------ buffer pool
+
+// The compiled path's large buffers (the input projection, saved gates and states, dZ)
+// come from here. glibc serves every allocation above its mmap threshold (at most 32 MB)
+// with fresh pages and returns them to the kernel on free, so each call paid ~12.5 ms of
+// page faults per 52 MB: 5-10 % of an LSTM step at configs (c) and (d). A freed block
+// goes back to this pool only when the last tensor viewing it dies (it is the storage's
+// deleter), so reuse is always safe, also for tensors saved for backward; the forward's
+// input projection and the backward's dZ then share one block, as torch's own caching
+// allocators would do. Idle blocks are capped (set_pool_limits, release_pool).
+class BufferPool final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    void* data = nullptr;
+    size_t capacity = bytes;
+    if (bytes >= min_bytes_) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // Best fit among idle blocks at most 1/8 larger than asked: repeated calls of one
+      // model ask for the same sizes, and a much larger block would be wasted.
+      auto it = idle_.lower_bound(bytes);
+      if (it != idle_.end() && it->first <= bytes + bytes / 8) {
+        capacity = it->first;
+        data = it->second;
+        idle_bytes_ -= capacity;
+        idle_.erase(it);
+      }
+    }
+    if (data == nullptr) data = c10::alloc_cpu(capacity);
+    return {data, new Block{data, capacity}, &BufferPool::give_back, c10::Device(c10::kCPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  void set_limits(size_t min_bytes, size_t max_idle_bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    min_bytes_ = min_bytes;
+    max_idle_bytes_ = max_idle_bytes;
+    trim(max_idle_bytes_);
+  }
+
+  size_t idle_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return idle_bytes_;
+  }
+
+  void release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    trim(0);
+  }
+
+  static BufferPool& instance() {
+    static BufferPool* pool = new BufferPool();  // never destroyed: tensors may die after exit handlers
+    return *pool;
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t capacity;
+  };
+
+  static void give_back(void* context) {
+    Block* block = static_cast<Block*>(context);
+    instance().keep(block->data, block->capacity);
+    delete block;
+  }
+
+  void keep(void* data, size_t capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (capacity >= min_bytes_ && idle_bytes_ + capacity <= max_idle_bytes_) {
+        idle_.emplace(capacity, data);
+        idle_bytes_ += capacity;
+        return;
+      }
+    }
+    c10::free_cpu(data);
+  }
+
+  void trim(size_t limit) {  // mutex held
+    while (idle_bytes_ > limit && !idle_.empty()) {
+      auto largest = std::prev(idle_.end());
+      idle_bytes_ -= largest->first;
+      c10::free_cpu(largest->second);
+      idle_.erase(largest);
+    }
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> idle_;
+  size_t idle_bytes_ = 0;
+  size_t min_bytes_ = size_t(1) << 20;
+  size_t max_idle_bytes_ = size_t(1) << 30;
+};
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::Tensor& like) {
+  return at::detail::empty_generic(sizes, &BufferPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   like.scalar_type(), std::nullopt);
+}
+
+void set_pool_limits(int64_t min_bytes, int64_t max_idle_bytes) {
+  TORCH_CHECK(min_bytes >= 0 && max_idle_bytes >= 0, "pool limits must be >= 0");
+  BufferPool::instance().set_limits(static_cast<size_t>(min_bytes), static_cast<size_t>(max_idle_bytes));
+}
+
+int64_t pool_idle_bytes() { return static_cast<int64_t>(BufferPool::instance().idle_bytes()); }
+
+void release_pool() { BufferPool::instance().release(); }
+
+// W^T as a new contiguous tensor. at::Tensor::contiguous() on a transposed view walks
+// the source with a large stride (4.5 GB/s here: 1.5 ms for an LSTM's 650 x 2600 W_hh,
+// paid up to twice per layer and call); 32 x 32 tiles keep both sides in cache.
+at::Tensor transposed(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "transposed: a contiguous CPU matrix");
+  const int64_t rows = w.size(0), cols = w.size(1);
+  at::Tensor out = at::empty({cols, rows}, w.options());
+  constexpr int64_t tile = 32;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "transposed", [&] {
+    const scalar_t* src = w.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, (rows + tile - 1) / tile, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t rb = begin * tile; rb < std::min(rows, end * tile); rb += tile)
+        for (int64_t cb = 0; cb < cols; cb += tile)
+          for (int64_t r = rb; r < std::min(rows, rb + tile); ++r)
+            for (int64_t c = cb; c < std::min(cols, cb + tile); ++c) dst[c * rows + r] = src[r * cols + c];
+    });
+  });
+  return out;
+}
+
+// True when no element is NaN or +-Inf. Tested on the exponent bits: this file is built
+// with -ffinite-math-only, under which std::isfinite may be folded to true.
+template <typename T, typename Bits>
+bool all_finite_impl(const at::Tensor& t, Bits exponent) {
+  const Bits* bits = reinterpret_cast<const Bits*>(t.data_ptr<T>());
+  const int64_t n = t.numel();
+  return at::parallel_reduce(0, n, 1 << 16, true, [&](int64_t begin, int64_t end, bool ok) {
+    Bits any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t k = begin; k < end; ++k) any |= static_cast<Bits>((bits[k] & exponent) == exponent);
+    return ok && any == 0;
+  }, [](bool a, bool b) { return a && b; });
+}
+
+bool all_finite(const std::vector<at::Tensor>& tensors) {
+  for (const at::Tensor& tensor : tensors) {
+    const at::Tensor t = tensor.contiguous();
+    bool ok = true;
+    if (t.scalar_type() == at::kFloat) ok = all_finite_impl<float, uint32_t>(t, 0x7f800000u);
+    else if (t.scalar_type() == at::kDouble) ok = all_finite_impl<double, uint64_t>(t, 0x7ff0000000000000ull);
+    else ok = at::isfinite(t).all().item<bool>();
+    if (!ok) return false;
+  }
+  return true;
+}
+
 // ------------------------------------------------------------------ LSTM
 
 template <typename T>
-void lstm_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor& hs, at::Tensor& cs,
-                       at::Tensor& gates, const c10::optional<at::Tensor>& mask,
+void lstm_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t,
+                       at::Tensor& hs, at::Tensor& cs, at::Tensor& gates, const c10::optional<at::Tensor>& mask,
                        const c10::optional<at::Tensor>& packed) {
   const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
+  const at::Tensor b_all = bias_or_zeros(bias, 4 * H, xw);
+  const T* bb = b_all.data_ptr<T>();
   const bool keep = gates.size(0) == steps;
   const bool* m = mask_ptr(mask);
   for (int64_t t = 0; t < steps; ++t) {
@@ -187,10 +365,10 @@ void lstm_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tenso
       T* hn = h_next + b * H;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
-        T i = sigmoid(yb[j] + xb[j]);
-        T f = sigmoid(yb[H + j] + xb[H + j]);
-        T g = tanh_(yb[2 * H + j] + xb[2 * H + j]);
-        T o = sigmoid(yb[3 * H + j] + xb[3 * H + j]);
+        T i = sigmoid(yb[j] + xb[j] + bb[j]);
+        T f = sigmoid(yb[H + j] + xb[H + j] + bb[H + j]);
+        T g = tanh_(yb[2 * H + j] + xb[2 * H + j] + bb[2 * H + j]);
+        T o = sigmoid(yb[3 * H + j] + xb[3 * H + j] + bb[3 * H + j]);
         zb[j] = i;
         zb[H + j] = f;
         zb[2 * H + j] = g;
@@ -252,17 +430,19 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
 // ------------------------------------------------------------------ GRU
 
 template <typename T>
-void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10::optional<at::Tensor>& b_hh,
+void gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
+                      const c10::optional<at::Tensor>& b_hh,
                       at::Tensor& hs, at::Tensor& rz, at::Tensor& n, at::Tensor& hn,
                       const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
   const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
   const bool keep = n.size(0) == steps;
   const bool* m = mask_ptr(mask);
   at::Tensor hw = at::empty({B, 3 * H}, xw.options());
-  at::Tensor bias = b_hh.has_value() ? b_hh->contiguous() : at::zeros({3 * H}, xw.options());
-  const T* bh = bias.data_ptr<T>();
+  const at::Tensor bias_x = bias_or_zeros(b_ih, 3 * H, xw), bias_h = bias_or_zeros(b_hh, 3 * H, xw);
+  const T* bx = bias_x.data_ptr<T>();
+  const T* bh = bias_h.data_ptr<T>();
   for (int64_t t = 0; t < steps; ++t) {
-    // b_hh is added in the pass below: no extra copy.
+    // The biases are added in the pass below: no extra copy.
     const at::Tensor y = step_gemm(step_view(hs, t), w_hh_t, packed, hw);
     const int64_t s = keep ? t : 0;
     const T* x = step_ptr<T>(xw, t);
@@ -290,10 +470,10 @@ void gru_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10:
       T* out = h_next + b * H;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
-        T r = sigmoid(xb[j] + hb[j] + bh[j]);
-        T z = sigmoid(xb[H + j] + hb[H + j] + bh[H + j]);
+        T r = sigmoid(xb[j] + bx[j] + hb[j] + bh[j]);
+        T z = sigmoid(xb[H + j] + bx[H + j] + hb[H + j] + bh[H + j]);
         T hn_j = hb[2 * H + j] + bh[2 * H + j];
-        T cand = tanh_(xb[2 * H + j] + r * hn_j);
+        T cand = tanh_(xb[2 * H + j] + bx[2 * H + j] + r * hn_j);
         rb[j] = r;
         rb[H + j] = z;
         nb[j] = cand;
@@ -371,13 +551,16 @@ inline T derivative_from_output(T h, int64_t kind) {
 }
 
 template <typename T>
-void rnn_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor& hs, int64_t kind,
-                      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
+void rnn_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t,
+                      at::Tensor& hs, int64_t kind, const c10::optional<at::Tensor>& mask,
+                      const c10::optional<at::Tensor>& packed) {
   const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
+  const at::Tensor b_all = bias_or_zeros(bias, H, xw);
+  const T* bb = b_all.data_ptr<T>();
   const bool* m = mask_ptr(mask);
   at::Tensor a = at::empty({B, H}, xw.options());
   for (int64_t t = 0; t < steps; ++t) {
-    // XW_t is added in the pass below: no extra copy. (Keep the tensor: when packed it is
+    // XW_t and the bias are added in the pass below: no extra copy. (Keep the tensor: when packed it is
     // a fresh one, and a pointer into a temporary would dangle.)
     const at::Tensor y = step_gemm(step_view(hs, t), w_hh_t, packed, a);
     const T* ap = y.data_ptr<T>();
@@ -395,13 +578,13 @@ void rnn_forward_impl(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor
       T* out = h_next + b * H;
       if (kind == kTanh) {
 #pragma omp simd
-        for (int64_t j = 0; j < H; ++j) out[j] = tanh_(a_b[j] + x_b[j]);
+        for (int64_t j = 0; j < H; ++j) out[j] = tanh_(a_b[j] + x_b[j] + bb[j]);
       } else if (kind == kRelu) {
 #pragma omp simd
-        for (int64_t j = 0; j < H; ++j) out[j] = std::max(a_b[j] + x_b[j], T(0));
+        for (int64_t j = 0; j < H; ++j) out[j] = std::max(a_b[j] + x_b[j] + bb[j], T(0));
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < H; ++j) out[j] = sigmoid(a_b[j] + x_b[j]);
+        for (int64_t j = 0; j < H; ++j) out[j] = sigmoid(a_b[j] + x_b[j] + bb[j]);
       }
     });
   }
@@ -447,10 +630,11 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
     }                                                                                       \
   } while (0)
 
-void lstm_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor hs, at::Tensor cs, at::Tensor gates,
-                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
+void lstm_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
+                  at::Tensor cs, at::Tensor gates, const c10::optional<at::Tensor>& mask,
+                  const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &cs, &gates}) check(*t, "lstm_forward argument");
-  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t>(xw, w_hh_t, hs, cs, gates, mask, packed));
+  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t>(xw, bias, w_hh_t, hs, cs, gates, mask, packed));
 }
 
 void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
@@ -460,11 +644,12 @@ void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::T
   WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, mask, packed_t));
 }
 
-void gru_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, const c10::optional<at::Tensor>& b_hh, at::Tensor hs,
+void gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
+                 const c10::optional<at::Tensor>& b_hh, at::Tensor hs,
                  at::Tensor rz, at::Tensor n, at::Tensor hn, const c10::optional<at::Tensor>& mask,
                  const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &rz, &n, &hn}) check(*t, "gru_forward argument");
-  WB_DISPATCH(xw, "gru_forward", gru_forward_impl<scalar_t>(xw, w_hh_t, b_hh, hs, rz, n, hn, mask, packed));
+  WB_DISPATCH(xw, "gru_forward", gru_forward_impl<scalar_t>(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, mask, packed));
 }
 
 void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
@@ -474,10 +659,11 @@ void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tenso
   WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, mask, packed_t));
 }
 
-void rnn_forward(const at::Tensor& xw, const at::Tensor& w_hh_t, at::Tensor hs, int64_t kind,
+void rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
+                 int64_t kind,
                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs}) check(*t, "rnn_forward argument");
-  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t>(xw, w_hh_t, hs, kind, mask, packed));
+  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t>(xw, bias, w_hh_t, hs, kind, mask, packed));
 }
 
 void rnn_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz,
@@ -496,4 +682,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_backward", &gru_backward);
   m.def("rnn_forward", &rnn_forward);
   m.def("rnn_backward", &rnn_backward);
+  m.def("pooled_empty", &pooled_empty);
+  m.def("set_pool_limits", &set_pool_limits);
+  m.def("pool_idle_bytes", &pool_idle_bytes);
+  m.def("release_pool", &release_pool);
+  m.def("transposed", &transposed);
+  m.def("all_finite", &all_finite);
 }
