@@ -130,20 +130,18 @@ def _carry(alive: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     return new if alive is None else torch.where(alive, new, old)
 
 
-def _packed(weight: Tensor, batch: int) -> Tensor | None:
+def _packed(weight: Tensor, batch: int, backward: bool = False) -> Tensor | None:
     """The weight packed for the compiled loop's per-step GEMM, or None (plain sgemm)."""
     from . import native
 
-    return native.packed_weight(weight, batch)
+    return native.packed_weight(weight, batch, backward)
 
 
 def _step_weights(w_hh: Tensor, batch: int, native) -> tuple[Tensor, Tensor | None]:
     """(W_hhᵀ as a contiguous copy, None), or for the compiled loop where oneDNN can pack
     it (W_hh itself, unused, and W_hh packed): what the per-step GEMM h @ W_hhᵀ runs on."""
-    if native is None:
-        return w_hh.t().contiguous(), None
-    packed = _packed(w_hh, batch)
-    return (w_hh.contiguous() if packed is not None else native.transposed(w_hh.contiguous())), packed
+    packed = _packed(w_hh, batch) if native is not None else None
+    return (w_hh.contiguous() if packed is not None else w_hh.t().contiguous()), packed
 
 
 def _native_mask(mask: Tensor | None) -> Tensor | None:
@@ -196,10 +194,11 @@ class FusedRNN(torch.autograd.Function):
         d_out = _output_grad(d_out, hs[1:])
         if ctx.native is not None:
             dz = _empty(tuple(d_out.shape), d_out, ctx.native)  # (T, B, H)
+            db = d_out.new_empty(d_out.shape[-1])  # summed in the sweep
             w_hh = w_hh.contiguous()
-            ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask),
-                                    _packed(w_hh.t(), dh.shape[0]))
-            return _rnn_grads(ctx, dz, dh, x, w_ih, hs)
+            ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, db, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask),
+                                    _packed(w_hh.t(), dh.shape[0], backward=True))
+            return _rnn_grads(ctx, dz, dh, x, w_ih, hs, db)
         deriv = _rnn_derivative(hs[1:], ctx.nonlinearity)  # (T, B, H)
         dz = torch.empty_like(deriv)  # (T, B, H)
         for t in range(T - 1, -1, -1):
@@ -213,10 +212,11 @@ class FusedRNN(torch.autograd.Function):
         return _rnn_grads(ctx, dz, dh, x, w_ih, hs)
 
 
-def _rnn_grads(ctx, dz, dh, x, w_ih, hs):
+def _rnn_grads(ctx, dz, dh, x, w_ih, hs, db=None):
+    """``db``: the bias gradient where the compiled sweep summed it already."""
     needs = ctx.needs_input_grad
     dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[2], needs[3]))
-    db = dz.sum((0, 1)) if ctx.has_bias and (needs[4] or needs[5]) else None
+    db = (dz.sum((0, 1)) if db is None else db) if ctx.has_bias and (needs[4] or needs[5]) else None
     return dx, dh, dw_ih, dw_hh, db, db, None, None, None
 
 
@@ -285,9 +285,10 @@ class FusedLSTM(torch.autograd.Function):
             d_out = _output_grad(d_out, hs[1:])
             dz = _empty(tuple(gates.shape), gates, ctx.native)  # (T, B, 4H)
             w_hh = w_hh.contiguous()
-            packed_t = _packed(w_hh.t(), B)  # dh_{t-1} = dZ_t W_hh = linear(dZ_t, W_hhᵀ)
-            ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, _native_mask(mask), packed_t)
-            return _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs)
+            packed_t = _packed(w_hh.t(), B, backward=True)  # dh_{t-1} = dZ_t W_hh = linear(dZ_t, W_hhᵀ)
+            db = gates.new_empty(H4)  # summed in the sweep
+            ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, _native_mask(mask), packed_t)
+            return _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs, db)
         i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
         tanh_c = torch.tanh(cs[1:])  # (T, B, H)
         # dZ = [dc·K_i, dc·K_f, dc·K_g, dh·K_o]: every factor that does not depend on
@@ -316,10 +317,11 @@ class FusedLSTM(torch.autograd.Function):
         return _lstm_grads(ctx, dz.view(T, B, H4), dh, dc, x, w_ih, hs)
 
 
-def _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs):
+def _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs, db=None):
+    """``db``: the bias gradient where the compiled sweep summed it already."""
     needs = ctx.needs_input_grad
     dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[3], needs[4]))
-    db = dz.sum((0, 1)) if ctx.has_bias and (needs[5] or needs[6]) else None
+    db = (dz.sum((0, 1)) if db is None else db) if ctx.has_bias and (needs[5] or needs[6]) else None
     return dx, dh, dc, dw_ih, dw_hh, db, db, None, None
 
 
@@ -383,8 +385,10 @@ class FusedGRU(torch.autograd.Function):
             dz_x = _empty((T, B, 3 * H), x, ctx.native)
             dn_h = _empty((T, B, H), x, ctx.native)  # the n block of dZ_h; its r, z blocks are dz_x's
             w_hh = w_hh.contiguous()
-            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, _native_mask(mask), _packed(w_hh.t(), B))
-            return _gru_grads(ctx, dz_x, dn_h, dh, x, w_ih, hs)
+            db = x.new_empty(4 * H)  # [b_ir, b_iz, b_in | b_hn] summed in the sweep
+            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, _native_mask(mask),
+                                    _packed(w_hh.t(), B, backward=True))
+            return _gru_grads(ctx, dz_x, dn_h, dh, x, w_ih, hs, db)
         r, z = rz.chunk(2, dim=2)  # 2 x (T, B, H)
         k_n = (1 - z) * (1 - n * n)  # ∂h/∂(n pre-activation)
         k_z = (hs[:-1] - n) * z * (1 - z)  # ∂h/∂(z pre-activation)
@@ -410,9 +414,10 @@ class FusedGRU(torch.autograd.Function):
         return _gru_grads(ctx, dz_x.view(T, B, 3 * H), dz_h.view(T, B, 3 * H), dh, x, w_ih, hs)
 
 
-def _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs):
+def _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs, db=None):
     """dz_h is the hidden projection's gradient (T, B, 3H), or only its n block (T, B, H),
-    whose r and z blocks are then dz_x's (the compiled sweep keeps only that much)."""
+    whose r and z blocks are then dz_x's (the compiled sweep keeps only that much).
+    ``db``: [b_ir, b_iz, b_in | b_hn] (4H) where the compiled sweep summed them already."""
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     needs = ctx.needs_input_grad
     dz_x2 = dz_x.view(T * B, 3 * H)
@@ -420,14 +425,20 @@ def _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs):
     dw_ih = torch.mm(dz_x2.t(), x.reshape(T * B, -1)) if needs[2] else None
     h_prev = hs[:-1].reshape(T * B, H)
     if dz_h.shape[-1] == 3 * H:
-        dz_h2 = dz_h.view(T * B, 3 * H)
-        dw_hh = torch.mm(dz_h2.t(), h_prev) if needs[3] else None
-        db_hh = dz_h2.sum(0) if ctx.has_bias and needs[5] else None
+        hidden_blocks = (dz_h.view(T * B, 3 * H),)
     else:
-        blocks = (dz_x2[:, : 2 * H], dz_h.view(T * B, H))
-        dw_hh = torch.cat([torch.mm(block.t(), h_prev) for block in blocks]) if needs[3] else None
-        db_hh = torch.cat([block.sum(0) for block in blocks]) if ctx.has_bias and needs[5] else None
-    db_ih = dz_x2.sum(0) if ctx.has_bias and needs[4] else None
+        hidden_blocks = (dz_x2[:, : 2 * H], dz_h.view(T * B, H))
+    dw_hh = None
+    if needs[3]:
+        grads = [torch.mm(block.t(), h_prev) for block in hidden_blocks]
+        dw_hh = grads[0] if len(grads) == 1 else torch.cat(grads)
+    db_ih = db_hh = None
+    if ctx.has_bias and db is None:
+        db_ih = dz_x2.sum(0) if needs[4] else None
+        db_hh = torch.cat([block.sum(0) for block in hidden_blocks]) if needs[5] else None
+    elif ctx.has_bias:
+        db_ih = db[: 3 * H] if needs[4] else None
+        db_hh = torch.cat((db[: 2 * H], db[3 * H :])) if needs[5] else None
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh, None, None
 
 

@@ -119,34 +119,30 @@ packed_gemm = os.environ.get("WHITEBOARD_PACKED_GEMM", "1") != "0"
 #: AVX-512/AMX Xeon (benchmarks/README.md): packed loses at B x N x K = 2-8 M (configs (a)
 #: and the RNN at (b)) and wins from about 25 M (LSTM/GRU at (b), (c), (d)).
 packed_gemm_min_macs = 20_000_000
+#: The backward sweep's GEMM dZ_t W_hh ((B, G·H) x (G·H, H): long K, short N) gained from
+#: the packed weight only from batch 64 on: at batch 20 it was 20-30 % slower than MKL's
+#: sgemm on the plain W_hh (LSTM and GRU at H = 650), which also needs no transposed copy.
+packed_backward_min_batch = 64
 
 
-def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
+def packed_weight(weight: torch.Tensor, batch: int, backward: bool = False) -> torch.Tensor | None:
     """``weight`` (N, K) in oneDNN's blocked layout for per-step ``y = x @ weight.T`` with
     ``batch`` rows, or None where that path is off, unavailable (float64 included) or too
-    small to pay."""
+    small to pay. ``backward``: for the reverse sweep's GEMM (see packed_backward_min_batch)."""
     global packed_gemm
     if not packed_gemm or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return None
     if batch * weight.shape[0] * weight.shape[1] < packed_gemm_min_macs:
         return None
+    if backward and batch < packed_backward_min_batch:
+        return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(_contiguous(weight.detach()), batch)
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch)
     except (RuntimeError, AttributeError) as exc:  # an older torch, or a CPU oneDNN will not pack for
         packed_gemm = False
         warnings.warn(f"whiteboard: oneDNN weight packing is unavailable ({exc}); using plain GEMMs",
                       RuntimeWarning, stacklevel=2)
         return None
-
-
-def _contiguous(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` as a contiguous tensor. A transposed view (W_hhᵀ for the backward sweep)
-    is copied by the compiled tiled transpose: torch's strided copy ran at 4.5 GB/s here."""
-    if matrix.is_contiguous():
-        return matrix
-    if _module is not None and matrix.t().is_contiguous() and matrix.dtype in (torch.float32, torch.float64):
-        return _module.transposed(matrix.t())
-    return matrix.contiguous()
 
 
 def usable_for(tensor: torch.Tensor) -> bool:
