@@ -198,21 +198,19 @@ def test_the_pip_installed_ninja_is_found_without_an_activated_environment(monke
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("lengths", [None, [T, 2]], ids=["full", "lengths"])
 def test_packed_weight_gemms_match_plain_ones(mode, lengths, monkeypatch):
-    """float32 per-step GEMMs go through oneDNN's packed weights; they must give what MKL's
-    plain sgemm gives, forward and backward, and be used for both directions of the sweep."""
+    """float32 per-step forward GEMMs go through oneDNN's packed weights; they must give what
+    MKL's plain sgemm gives, in the outputs and in every gradient."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")
     layer, reference = make_pair(mode, I, H, dtype=torch.float32, implementation="native", num_layers=2)
     x = torch.randn(T, B, I)
     monkeypatch.setattr(native, "packed_gemm_min_macs", 0)  # tiny sizes here: pack anyway
-    monkeypatch.setattr(native, "packed_backward_min_batch", 0)
     results = {}
     for packed in (True, False):
         monkeypatch.setattr(native, "packed_gemm", packed)
         calls = []
         original = native.packed_weight
-        monkeypatch.setattr(native, "packed_weight",
-                            lambda w, b, backward=False: calls.append(tuple(w.shape)) or original(w, b, backward))
+        monkeypatch.setattr(native, "packed_weight", lambda w, b: calls.append(tuple(w.shape)) or original(w, b))
         x_in = x.clone().requires_grad_()
         output, state = layer(x_in, lengths=None if lengths is None else torch.tensor(lengths))
         grads = torch.autograd.grad(loss_of(output, state), [x_in, *layer.parameters()])
@@ -220,8 +218,8 @@ def test_packed_weight_gemms_match_plain_ones(mode, lengths, monkeypatch):
         monkeypatch.setattr(native, "packed_weight", original)
         if packed:
             G = {"lstm": 4, "gru": 3}.get(mode, 1)
-            # 2 layers, each packing W_hh for the forward and W_hhᵀ for the backward sweep
-            assert sorted(calls) == sorted([(G * H, H), (H, G * H)] * 2)
+            # 2 layers, each packing W_hh for the forward sweep (the backward's GEMM is MKL's)
+            assert sorted(calls) == [(G * H, H)] * 2
     (out_p, states_p, grads_p), (out_m, states_m, grads_m) = results[True], results[False]
     tol = TOLERANCES[torch.float32]
     torch.testing.assert_close(out_p, out_m, **tol)
@@ -234,11 +232,6 @@ def test_small_per_step_gemms_are_not_packed():
     if torch.backends.mkldnn.is_available():
         assert native.packed_weight(torch.randn(2048, 512), 64) is not None  # 67 M
     assert native.packed_weight(torch.randn(2048, 512, dtype=torch.float64), 64) is None
-    # The reverse sweep's GEMM packs only from batch 64 (long K, short N: MKL wins below).
-    if torch.backends.mkldnn.is_available():
-        assert native.packed_weight(torch.randn(650, 2600), 20, backward=True) is None
-        assert native.packed_weight(torch.randn(2600, 650), 20) is not None
-        assert native.packed_weight(torch.randn(512, 2048), 64, backward=True) is not None
 
 
 @pytest.fixture

@@ -130,11 +130,11 @@ def _carry(alive: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     return new if alive is None else torch.where(alive, new, old)
 
 
-def _packed(weight: Tensor, batch: int, backward: bool = False) -> Tensor | None:
-    """The weight packed for the compiled loop's per-step GEMM, or None (plain sgemm)."""
+def _packed(weight: Tensor, batch: int) -> Tensor | None:
+    """The weight packed for the compiled loop's per-step forward GEMM, or None (plain sgemm)."""
     from . import native
 
-    return native.packed_weight(weight, batch, backward)
+    return native.packed_weight(weight, batch)
 
 
 def _step_weights(w_hh: Tensor, batch: int, native) -> tuple[Tensor, Tensor | None]:
@@ -196,8 +196,7 @@ class FusedRNN(torch.autograd.Function):
             dz = _empty(tuple(d_out.shape), d_out, ctx.native)  # (T, B, H)
             db = d_out.new_empty(d_out.shape[-1])  # summed in the sweep
             w_hh = w_hh.contiguous()
-            ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, db, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask),
-                                    _packed(w_hh.t(), dh.shape[0], backward=True))
+            ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, db, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask))
             return _rnn_grads(ctx, dz, dh, x, w_ih, hs, db)
         deriv = _rnn_derivative(hs[1:], ctx.nonlinearity)  # (T, B, H)
         dz = torch.empty_like(deriv)  # (T, B, H)
@@ -285,9 +284,8 @@ class FusedLSTM(torch.autograd.Function):
             d_out = _output_grad(d_out, hs[1:])
             dz = _empty(tuple(gates.shape), gates, ctx.native)  # (T, B, 4H)
             w_hh = w_hh.contiguous()
-            packed_t = _packed(w_hh.t(), B, backward=True)  # dh_{t-1} = dZ_t W_hh = linear(dZ_t, W_hhᵀ)
             db = gates.new_empty(H4)  # summed in the sweep
-            ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, _native_mask(mask), packed_t)
+            ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, _native_mask(mask))
             return _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs, db)
         i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
         tanh_c = torch.tanh(cs[1:])  # (T, B, H)
@@ -386,8 +384,7 @@ class FusedGRU(torch.autograd.Function):
             dn_h = _empty((T, B, H), x, ctx.native)  # the n block of dZ_h; its r, z blocks are dz_x's
             w_hh = w_hh.contiguous()
             db = x.new_empty(4 * H)  # [b_ir, b_iz, b_in | b_hn] summed in the sweep
-            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, _native_mask(mask),
-                                    _packed(w_hh.t(), B, backward=True))
+            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, _native_mask(mask))
             return _gru_grads(ctx, dz_x, dn_h, dh, x, w_ih, hs, db)
         r, z = rz.chunk(2, dim=2)  # 2 x (T, B, H)
         k_n = (1 - z) * (1 - n * n)  # ∂h/∂(n pre-activation)

@@ -119,22 +119,18 @@ packed_gemm = os.environ.get("WHITEBOARD_PACKED_GEMM", "1") != "0"
 #: AVX-512/AMX Xeon (benchmarks/README.md): packed loses at B x N x K = 2-8 M (configs (a)
 #: and the RNN at (b)) and wins from about 25 M (LSTM/GRU at (b), (c), (d)).
 packed_gemm_min_macs = 20_000_000
-#: The backward sweep's GEMM dZ_t W_hh ((B, G·H) x (G·H, H): long K, short N) gained from
-#: the packed weight only from batch 64 on: at batch 20 it was 20-30 % slower than MKL's
-#: sgemm on the plain W_hh (LSTM and GRU at H = 650), which also needs no transposed copy.
-packed_backward_min_batch = 64
 
 
-def packed_weight(weight: torch.Tensor, batch: int, backward: bool = False) -> torch.Tensor | None:
+def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
     """``weight`` (N, K) in oneDNN's blocked layout for per-step ``y = x @ weight.T`` with
     ``batch`` rows, or None where that path is off, unavailable (float64 included) or too
-    small to pay. ``backward``: for the reverse sweep's GEMM (see packed_backward_min_batch)."""
+    small to pay. Only the forward sweep packs: for the reverse sweep's dZ_t W_hh (long K,
+    short N) packing W_hhᵀ, after transposing it, cost more than it gained (20-30 % slower
+    at batch 20; even at (c), 1-2 % slower at (d), measured end to end)."""
     global packed_gemm
     if not packed_gemm or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return None
     if batch * weight.shape[0] * weight.shape[1] < packed_gemm_min_macs:
-        return None
-    if backward and batch < packed_backward_min_batch:
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch)

@@ -172,7 +172,7 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask) {
   return mask->data_ptr<bool>();
 }
 
-// The per-step GEMM y = x W^T. With a weight that oneDNN has packed once per call
+// The forward's per-step GEMM y = x W^T. With a weight that oneDNN has packed once per call
 // (torch.ops.mkldnn._reorder_linear_weight, done in whiteboard/native.py), it goes through
 // mkldnn::_linear_pointwise, the blocked-weight GEMM torch's inductor uses on CPU: at
 // batch-sized M it beats an MKL sgemm against the plain weight. Otherwise at::mm_out into
@@ -389,7 +389,7 @@ void lstm_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& bi
 template <typename T>
 void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
                         at::Tensor& dh, at::Tensor& dc, at::Tensor& dz, at::Tensor& db,
-                        const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed_t) {
+                        const c10::optional<at::Tensor>& mask) {
   const int64_t steps = gates.size(0), B = gates.size(1), H = dh.size(1);
   const bool* m = mask_ptr(mask);
   const BiasGradSum bias_sum(4 * H);
@@ -438,8 +438,11 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
         dcb[j] = alive * flush(dc_t * f) + (T(1) - alive) * dcb[j];
       }
     });
-    // (B, 4H) x (4H, H); packed_t is W_hh^T packed as a linear weight.
-    take_alive_rows<T>(dh, step_gemm(step_view(dz, t), w_hh, packed_t, dh_prev), mt);
+    // (B, 4H) x (4H, H): MKL's sgemm on the plain W_hh. (oneDNN's packed weights, which
+    // win in the forward, were no faster for this long-K, short-N shape once packing
+    // W_hh^T, and transposing it first, is counted: 20-30 % slower at batch 20.)
+    at::mm_out(dh_prev, step_view(dz, t), w_hh);
+    take_alive_rows<T>(dh, dh_prev, mt);
   }
   bias_sum.write_into(db);
 }
@@ -504,8 +507,7 @@ void gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_i
 template <typename T>
 void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
                        const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dz_x,
-                       at::Tensor& dn_h, at::Tensor& db, const c10::optional<at::Tensor>& mask,
-                       const c10::optional<at::Tensor>& packed_t) {
+                       at::Tensor& dn_h, at::Tensor& db, const c10::optional<at::Tensor>& mask) {
   // The gradient of the hidden projection W_hh h + b_hh equals dz_x in its r and z blocks
   // and differs only in the n block (d_n * r): that block alone is kept for all steps
   // (dn_h, T x B x H), the full (B, 3H) row lives in a one-step scratch for the GEMM.
@@ -557,13 +559,8 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
         acc[3 * H + j] += d_hn;
       }
     });
-    if (packed_t.has_value()) {
-      at::Tensor y = step_gemm(dz_h, w_hh, packed_t, dh_prev);
-      take_alive_rows<T>(dh, y.add_(direct), mt);
-    } else {
-      at::addmm_out(dh_prev, direct, dz_h, w_hh);  // dh z + dZ_h W_hh
-      take_alive_rows<T>(dh, dh_prev, mt);
-    }
+    at::addmm_out(dh_prev, direct, dz_h, w_hh);  // dh z + dZ_h W_hh
+    take_alive_rows<T>(dh, dh_prev, mt);
   }
   bias_sum.write_into(db);
 }
@@ -619,8 +616,7 @@ void rnn_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& bia
 
 template <typename T>
 void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor& dh,
-                       at::Tensor& dz, at::Tensor& db, int64_t kind, const c10::optional<at::Tensor>& mask,
-                       const c10::optional<at::Tensor>& packed_t) {
+                       at::Tensor& dz, at::Tensor& db, int64_t kind, const c10::optional<at::Tensor>& mask) {
   const int64_t steps = d_out.size(0), B = d_out.size(1), H = d_out.size(2);
   const bool* m = mask_ptr(mask);
   const BiasGradSum bias_sum(H);
@@ -643,7 +639,8 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
         acc[j] += d;
       }
     });
-    take_alive_rows<T>(dh, step_gemm(step_view(dz, t), w_hh, packed_t, dh_prev), mt);
+    at::mm_out(dh_prev, step_view(dz, t), w_hh);
+    take_alive_rows<T>(dh, dh_prev, mt);
   }
   bias_sum.write_into(db);
 }
@@ -671,10 +668,9 @@ void lstm_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, c
 }
 
 void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
-                   at::Tensor dh, at::Tensor dc, at::Tensor dz, at::Tensor db, const c10::optional<at::Tensor>& mask,
-                   const c10::optional<at::Tensor>& packed_t) {
+                   at::Tensor dh, at::Tensor dc, at::Tensor dz, at::Tensor db, const c10::optional<at::Tensor>& mask) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &gates, &cs, &w_hh, &dh, &dc, &dz}) check(*t, "lstm_backward argument");
-  WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, db, mask, packed_t));
+  WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, db, mask));
 }
 
 void gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
@@ -687,9 +683,9 @@ void gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, co
 
 void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
                   const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz_x, at::Tensor dn_h,
-                  at::Tensor db, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed_t) {
+                  at::Tensor db, const c10::optional<at::Tensor>& mask) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &rz, &n, &hn, &w_hh, &dh, &dz_x, &dn_h}) check(*t, "gru_backward argument");
-  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, mask, packed_t));
+  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, mask));
 }
 
 void rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
@@ -700,9 +696,9 @@ void rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, co
 }
 
 void rnn_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz,
-                  at::Tensor db, int64_t kind, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed_t) {
+                  at::Tensor db, int64_t kind, const c10::optional<at::Tensor>& mask) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &w_hh, &dh, &dz}) check(*t, "rnn_backward argument");
-  WB_DISPATCH(hs, "rnn_backward", rnn_backward_impl<scalar_t>(d_out, hs, w_hh, dh, dz, db, kind, mask, packed_t));
+  WB_DISPATCH(hs, "rnn_backward", rnn_backward_impl<scalar_t>(d_out, hs, w_hh, dh, dz, db, kind, mask));
 }
 
 }  // namespace
