@@ -329,3 +329,44 @@ def test_inf_input_matches_torch_nn(mode):
     with torch.no_grad():
         ours, theirs = layer(x)[0], reference(x)[0]
     torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lengths", [None, [7, 3, 5]], ids=["full", "lengths"])
+def test_folded_input_matches_the_input_projection(mode, dtype, lengths, monkeypatch):
+    """With a small input the compiled forward runs its GEMM on [x_t, h_t] (LSTM and RNN);
+    forced on and off, outputs, final states and every gradient must match torch.nn."""
+    if native.load() is None:
+        pytest.skip("the compiled loops are not built here")
+    steps, batch, inputs, hidden = 7, 3, 4, 16
+    layer, reference = make_pair(mode, inputs, hidden, dtype=dtype, implementation="native", num_layers=2)
+    x = torch.randn(steps, batch, inputs, dtype=dtype)
+    calls = []
+    module = native.load()
+    for name in ("lstm_forward_folded", "rnn_forward_folded"):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a), raising=False)
+    results = []
+    for ratio in (0.0, 0.25):  # off; on for layer 1 (4 <= 0.25 x 16), off for layer 2 (16 > 4)
+        monkeypatch.setattr(native, "fold_input_max_ratio", ratio)
+        calls.clear()
+        x_in = x.clone().requires_grad_()
+        size = None if lengths is None else torch.tensor(lengths)
+        output, state = layer(x_in, lengths=size)
+        results.append((output, state_tensors(state), torch.autograd.grad(loss_of(output, state), [x_in, *layer.parameters()])))
+        folds = mode in ("lstm", "rnn_tanh", "rnn_relu") and ratio > 0
+        assert len(calls) == (1 if folds else 0)
+    ref_x = x.clone().requires_grad_()
+    if lengths is None:
+        ref_output, ref_state = reference(ref_x)
+    else:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(ref_x, lengths, enforce_sorted=False)
+        ref_output, ref_state = reference(packed)
+        ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_output, total_length=steps)[0]
+    ref_grads = torch.autograd.grad(loss_of(ref_output, ref_state), [ref_x, *reference.parameters()])
+    tol = TOLERANCES[dtype]
+    for output, states, grads in results:
+        torch.testing.assert_close(output, ref_output, **tol)
+        for a, b in zip(states + list(grads), state_tensors(ref_state) + list(ref_grads)):
+            torch.testing.assert_close(a, b, **tol)

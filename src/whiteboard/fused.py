@@ -137,6 +137,14 @@ def _packed(weight: Tensor, batch: int) -> Tensor | None:
     return native.packed_weight(weight, batch)
 
 
+def _folds_input(x: Tensor, hidden_size: int, native) -> bool:
+    """Whether the compiled forward runs its per-step GEMM on [x_t, h_t] instead of adding
+    a precomputed input projection (see ``fold_input_max_ratio`` in whiteboard.native)."""
+    from . import native as native_module
+
+    return native is not None and x.shape[-1] <= native_module.fold_input_max_ratio * hidden_size
+
+
 def _step_weights(w_hh: Tensor, batch: int, native) -> tuple[Tensor, Tensor | None]:
     """(W_hhᵀ as a contiguous copy, None), or for the compiled loop where oneDNN can pack
     it (W_hh itself, unused, and W_hh packed): what the per-step GEMM h @ W_hhᵀ runs on."""
@@ -157,10 +165,14 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
     T, B, _ = x.shape
     phi = _RNN_ACTIVATIONS[nonlinearity]
     bias = _sum_bias(b_ih, b_hh)
-    xw = _input_projection(x, w_ih, bias, native)  # (T, B, H)
-    w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, H); see module docstring
     hs = _empty((T + 1,) + h0.shape, x, native)  # (T+1, B, H)
     hs[0] = h0
+    if _folds_input(x, h0.shape[-1], native):
+        w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native)  # (I+H, H)
+        native.rnn_forward_folded(x, bias, w_cat_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed)
+        return hs, (hs[1:] if mask is None else hs[1:] * mask)
+    xw = _input_projection(x, w_ih, bias, native)  # (T, B, H)
+    w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, H); see module docstring
     if native is not None:
         native.rnn_forward(xw, bias, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed)
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
@@ -229,16 +241,21 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
     T, B, _ = x.shape
     H = h0.shape[-1]
     bias = _sum_bias(b_ih, b_hh)
-    xw = _input_projection(x, w_ih, bias, native)  # (T, B, 4H)
     hs = _empty((T + 1, B, H), x, native)
     cs = _empty((T + 1, B, H), x, native)
     hs[0] = h0
     cs[0] = c0
     gates = _empty((T if keep_gates else 1, B, 4 * H), x, native)
     if native is not None:
-        w_hh_t, packed = _step_weights(w_hh, B, native)
-        native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed)
+        if _folds_input(x, H, native):
+            w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native)  # (I+H, 4H)
+            native.lstm_forward_folded(x, bias, w_cat_t, hs, cs, gates, _native_mask(mask), packed)
+        else:
+            xw = _input_projection(x, w_ih, bias, native)  # (T, B, 4H)
+            w_hh_t, packed = _step_weights(w_hh, B, native)
+            native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed)
         return hs, cs, (gates if keep_gates else None), (hs[1:] if mask is None else hs[1:] * mask)
+    xw = _input_projection(x, w_ih, bias)  # (T, B, 4H)
     w_hh_t = w_hh.t().contiguous()  # (H, 4H); see module docstring
     for t in range(T):
         z = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, 4H) pre-activations

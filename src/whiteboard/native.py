@@ -121,6 +121,14 @@ packed_gemm = os.environ.get("WHITEBOARD_PACKED_GEMM", "1") != "0"
 packed_gemm_min_macs = 20_000_000
 
 
+#: The compiled LSTM and RNN forwards fold the input into the per-step GEMM ([x_t, h_t]
+#: against [W_ih, W_hh], see recurrent.cpp) when input_size <= this x hidden_size, rather
+#: than reading a precomputed input projection back from memory. Each step's GEMM grows
+#: by I / H, so this pays for small inputs only (char-level models: embedding 64, H 512).
+#: GRU cannot fold: its candidate gate multiplies W_hn h, but not W_in x, by r.
+fold_input_max_ratio = 0.25
+
+
 def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
     """``weight`` (N, K) in oneDNN's blocked layout for per-step ``y = x @ weight.T`` with
     ``batch`` rows, or None where that path is off, unavailable (float64 included) or too

@@ -333,24 +333,51 @@ bool all_finite(const std::vector<at::Tensor>& tensors) {
   return true;
 }
 
-// ------------------------------------------------------------------ LSTM
+// The folded input. With a small input size I, the forward's per-step GEMM runs on
+// [x_t, h_t] (B, I + H) against [W_ih, W_hh] instead of adding a precomputed XW_t: that
+// (T, B, G·H) projection was written by one GEMM before the loop and then read back from
+// DRAM, step by step, inside the gate pass, which it stalled (at config (c), I = 64 and
+// H = 512, the pass ran 4x slower than in cache and a second thread did not help), while
+// K = I + H makes each step's GEMM only I / H longer. `rows` holds [x_t, h_t]: the pass
+// writes h_{t+1} into it beside hs, and x_{t+1} is copied in after each step.
+template <typename T>
+void copy_rows(T* dst, int64_t dst_stride, const T* src, int64_t src_stride, int64_t rows, int64_t count) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, count * sizeof(T));
+}
 
 template <typename T>
-void lstm_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t,
+at::Tensor folded_rows(const at::Tensor& x, const at::Tensor& h0) {
+  const int64_t B = x.size(1), I = x.size(2), H = h0.size(1);
+  at::Tensor rows = at::empty({B, I + H}, x.options());
+  copy_rows(rows.data_ptr<T>(), I + H, x.data_ptr<T>(), I, B, I);
+  copy_rows(rows.data_ptr<T>() + I, I + H, h0.data_ptr<T>(), H, B, H);
+  return rows;
+}
+
+// ------------------------------------------------------------------ LSTM
+
+// kFolded: `input` is x (T, B, I) and w_t is [W_ih, W_hh]^T (I + H, 4H); otherwise
+// `input` is XW (T, B, 4H) and w_t is W_hh^T (H, 4H). (packed: the same weight, packed.)
+template <typename T, bool kFolded>
+void lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& w_t,
                        at::Tensor& hs, at::Tensor& cs, at::Tensor& gates, const c10::optional<at::Tensor>& mask,
                        const c10::optional<at::Tensor>& packed) {
-  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
-  const at::Tensor b_all = bias_or_zeros(bias, 4 * H, xw);
+  const int64_t steps = input.size(0), B = input.size(1), H = hs.size(2), I = input.size(2);
+  const at::Tensor b_all = bias_or_zeros(bias, 4 * H, input);
   const T* bb = b_all.data_ptr<T>();
   const bool keep = gates.size(0) == steps;
   const bool* m = mask_ptr(mask);
+  at::Tensor xh;
+  if constexpr (kFolded) xh = folded_rows<T>(input, step_view(hs, 0));
+  T* xhp = kFolded ? xh.data_ptr<T>() : nullptr;
   for (int64_t t = 0; t < steps; ++t) {
     at::Tensor z = step_view(gates, keep ? t : 0);  // (B, 4H): the activations
-    // h W_hh^T (written into z itself unless packed); XW_t is added in the pass below.
-    const at::Tensor hw = step_gemm(step_view(hs, t), w_hh_t, packed, z);
+    // h W_hh^T, or [x, h] [W_ih, W_hh]^T (written into z itself unless packed); XW_t and
+    // the bias are added in the pass below.
+    const at::Tensor hw = step_gemm(kFolded ? xh : step_view(hs, t), w_t, packed, z);
     const T* yp = hw.data_ptr<T>();
     T* zp = z.data_ptr<T>();
-    const T* xp = step_ptr<T>(xw, t);
+    const T* xp = kFolded ? nullptr : step_ptr<T>(input, t);
     const T* c_prev = step_ptr<T>(cs, t);
     const T* h_prev = step_ptr<T>(hs, t);
     T* c_next = step_ptr<T>(cs, t + 1);
@@ -364,16 +391,21 @@ void lstm_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& bi
       }
       T* zb = zp + b * 4 * H;
       const T* yb = yp + b * 4 * H;
-      const T* xb = xp + b * 4 * H;
+      const T* xb = kFolded ? nullptr : xp + b * 4 * H;
       const T* cp = c_prev + b * H;
       T* cn = c_next + b * H;
       T* hn = h_next + b * H;
+      // The pre-activation of column k: GEMM + bias (+ XW_t unless folded into the GEMM).
+      const auto pre = [&](int64_t k) {
+        if constexpr (kFolded) return yb[k] + bb[k];
+        else return yb[k] + xb[k] + bb[k];
+      };
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
-        T i = sigmoid(yb[j] + xb[j] + bb[j]);
-        T f = sigmoid(yb[H + j] + xb[H + j] + bb[H + j]);
-        T g = tanh_(yb[2 * H + j] + xb[2 * H + j] + bb[2 * H + j]);
-        T o = sigmoid(yb[3 * H + j] + xb[3 * H + j] + bb[3 * H + j]);
+        T i = sigmoid(pre(j));
+        T f = sigmoid(pre(H + j));
+        T g = tanh_(pre(2 * H + j));
+        T o = sigmoid(pre(3 * H + j));
         zb[j] = i;
         zb[H + j] = f;
         zb[2 * H + j] = g;
@@ -382,7 +414,11 @@ void lstm_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& bi
         cn[j] = c;
         hn[j] = o * tanh_(c);
       }
+      if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, hn, H * sizeof(T));
     });
+    if constexpr (kFolded) {
+      if (t + 1 < steps) copy_rows(xhp, I + H, step_ptr<T>(input, t + 1), I, B, I);
+    }
   }
 }
 
@@ -574,21 +610,27 @@ inline T derivative_from_output(T h, int64_t kind) {
   return kind == kTanh ? T(1) - h * h : (kind == kRelu ? (h > T(0) ? T(1) : T(0)) : h * (T(1) - h));
 }
 
-template <typename T>
-void rnn_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t,
+// kFolded and the arguments as for lstm_forward_impl.
+template <typename T, bool kFolded>
+void rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& w_t,
                       at::Tensor& hs, int64_t kind, const c10::optional<at::Tensor>& mask,
                       const c10::optional<at::Tensor>& packed) {
-  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
-  const at::Tensor b_all = bias_or_zeros(bias, H, xw);
+  const int64_t steps = input.size(0), B = input.size(1), H = hs.size(2), I = input.size(2);
+  const at::Tensor b_all = bias_or_zeros(bias, H, input);
   const T* bb = b_all.data_ptr<T>();
   const bool* m = mask_ptr(mask);
-  at::Tensor a = at::empty({B, H}, xw.options());
+  at::Tensor a = at::empty({B, H}, input.options());
+  at::Tensor xh;
+  if constexpr (kFolded) xh = folded_rows<T>(input, step_view(hs, 0));
+  T* xhp = kFolded ? xh.data_ptr<T>() : nullptr;
+  // Folded, XW_t is part of the GEMM: a zero row stands in for it in the pass below.
+  const at::Tensor zeros = kFolded ? at::zeros({B, H}, input.options()) : at::Tensor();
   for (int64_t t = 0; t < steps; ++t) {
     // XW_t and the bias are added in the pass below: no extra copy. (Keep the tensor: when packed it is
     // a fresh one, and a pointer into a temporary would dangle.)
-    const at::Tensor y = step_gemm(step_view(hs, t), w_hh_t, packed, a);
+    const at::Tensor y = step_gemm(kFolded ? xh : step_view(hs, t), w_t, packed, a);
     const T* ap = y.data_ptr<T>();
-    const T* xp = step_ptr<T>(xw, t);
+    const T* xp = kFolded ? zeros.data_ptr<T>() : step_ptr<T>(input, t);
     const T* h_prev = step_ptr<T>(hs, t);
     T* h_next = step_ptr<T>(hs, t + 1);
     const bool* mt = m ? m + t * B : nullptr;
@@ -610,7 +652,11 @@ void rnn_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& bia
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) out[j] = sigmoid(a_b[j] + x_b[j] + bb[j]);
       }
+      if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, out, H * sizeof(T));
     });
+    if constexpr (kFolded) {
+      if (t + 1 < steps) copy_rows(xhp, I + H, step_ptr<T>(input, t + 1), I, B, I);
+    }
   }
 }
 
@@ -664,7 +710,14 @@ void lstm_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, c
                   at::Tensor cs, at::Tensor gates, const c10::optional<at::Tensor>& mask,
                   const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &cs, &gates}) check(*t, "lstm_forward argument");
-  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t>(xw, bias, w_hh_t, hs, cs, gates, mask, packed));
+  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, cs, gates, mask, packed));
+}
+
+void lstm_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
+                         at::Tensor hs, at::Tensor cs, at::Tensor gates, const c10::optional<at::Tensor>& mask,
+                         const c10::optional<at::Tensor>& packed) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &w_cat_t, &hs, &cs, &gates}) check(*t, "lstm_forward_folded argument");
+  WB_DISPATCH(x, "lstm_forward_folded", lstm_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, cs, gates, mask, packed));
 }
 
 void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
@@ -692,7 +745,14 @@ void rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, co
                  int64_t kind,
                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs}) check(*t, "rnn_forward argument");
-  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t>(xw, bias, w_hh_t, hs, kind, mask, packed));
+  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, kind, mask, packed));
+}
+
+void rnn_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
+                        at::Tensor hs, int64_t kind, const c10::optional<at::Tensor>& mask,
+                        const c10::optional<at::Tensor>& packed) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &w_cat_t, &hs}) check(*t, "rnn_forward_folded argument");
+  WB_DISPATCH(x, "rnn_forward_folded", rnn_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, kind, mask, packed));
 }
 
 void rnn_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz,
@@ -711,6 +771,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_backward", &gru_backward);
   m.def("rnn_forward", &rnn_forward);
   m.def("rnn_backward", &rnn_backward);
+  m.def("lstm_forward_folded", &lstm_forward_folded);
+  m.def("rnn_forward_folded", &rnn_forward_folded);
   m.def("pooled_empty", &pooled_empty);
   m.def("set_pool_limits", &set_pool_limits);
   m.def("pool_idle_bytes", &pool_idle_bytes);
