@@ -370,3 +370,40 @@ def test_folded_input_matches_the_input_projection(mode, dtype, lengths, monkeyp
         torch.testing.assert_close(output, ref_output, **tol)
         for a, b in zip(states + list(grads), state_tensors(ref_state) + list(ref_grads)):
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("chunk_steps", [1, 3], ids=["one-step-chunks", "uneven-chunks"])
+@pytest.mark.parametrize("lengths", [None, [7, 3, 5]], ids=["full", "lengths"])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["dx", "no-dx"])
+def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monkeypatch):
+    """The compiled path walks time in chunks when its per-step buffers would be large
+    (input projection forward, dZ backward): with chunks of 1 and of 3 of 7 steps, the
+    outputs, final states and every gradient must still match torch.nn's."""
+    if native.load() is None:
+        pytest.skip("the compiled loops are not built here")
+    steps, batch, inputs, hidden = 7, 3, 6, 5
+    layer, reference = make_pair(mode, inputs, hidden, dtype=torch.float64, implementation="native", num_layers=2)
+    gates = {"lstm": 4, "gru": 3}.get(mode, 1)
+    widest = max(gates, 4 if mode == "gru" else gates)  # the GRU's backward buffer holds 4H per row
+    monkeypatch.setattr(fused, "CHUNK_BYTES", chunk_steps * batch * widest * hidden * 8)
+    assert len(fused._chunks(steps, batch * widest * hidden * 8)) == -(-steps // chunk_steps)
+    x = torch.randn(steps, batch, inputs, dtype=torch.float64)
+    state = initial_state(mode, (2, batch, hidden), torch.float64, "cpu")
+    ours_in, ref_in = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
+    size = None if lengths is None else torch.tensor(lengths)
+    output, final = layer(ours_in, state, lengths=size)
+    if lengths is None:
+        ref_output, ref_final = reference(ref_in, state)
+    else:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, lengths, enforce_sorted=False)
+        ref_output, ref_final = reference(packed, state)
+        ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_output, total_length=steps)[0]
+    inputs_ours = ([ours_in] if input_grad else []) + list(layer.parameters()) + state_tensors(state)
+    inputs_ref = ([ref_in] if input_grad else []) + list(reference.parameters()) + state_tensors(state)
+    grads = torch.autograd.grad(loss_of(output, final), inputs_ours)
+    ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), inputs_ref)
+    tol = TOLERANCES[torch.float64]
+    torch.testing.assert_close(output, ref_output, **tol)
+    for a, b in zip(state_tensors(final) + list(grads), state_tensors(ref_final) + list(ref_grads)):
+        torch.testing.assert_close(a, b, **tol)

@@ -53,19 +53,47 @@ def _empty(shape: tuple[int, ...], like: Tensor, native=None) -> Tensor:
     return native.pooled_empty(list(shape), like)
 
 
-def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None, native=None) -> Tensor:
-    """X @ W_ihᵀ + b for all time steps in one GEMM. x (T, B, I) -> (T, B, G·H).
-
-    For the compiled loops (``native``) the bias is not added here but in their gate pass
-    (addmm would first copy it into all T·B rows), and the result comes from the pool."""
+def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
+    """X @ W_ihᵀ + b for all time steps in one GEMM. x (T, B, I) -> (T, B, G·H)."""
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
-    if native is not None:
-        out = _empty((T * B, w_ih.shape[0]), x, native)
-        torch.mm(x2, w_ih.t(), out=out)
-    else:
-        out = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
+    out = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
     return out.view(T, B, -1)
+
+
+#: The compiled path walks the time axis in chunks whose per-step buffers (the input
+#: projection forward, dZ backward) stay under this many bytes; one chunk for most sizes.
+#: A (T, B, G·H) buffer for all steps was as large as everything saved for backward (105 MB
+#: at config (d)) and made the GRU's peak exceed torch.nn's, which walks the steps one by one.
+#: Per chunk the GEMMs still see (steps x B) rows: 1,600 at (d), still at full speed.
+CHUNK_BYTES = 32 << 20
+
+
+def _chunks(steps: int, bytes_per_step: int) -> list[tuple[int, int]]:
+    """[begin, end) ranges covering 0..steps, each within CHUNK_BYTES (at least one step)."""
+    size = max(1, min(steps, CHUNK_BYTES // max(1, bytes_per_step)))
+    return [(begin, min(steps, begin + size)) for begin in range(0, steps, size)]
+
+
+def _projected_chunks(x: Tensor, w_ih: Tensor, native):
+    """For the compiled forward: yields (XW for steps [begin, end) as (end-begin, B, G·H),
+    begin), each chunk computed into one reused pooled buffer just before the loop needs
+    it (the bias is added in the loop's gate pass; addmm would copy it into every row)."""
+    T, B, I = x.shape
+    width = w_ih.shape[0]
+    chunks = _chunks(T, B * width * x.element_size())
+    buffer = _empty((chunks[0][1] - chunks[0][0], B, width), x, native)
+    for begin, end in chunks:
+        xw = buffer[: end - begin]
+        torch.mm(x[begin:end].reshape(-1, I), w_ih.t(), out=xw.view(-1, width))
+        yield xw, begin
+
+
+def _sweep_chunks(steps: int, width: int, like: Tensor, native) -> tuple[Tensor, list[tuple[int, int]]]:
+    """For the compiled backward: a pooled dZ buffer (longest chunk, B, width) and the chunks
+    of steps, last first (the sweep runs backwards in time)."""
+    chunks = _chunks(steps, like.shape[1] * width * like.element_size())
+    return _empty((chunks[0][1] - chunks[0][0], like.shape[1], width), like, native), chunks[::-1]
 
 
 def _sum_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
@@ -74,14 +102,40 @@ def _sum_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     return b_ih + b_hh
 
 
+class _WeightGrads:
+    """dX, dW_ih, dW_hh from pre-activation gradients dZ (steps, B, G·H) as large GEMMs over
+    all steps x B rows, for all steps at once or a chunk of steps at a time."""
+
+    def __init__(self, x: Tensor, h_prev: Tensor, w_ih: Tensor, hidden: int, needs: tuple):
+        self.x, self.h_prev, self.w_ih, self.needs = x, h_prev, w_ih, needs
+        self.dx = x.new_empty(x.shape) if needs[0] else None  # (T, B, I)
+        self.dw_ih = x.new_empty(w_ih.shape) if needs[1] else None  # (G·H, I)
+        self.dw_hh = x.new_empty((w_ih.shape[0], hidden)) if needs[2] else None  # (G·H, H)
+        self.beta = 0  # the first chunk overwrites (beta 0 ignores what new_empty left there)
+
+    def add(self, dz: Tensor, begin: int, end: int, hidden_blocks=None) -> None:
+        """dz: steps [begin, end). hidden_blocks: [(rows of dW_hh, dZ_h block (rows, k))] where
+        the hidden projection's gradient is not dz itself (the GRU's n block)."""
+        rows = dz.reshape(-1, dz.shape[-1])  # ((end-begin)·B, G·H)
+        if self.needs[0]:
+            torch.mm(rows, self.w_ih, out=self.dx[begin:end].view(rows.shape[0], -1))
+        if self.needs[1]:
+            self.dw_ih.addmm_(rows.t(), self.x[begin:end].reshape(rows.shape[0], -1), beta=self.beta)
+        if self.needs[2]:
+            h_prev = self.h_prev[begin:end].reshape(rows.shape[0], -1)
+            for target, block in hidden_blocks or [(slice(None), rows)]:
+                self.dw_hh[target].addmm_(block.t(), h_prev, beta=self.beta)
+        self.beta = 1
+
+    def result(self) -> tuple:
+        return self.dx, self.dw_ih, self.dw_hh
+
+
 def _weight_grads(dz: Tensor, x: Tensor, h_prev: Tensor, w_ih: Tensor, needs: tuple) -> tuple:
-    """dX, dW_ih, dW_hh from the pre-activation gradients dz (T, B, G·H) as large GEMMs."""
-    T, B, _ = x.shape
-    dz2 = dz.reshape(T * B, -1)  # (T·B, G·H)
-    dx = torch.mm(dz2, w_ih).view(T, B, -1) if needs[0] else None  # (T, B, I)
-    dw_ih = torch.mm(dz2.t(), x.reshape(T * B, -1)) if needs[1] else None  # (G·H, I)
-    dw_hh = torch.mm(dz2.t(), h_prev.reshape(T * B, -1)) if needs[2] else None  # (G·H, H)
-    return dx, dw_ih, dw_hh
+    """dX, dW_ih, dW_hh from the pre-activation gradients dz (T, B, G·H) for all steps."""
+    grads = _WeightGrads(x, h_prev, w_ih, h_prev.shape[-1], needs)
+    grads.add(dz, 0, x.shape[0])
+    return grads.result()
 
 
 # --------------------------------------------------------------------------- RNN
@@ -171,11 +225,12 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
         w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native)  # (I+H, H)
         native.rnn_forward_folded(x, bias, w_cat_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed)
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
-    xw = _input_projection(x, w_ih, bias, native)  # (T, B, H)
     w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, H); see module docstring
     if native is not None:
-        native.rnn_forward(xw, bias, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed)
+        for xw, begin in _projected_chunks(x, w_ih, native):
+            native.rnn_forward(xw, bias, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed, begin)
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
+    xw = _input_projection(x, w_ih, bias)  # (T, B, H)
     for t in range(T):
         a = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, H)
         if mask is None:
@@ -205,11 +260,18 @@ class FusedRNN(torch.autograd.Function):
         dh = _state_grad(d_hn, hs[0])
         d_out = _output_grad(d_out, hs[1:])
         if ctx.native is not None:
-            dz = _empty(tuple(d_out.shape), d_out, ctx.native)  # (T, B, H)
-            db = d_out.new_empty(d_out.shape[-1])  # summed in the sweep
-            w_hh = w_hh.contiguous()
-            ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, db, _RNN_KINDS[ctx.nonlinearity], _native_mask(mask))
-            return _rnn_grads(ctx, dz, dh, x, w_ih, hs, db)
+            H = hs.shape[-1]
+            dz_buffer, chunks = _sweep_chunks(T, H, d_out, ctx.native)  # (steps, B, H)
+            db = d_out.new_zeros(H)  # summed in the sweep
+            w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
+            needs = ctx.needs_input_grad
+            grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]))
+            for begin, end in chunks:
+                dz = dz_buffer[: end - begin]
+                ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, db, _RNN_KINDS[ctx.nonlinearity], native_mask,
+                                        begin, end)
+                grads.add(dz, begin, end)
+            return _rnn_grads(ctx, grads.result(), dh, db)
         deriv = _rnn_derivative(hs[1:], ctx.nonlinearity)  # (T, B, H)
         dz = torch.empty_like(deriv)  # (T, B, H)
         for t in range(T - 1, -1, -1):
@@ -220,14 +282,15 @@ class FusedRNN(torch.autograd.Function):
                 m = mask[t]
                 torch.mul((d_out[t] + dh) * m, deriv[t], out=dz[t])
                 dh = torch.where(m, torch.mm(dz[t], w_hh), dh)
-        return _rnn_grads(ctx, dz, dh, x, w_ih, hs)
+        needs = ctx.needs_input_grad
+        weight_grads = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[2], needs[3]))
+        return _rnn_grads(ctx, weight_grads, dh, dz.sum((0, 1)) if ctx.has_bias else None)
 
 
-def _rnn_grads(ctx, dz, dh, x, w_ih, hs, db=None):
-    """``db``: the bias gradient where the compiled sweep summed it already."""
+def _rnn_grads(ctx, weight_grads, dh, db):
+    dx, dw_ih, dw_hh = weight_grads
     needs = ctx.needs_input_grad
-    dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[2], needs[3]))
-    db = (dz.sum((0, 1)) if db is None else db) if ctx.has_bias and (needs[4] or needs[5]) else None
+    db = db if ctx.has_bias and (needs[4] or needs[5]) else None
     return dx, dh, dw_ih, dw_hh, db, db, None, None, None
 
 
@@ -251,9 +314,9 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
             w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native)  # (I+H, 4H)
             native.lstm_forward_folded(x, bias, w_cat_t, hs, cs, gates, _native_mask(mask), packed)
         else:
-            xw = _input_projection(x, w_ih, bias, native)  # (T, B, 4H)
             w_hh_t, packed = _step_weights(w_hh, B, native)
-            native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed)
+            for xw, begin in _projected_chunks(x, w_ih, native):  # (steps, B, 4H)
+                native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed, begin)
         return hs, cs, (gates if keep_gates else None), (hs[1:] if mask is None else hs[1:] * mask)
     xw = _input_projection(x, w_ih, bias)  # (T, B, 4H)
     w_hh_t = w_hh.t().contiguous()  # (H, 4H); see module docstring
@@ -299,11 +362,16 @@ class FusedLSTM(torch.autograd.Function):
             dh = _state_grad(d_hn, hs[0])
             dc = _state_grad(d_cn, cs[0])
             d_out = _output_grad(d_out, hs[1:])
-            dz = _empty(tuple(gates.shape), gates, ctx.native)  # (T, B, 4H)
-            w_hh = w_hh.contiguous()
-            db = gates.new_empty(H4)  # summed in the sweep
-            ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, _native_mask(mask))
-            return _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs, db)
+            dz_buffer, chunks = _sweep_chunks(T, H4, gates, ctx.native)  # (steps, B, 4H)
+            w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
+            db = gates.new_zeros(H4)  # summed in the sweep
+            needs = ctx.needs_input_grad
+            grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[3], needs[4]))
+            for begin, end in chunks:
+                dz = dz_buffer[: end - begin]
+                ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, native_mask, begin, end)
+                grads.add(dz, begin, end)
+            return _lstm_grads(ctx, grads.result(), dh, dc, db)
         i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
         tanh_c = torch.tanh(cs[1:])  # (T, B, H)
         # dZ = [dc·K_i, dc·K_f, dc·K_g, dh·K_o]: every factor that does not depend on
@@ -329,14 +397,16 @@ class FusedLSTM(torch.autograd.Function):
             torch.mul(torch.stack((dc_t, dc_t, dc_t, dh_t), dim=1), k[t], out=dz[t])
             dh_prev = torch.mm(dz[t].view(B, H4), w_hh)  # (B, H)
             dh, dc = _carry(m, dh_prev, dh), _carry(m, dc_t * f[t], dc)
-        return _lstm_grads(ctx, dz.view(T, B, H4), dh, dc, x, w_ih, hs)
+        dz = dz.view(T, B, H4)
+        needs = ctx.needs_input_grad
+        weight_grads = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[3], needs[4]))
+        return _lstm_grads(ctx, weight_grads, dh, dc, dz.sum((0, 1)) if ctx.has_bias else None)
 
 
-def _lstm_grads(ctx, dz, dh, dc, x, w_ih, hs, db=None):
-    """``db``: the bias gradient where the compiled sweep summed it already."""
+def _lstm_grads(ctx, weight_grads, dh, dc, db):
+    dx, dw_ih, dw_hh = weight_grads
     needs = ctx.needs_input_grad
-    dx, dw_ih, dw_hh = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[3], needs[4]))
-    db = (dz.sum((0, 1)) if db is None else db) if ctx.has_bias and (needs[5] or needs[6]) else None
+    db = db if ctx.has_bias and (needs[5] or needs[6]) else None
     return dx, dh, dc, dw_ih, dw_hh, db, db, None, None
 
 
@@ -349,7 +419,6 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
-    xw = _input_projection(x, w_ih, b_ih, native)  # (T, B, 3H)
     w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, 3H)
     hs = _empty((T + 1, B, H), x, native)
     hs[0] = h0
@@ -358,9 +427,11 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     n = _empty((steps, B, H), x, native)
     hn = _empty((steps, B, H), x, native)
     if native is not None:
-        native.gru_forward(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask), packed)
+        for xw, begin in _projected_chunks(x, w_ih, native):  # (steps, B, 3H)
+            native.gru_forward(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask), packed, begin)
         out = hs[1:] if mask is None else hs[1:] * mask
         return (hs, rz, n, hn, out) if keep else (hs, None, None, None, out)
+    xw = _input_projection(x, w_ih, b_ih)  # (T, B, 3H)
     for t in range(T):
         s = t if keep else 0
         hw = torch.mm(hs[t], w_hh_t) if b_hh is None else torch.addmm(b_hh, hs[t], w_hh_t)
@@ -397,12 +468,24 @@ class FusedGRU(torch.autograd.Function):
         if ctx.native is not None:
             dh = _state_grad(d_hn, hs[0])
             d_out = _output_grad(d_out, n)
-            dz_x = _empty((T, B, 3 * H), x, ctx.native)
-            dn_h = _empty((T, B, H), x, ctx.native)  # the n block of dZ_h; its r, z blocks are dz_x's
-            w_hh = w_hh.contiguous()
-            db = x.new_empty(4 * H)  # [b_ir, b_iz, b_in | b_hn] summed in the sweep
-            ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, _native_mask(mask))
-            return _gru_grads(ctx, dz_x, dn_h, dh, x, w_ih, hs, db)
+            # dz_x (steps, B, 3H) and dn_h, the n block of dZ_h (its r, z blocks are dz_x's),
+            # share one pooled buffer per chunk of steps.
+            buffer, chunks = _sweep_chunks(T, 4 * H, x, ctx.native)
+            w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
+            db = x.new_zeros(4 * H)  # [b_ir, b_iz, b_in | b_hn] summed in the sweep
+            needs = ctx.needs_input_grad
+            grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]))
+            for begin, end in chunks:
+                steps = end - begin
+                dz_x = buffer.view(-1)[: steps * B * 3 * H].view(steps, B, 3 * H)
+                dn_h = buffer.view(-1)[steps * B * 3 * H : steps * B * 4 * H].view(steps, B, H)
+                ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, native_mask, begin, end)
+                rows = dz_x.view(steps * B, 3 * H)
+                grads.add(dz_x, begin, end, [(slice(0, 2 * H), rows[:, : 2 * H]), (slice(2 * H, None), dn_h.view(-1, H))])
+            dx, dw_ih, dw_hh = grads.result()
+            db_ih = db[: 3 * H] if ctx.has_bias and needs[4] else None
+            db_hh = torch.cat((db[: 2 * H], db[3 * H :])) if ctx.has_bias and needs[5] else None
+            return dx, dh, dw_ih, dw_hh, db_ih, db_hh, None, None
         r, z = rz.chunk(2, dim=2)  # 2 x (T, B, H)
         k_n = (1 - z) * (1 - n * n)  # ∂h/∂(n pre-activation)
         k_z = (hs[:-1] - n) * z * (1 - z)  # ∂h/∂(z pre-activation)
@@ -428,31 +511,16 @@ class FusedGRU(torch.autograd.Function):
         return _gru_grads(ctx, dz_x.view(T, B, 3 * H), dz_h.view(T, B, 3 * H), dh, x, w_ih, hs)
 
 
-def _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs, db=None):
-    """dz_h is the hidden projection's gradient (T, B, 3H), or only its n block (T, B, H),
-    whose r and z blocks are then dz_x's (the compiled sweep keeps only that much).
-    ``db``: [b_ir, b_iz, b_in | b_hn] (4H) where the compiled sweep summed them already."""
+def _gru_grads(ctx, dz_x, dz_h, dh, x, w_ih, hs):
+    """The torch sweep's gradients from dz_x and dz_h (T, B, 3H), those of the input and of
+    the hidden projection (they differ in the n block, which r multiplies)."""
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     needs = ctx.needs_input_grad
-    dz_x2 = dz_x.view(T * B, 3 * H)
-    dx = torch.mm(dz_x2, w_ih).view(T, B, -1) if needs[0] else None
-    dw_ih = torch.mm(dz_x2.t(), x.reshape(T * B, -1)) if needs[2] else None
-    h_prev = hs[:-1].reshape(T * B, H)
-    if dz_h.shape[-1] == 3 * H:
-        hidden_blocks = (dz_h.view(T * B, 3 * H),)
-    else:
-        hidden_blocks = (dz_x2[:, : 2 * H], dz_h.view(T * B, H))
-    dw_hh = None
-    if needs[3]:
-        grads = [torch.mm(block.t(), h_prev) for block in hidden_blocks]
-        dw_hh = grads[0] if len(grads) == 1 else torch.cat(grads)
-    db_ih = db_hh = None
-    if ctx.has_bias and db is None:
-        db_ih = dz_x2.sum(0) if needs[4] else None
-        db_hh = torch.cat([block.sum(0) for block in hidden_blocks]) if needs[5] else None
-    elif ctx.has_bias:
-        db_ih = db[: 3 * H] if needs[4] else None
-        db_hh = torch.cat((db[: 2 * H], db[3 * H :])) if needs[5] else None
+    grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]))
+    grads.add(dz_x, 0, T, [(slice(None), dz_h.reshape(T * B, 3 * H))])
+    dx, dw_ih, dw_hh = grads.result()
+    db_ih = dz_x.sum((0, 1)) if ctx.has_bias and needs[4] else None
+    db_hh = dz_h.sum((0, 1)) if ctx.has_bias and needs[5] else None
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh, None, None
 
 

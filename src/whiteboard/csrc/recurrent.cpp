@@ -167,9 +167,9 @@ class BiasGradSum {
     return partial_.data_ptr<double>() + thread * width_;
   }
 
-  void write_into(at::Tensor& out) const {
+  void add_into(at::Tensor& out) const {  // out += the sum (the sweep may run in chunks)
     TORCH_CHECK(out.numel() == width_, "bias gradient: expected ", width_, " elements");
-    out.copy_(partial_.sum(0).view(out.sizes()));
+    out.add_(partial_.sum(0).view(out.sizes()).to(out.scalar_type()));
   }
 
  private:
@@ -372,23 +372,24 @@ at::Tensor folded_rows(const at::Tensor& x, const at::Tensor& h0) {
 template <typename T, bool kFolded>
 void lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& w_t,
                        at::Tensor& hs, at::Tensor& cs, at::Tensor& gates, const c10::optional<at::Tensor>& mask,
-                       const c10::optional<at::Tensor>& packed) {
+                       const c10::optional<at::Tensor>& packed, int64_t t_begin) {
   const int64_t steps = input.size(0), B = input.size(1), H = hs.size(2), I = input.size(2);
   const at::Tensor b_all = bias_or_zeros(bias, 4 * H, input);
   const T* bb = b_all.data_ptr<T>();
-  const bool keep = gates.size(0) == steps;
+  const bool keep = gates.size(0) > 1;  // all steps' gates, or one step's scratch
   const bool* m = mask_ptr(mask);
   at::Tensor xh;
   if constexpr (kFolded) xh = folded_rows<T>(input, step_view(hs, 0));
   T* xhp = kFolded ? xh.data_ptr<T>() : nullptr;
-  for (int64_t t = 0; t < steps; ++t) {
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = t_begin + s;  // input is indexed by s, the state buffers by t
     at::Tensor z = step_view(gates, keep ? t : 0);  // (B, 4H): the activations
     // h W_hh^T, or [x, h] [W_ih, W_hh]^T (written into z itself unless packed); XW_t and
     // the bias are added in the pass below.
     const at::Tensor hw = step_gemm(kFolded ? xh : step_view(hs, t), w_t, packed, z);
     const T* yp = hw.data_ptr<T>();
     T* zp = z.data_ptr<T>();
-    const T* xp = kFolded ? nullptr : step_ptr<T>(input, t);
+    const T* xp = kFolded ? nullptr : step_ptr<T>(input, s);
     const T* c_prev = step_ptr<T>(cs, t);
     const T* h_prev = step_ptr<T>(hs, t);
     T* c_next = step_ptr<T>(cs, t + 1);
@@ -428,7 +429,7 @@ void lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
       if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, hn, H * sizeof(T));
     });
     if constexpr (kFolded) {
-      if (t + 1 < steps) copy_rows(xhp, I + H, step_ptr<T>(input, t + 1), I, B, I);
+      if (s + 1 < steps) copy_rows(xhp, I + H, step_ptr<T>(input, s + 1), I, B, I);
     }
   }
 }
@@ -436,20 +437,21 @@ void lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
 template <typename T>
 void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
                         at::Tensor& dh, at::Tensor& dc, at::Tensor& dz, at::Tensor& db,
-                        const c10::optional<at::Tensor>& mask) {
-  const int64_t steps = gates.size(0), B = gates.size(1), H = dh.size(1);
+                        const c10::optional<at::Tensor>& mask, int64_t t_begin, int64_t t_end) {
+  // Steps t_end - 1 down to t_begin; dz holds those steps only (dz[t - t_begin]).
+  const int64_t B = gates.size(1), H = dh.size(1);
   const bool* m = mask_ptr(mask);
   const BiasGradSum bias_sum(4 * H);
   const BiasGradSum* sums = &bias_sum;
   at::Tensor dh_prev = at::empty_like(dh);
-  for (int64_t t = steps - 1; t >= 0; --t) {
+  for (int64_t t = t_end - 1; t >= t_begin; --t) {
     const T* a = step_ptr<T>(gates, t);
     const T* c = step_ptr<T>(cs, t + 1);
     const T* c_prev = step_ptr<T>(cs, t);
     const T* go = step_ptr<T>(d_out, t);
     T* dhp = dh.data_ptr<T>();
     T* dcp = dc.data_ptr<T>();
-    T* dzt = step_ptr<T>(dz, t);
+    T* dzt = step_ptr<T>(dz, t - t_begin);
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, 4 * H, [=](int64_t b) {
       // Per-row pointers and a branch-free blend: written so that gcc vectorises the loop
@@ -488,10 +490,10 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
     // (B, 4H) x (4H, H): MKL's sgemm on the plain W_hh. (oneDNN's packed weights, which
     // win in the forward, were no faster for this long-K, short-N shape once packing
     // W_hh^T, and transposing it first, is counted: 20-30 % slower at batch 20.)
-    at::mm_out(dh_prev, step_view(dz, t), w_hh);
+    at::mm_out(dh_prev, step_view(dz, t - t_begin), w_hh);
     take_alive_rows<T>(dh, dh_prev, mt);
   }
-  bias_sum.write_into(db);
+  bias_sum.add_into(db);
 }
 
 // ------------------------------------------------------------------ GRU
@@ -500,19 +502,21 @@ template <typename T>
 void gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
                       const c10::optional<at::Tensor>& b_hh,
                       at::Tensor& hs, at::Tensor& rz, at::Tensor& n, at::Tensor& hn,
-                      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
+                      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed,
+                      int64_t t_begin) {
   const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
-  const bool keep = n.size(0) == steps;
+  const bool keep = n.size(0) > 1;  // all steps' factors, or one step's scratch
   const bool* m = mask_ptr(mask);
   at::Tensor hw = at::empty({B, 3 * H}, xw.options());
   const at::Tensor bias_x = bias_or_zeros(b_ih, 3 * H, xw), bias_h = bias_or_zeros(b_hh, 3 * H, xw);
   const T* bx = bias_x.data_ptr<T>();
   const T* bh = bias_h.data_ptr<T>();
-  for (int64_t t = 0; t < steps; ++t) {
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t t = t_begin + step;  // xw is indexed by step, the state buffers by t
     // The biases are added in the pass below: no extra copy.
     const at::Tensor y = step_gemm(step_view(hs, t), w_hh_t, packed, hw);
     const int64_t s = keep ? t : 0;
-    const T* x = step_ptr<T>(xw, t);
+    const T* x = step_ptr<T>(xw, step);
     const T* hwp = y.data_ptr<T>();
     const T* h_prev = step_ptr<T>(hs, t);
     T* h_next = step_ptr<T>(hs, t + 1);
@@ -554,19 +558,21 @@ void gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_i
 template <typename T>
 void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
                        const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dz_x,
-                       at::Tensor& dn_h, at::Tensor& db, const c10::optional<at::Tensor>& mask) {
+                       at::Tensor& dn_h, at::Tensor& db, const c10::optional<at::Tensor>& mask,
+                       int64_t t_begin, int64_t t_end) {
   // The gradient of the hidden projection W_hh h + b_hh equals dz_x in its r and z blocks
   // and differs only in the n block (d_n * r): that block alone is kept for all steps
   // (dn_h, T x B x H), the full (B, 3H) row lives in a one-step scratch for the GEMM.
+  // Steps t_end - 1 down to t_begin; dz_x and dn_h hold those steps only ([t - t_begin]).
   // db (4H) receives the bias gradients [b_ir, b_iz, b_in | b_hn]; b_hr, b_hz equal b_ir, b_iz.
-  const int64_t steps = n.size(0), B = n.size(1), H = n.size(2);
+  const int64_t B = n.size(1), H = n.size(2);
   const bool* m = mask_ptr(mask);
   const BiasGradSum bias_sum(4 * H);
   const BiasGradSum* sums = &bias_sum;
   at::Tensor direct = at::empty_like(dh);
   at::Tensor dh_prev = at::empty_like(dh);
   at::Tensor dz_h = at::empty({B, 3 * H}, dh.options());
-  for (int64_t t = steps - 1; t >= 0; --t) {
+  for (int64_t t = t_end - 1; t >= t_begin; --t) {
     const T* rzp = step_ptr<T>(rz, t);
     const T* np = step_ptr<T>(n, t);
     const T* hnp = step_ptr<T>(hn, t);
@@ -574,9 +580,9 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
     const T* go = step_ptr<T>(d_out, t);
     T* dhp = dh.data_ptr<T>();
     T* dir = direct.data_ptr<T>();
-    T* dx = step_ptr<T>(dz_x, t);
+    T* dx = step_ptr<T>(dz_x, t - t_begin);
     T* dhh = dz_h.data_ptr<T>();
-    T* dnh = step_ptr<T>(dn_h, t);
+    T* dnh = step_ptr<T>(dn_h, t - t_begin);
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, 3 * H, [=](int64_t b) {
       const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
@@ -609,7 +615,7 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
     at::addmm_out(dh_prev, direct, dz_h, w_hh);  // dh z + dZ_h W_hh
     take_alive_rows<T>(dh, dh_prev, mt);
   }
-  bias_sum.write_into(db);
+  bias_sum.add_into(db);
 }
 
 // ------------------------------------------------------------------ RNN
@@ -625,7 +631,7 @@ inline T derivative_from_output(T h, int64_t kind) {
 template <typename T, bool kFolded>
 void rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& w_t,
                       at::Tensor& hs, int64_t kind, const c10::optional<at::Tensor>& mask,
-                      const c10::optional<at::Tensor>& packed) {
+                      const c10::optional<at::Tensor>& packed, int64_t t_begin) {
   const int64_t steps = input.size(0), B = input.size(1), H = hs.size(2), I = input.size(2);
   const at::Tensor b_all = bias_or_zeros(bias, H, input);
   const T* bb = b_all.data_ptr<T>();
@@ -636,12 +642,13 @@ void rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& 
   T* xhp = kFolded ? xh.data_ptr<T>() : nullptr;
   // Folded, XW_t is part of the GEMM: a zero row stands in for it in the pass below.
   const at::Tensor zeros = kFolded ? at::zeros({B, H}, input.options()) : at::Tensor();
-  for (int64_t t = 0; t < steps; ++t) {
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = t_begin + s;  // input is indexed by s, the state buffer by t
     // XW_t and the bias are added in the pass below: no extra copy. (Keep the tensor: when packed it is
     // a fresh one, and a pointer into a temporary would dangle.)
     const at::Tensor y = step_gemm(kFolded ? xh : step_view(hs, t), w_t, packed, a);
     const T* ap = y.data_ptr<T>();
-    const T* xp = kFolded ? zeros.data_ptr<T>() : step_ptr<T>(input, t);
+    const T* xp = kFolded ? zeros.data_ptr<T>() : step_ptr<T>(input, s);
     const T* h_prev = step_ptr<T>(hs, t);
     T* h_next = step_ptr<T>(hs, t + 1);
     const bool* mt = m ? m + t * B : nullptr;
@@ -666,24 +673,26 @@ void rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& 
       if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, out, H * sizeof(T));
     });
     if constexpr (kFolded) {
-      if (t + 1 < steps) copy_rows(xhp, I + H, step_ptr<T>(input, t + 1), I, B, I);
+      if (s + 1 < steps) copy_rows(xhp, I + H, step_ptr<T>(input, s + 1), I, B, I);
     }
   }
 }
 
 template <typename T>
 void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor& dh,
-                       at::Tensor& dz, at::Tensor& db, int64_t kind, const c10::optional<at::Tensor>& mask) {
-  const int64_t steps = d_out.size(0), B = d_out.size(1), H = d_out.size(2);
+                       at::Tensor& dz, at::Tensor& db, int64_t kind, const c10::optional<at::Tensor>& mask,
+                       int64_t t_begin, int64_t t_end) {
+  // Steps t_end - 1 down to t_begin; dz holds those steps only (dz[t - t_begin]).
+  const int64_t B = d_out.size(1), H = d_out.size(2);
   const bool* m = mask_ptr(mask);
   const BiasGradSum bias_sum(H);
   const BiasGradSum* sums = &bias_sum;
   at::Tensor dh_prev = at::empty_like(dh);
-  for (int64_t t = steps - 1; t >= 0; --t) {
+  for (int64_t t = t_end - 1; t >= t_begin; --t) {
     const T* h = step_ptr<T>(hs, t + 1);
     const T* go = step_ptr<T>(d_out, t);
     const T* dhp = dh.data_ptr<T>();
-    T* dzt = step_ptr<T>(dz, t);
+    T* dzt = step_ptr<T>(dz, t - t_begin);
     const bool* mt = m ? m + t * B : nullptr;
     for_rows(B, H, [=](int64_t b) {
       const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
@@ -696,10 +705,10 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
         acc[j] += d;
       }
     });
-    at::mm_out(dh_prev, step_view(dz, t), w_hh);
+    at::mm_out(dh_prev, step_view(dz, t - t_begin), w_hh);
     take_alive_rows<T>(dh, dh_prev, mt);
   }
-  bias_sum.write_into(db);
+  bias_sum.add_into(db);
 }
 
 // ------------------------------------------------------------------ dispatch
@@ -717,59 +726,79 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
     }                                                                                       \
   } while (0)
 
+// The steps a forward call covers: xw's, from t_begin (the input projection may come in
+// chunks of steps); the state buffers hold all steps.
+void check_forward_range(const at::Tensor& xw, const at::Tensor& hs, int64_t t_begin) {
+  TORCH_CHECK(t_begin >= 0 && t_begin + xw.size(0) <= hs.size(0) - 1, "steps ", t_begin, " + ", xw.size(0),
+              " out of range for ", hs.size(0) - 1, " steps");
+}
+
+// The steps a backward call covers: t_end - 1 down to t_begin, dZ holding those only.
+void check_backward_range(const at::Tensor& dz, int64_t steps, int64_t t_begin, int64_t t_end) {
+  TORCH_CHECK(0 <= t_begin && t_begin < t_end && t_end <= steps && dz.size(0) >= t_end - t_begin,
+              "backward steps [", t_begin, ", ", t_end, ") out of range");
+}
+
 void lstm_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
                   at::Tensor cs, at::Tensor gates, const c10::optional<at::Tensor>& mask,
-                  const c10::optional<at::Tensor>& packed) {
+                  const c10::optional<at::Tensor>& packed, int64_t t_begin) {
+  check_forward_range(xw, hs, t_begin);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &cs, &gates}) check(*t, "lstm_forward argument");
-  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, cs, gates, mask, packed));
+  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, cs, gates, mask, packed, t_begin));
 }
 
 void lstm_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
                          at::Tensor hs, at::Tensor cs, at::Tensor gates, const c10::optional<at::Tensor>& mask,
                          const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &w_cat_t, &hs, &cs, &gates}) check(*t, "lstm_forward_folded argument");
-  WB_DISPATCH(x, "lstm_forward_folded", lstm_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, cs, gates, mask, packed));
+  WB_DISPATCH(x, "lstm_forward_folded", lstm_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, cs, gates, mask, packed, 0));
 }
 
 void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
-                   at::Tensor dh, at::Tensor dc, at::Tensor dz, at::Tensor db, const c10::optional<at::Tensor>& mask) {
+                   at::Tensor dh, at::Tensor dc, at::Tensor dz, at::Tensor db, const c10::optional<at::Tensor>& mask,
+                   int64_t t_begin, int64_t t_end) {
+  check_backward_range(dz, gates.size(0), t_begin, t_end);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &gates, &cs, &w_hh, &dh, &dc, &dz}) check(*t, "lstm_backward argument");
-  WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, db, mask));
+  WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, db, mask, t_begin, t_end));
 }
 
 void gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
                  const c10::optional<at::Tensor>& b_hh, at::Tensor hs,
                  at::Tensor rz, at::Tensor n, at::Tensor hn, const c10::optional<at::Tensor>& mask,
-                 const c10::optional<at::Tensor>& packed) {
+                 const c10::optional<at::Tensor>& packed, int64_t t_begin) {
+  check_forward_range(xw, hs, t_begin);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &rz, &n, &hn}) check(*t, "gru_forward argument");
-  WB_DISPATCH(xw, "gru_forward", gru_forward_impl<scalar_t>(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, mask, packed));
+  WB_DISPATCH(xw, "gru_forward", gru_forward_impl<scalar_t>(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, mask, packed, t_begin));
 }
 
 void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
                   const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz_x, at::Tensor dn_h,
-                  at::Tensor db, const c10::optional<at::Tensor>& mask) {
+                  at::Tensor db, const c10::optional<at::Tensor>& mask, int64_t t_begin, int64_t t_end) {
+  check_backward_range(dz_x, n.size(0), t_begin, t_end);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &rz, &n, &hn, &w_hh, &dh, &dz_x, &dn_h}) check(*t, "gru_backward argument");
-  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, mask));
+  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, mask, t_begin, t_end));
 }
 
 void rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
-                 int64_t kind,
-                 const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed) {
+                 int64_t kind, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed,
+                 int64_t t_begin) {
+  check_forward_range(xw, hs, t_begin);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs}) check(*t, "rnn_forward argument");
-  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, kind, mask, packed));
+  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, kind, mask, packed, t_begin));
 }
 
 void rnn_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
                         at::Tensor hs, int64_t kind, const c10::optional<at::Tensor>& mask,
                         const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &w_cat_t, &hs}) check(*t, "rnn_forward_folded argument");
-  WB_DISPATCH(x, "rnn_forward_folded", rnn_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, kind, mask, packed));
+  WB_DISPATCH(x, "rnn_forward_folded", rnn_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, kind, mask, packed, 0));
 }
 
 void rnn_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz,
-                  at::Tensor db, int64_t kind, const c10::optional<at::Tensor>& mask) {
+                  at::Tensor db, int64_t kind, const c10::optional<at::Tensor>& mask, int64_t t_begin, int64_t t_end) {
+  check_backward_range(dz, d_out.size(0), t_begin, t_end);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &w_hh, &dh, &dz}) check(*t, "rnn_backward argument");
-  WB_DISPATCH(hs, "rnn_backward", rnn_backward_impl<scalar_t>(d_out, hs, w_hh, dh, dz, db, kind, mask));
+  WB_DISPATCH(hs, "rnn_backward", rnn_backward_impl<scalar_t>(d_out, hs, w_hh, dh, dz, db, kind, mask, t_begin, t_end));
 }
 
 }  // namespace
