@@ -407,3 +407,14 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
     torch.testing.assert_close(output, ref_output, **tol)
     for a, b in zip(state_tensors(final) + list(grads), state_tensors(ref_final) + list(ref_grads)):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_pool_size_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("WHITEBOARD_POOL_MB", raising=False)
+    assert native.pool_max_idle_bytes() == 1024 << 20
+    monkeypatch.setenv("WHITEBOARD_POOL_MB", "0.5")
+    assert native.pool_max_idle_bytes() == 1 << 19
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("WHITEBOARD_POOL_MB", bad)
+        with pytest.raises(ValueError, match="WHITEBOARD_POOL_MB must be a number of megabytes"):
+            native.pool_max_idle_bytes()

@@ -21,6 +21,15 @@ Why it is laid out like this (measured on 2 CPU cores with torch 2.13):
 
 Only device-agnostic torch ops are used, so the same code runs on CPU and CUDA.
 
+The compiled loops (:mod:`whiteboard.native`, CPU float32/float64) differ from the above:
+- buffers come from a pool that spares large ones their page faults on every call;
+- time is walked in chunks (``CHUNK_BYTES``): each chunk's input projection is computed
+  just before the loop reaches it, and the backward adds each chunk's weight-gradient
+  GEMMs after sweeping it, so no (T, B, G·H) buffer beyond the saved ones exists;
+- with a small input (I <= H/4) the LSTM and RNN skip the input projection and run each
+  step's GEMM on [x_t, h_t] (``fold_input_max_ratio`` in :mod:`whiteboard.native`);
+- biases are added, and the bias gradient summed, inside the compiled gate passes.
+
 Optional ``mask`` (T, B, 1, bool) marks valid steps of variable-length sequences: where
 it is False the state is carried unchanged and the output is zero, as torch.nn does for
 packed sequences. Double backward is not supported (``once_differentiable``).

@@ -108,7 +108,14 @@ POOL_MIN_BYTES = 1 << 20
 def pool_max_idle_bytes() -> int:
     """How much freed buffer memory the pool keeps for reuse: ``WHITEBOARD_POOL_MB``
     (default 1024; 0 keeps none). Call the module's ``release_pool()`` to return it early."""
-    return int(float(os.environ.get("WHITEBOARD_POOL_MB", "1024")) * (1 << 20))
+    value = os.environ.get("WHITEBOARD_POOL_MB", "1024")
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes >= 0:  # also NaN
+        raise ValueError(f"WHITEBOARD_POOL_MB must be a number of megabytes >= 0, got {value!r}")
+    return int(megabytes * (1 << 20))
 
 
 #: Per-step GEMMs against a weight oneDNN packed once per call (see recurrent.cpp's
