@@ -205,6 +205,7 @@ def test_packed_weight_gemms_match_plain_ones(mode, lengths, monkeypatch):
     layer, reference = make_pair(mode, I, H, dtype=torch.float32, implementation="native", num_layers=2)
     x = torch.randn(T, B, I)
     monkeypatch.setattr(native, "packed_gemm_min_macs", 0)  # tiny sizes here: pack anyway
+    monkeypatch.setattr(native, "packed_min_steps", 0)
     results = {}
     for packed in (True, False):
         monkeypatch.setattr(native, "packed_gemm", packed)
@@ -418,3 +419,30 @@ def test_pool_size_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv("WHITEBOARD_POOL_MB", bad)
         with pytest.raises(ValueError, match="WHITEBOARD_POOL_MB must be a number of megabytes"):
             native.pool_max_idle_bytes()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("copy_rows", [0, 10**6], ids=["transposed-copy", "transposed-view"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_weights_as_a_copy_or_a_view_match_torch_nn(mode, copy_rows, dtype, monkeypatch):
+    """For few rows in all (generation) the per-step GEMM runs on a transposed view of
+    W_hh instead of a contiguous copy; both must give torch.nn's outputs and gradients."""
+    if native.load() is None:
+        pytest.skip("the compiled loops are not built here")
+    monkeypatch.setattr(native, "transpose_max_rows", copy_rows)
+    layer, reference = make_pair(mode, I, H, dtype=dtype, implementation="native", num_layers=2)
+    x = torch.randn(T, B, I, dtype=dtype)
+    views = []
+    original = fused._step_weights
+    monkeypatch.setattr(fused, "_step_weights",
+                        lambda *a: views.append(not (r := original(*a))[0].is_contiguous()) or r)
+    ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    output, state = layer(ours_in)
+    ref_output, ref_state = reference(ref_in)
+    assert views == [copy_rows > 0] * 2  # both layers took the path asked for
+    grads = torch.autograd.grad(loss_of(output, state), [ours_in, *layer.parameters()])
+    ref_grads = torch.autograd.grad(loss_of(ref_output, ref_state), [ref_in, *reference.parameters()])
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(output, ref_output, **tol)
+    for a, b in zip(state_tensors(state) + list(grads), state_tensors(ref_state) + list(ref_grads)):
+        torch.testing.assert_close(a, b, **tol)

@@ -208,11 +208,21 @@ def _folds_input(x: Tensor, hidden_size: int, native) -> bool:
     return native is not None and x.shape[-1] <= native_module.fold_input_max_ratio * hidden_size
 
 
-def _step_weights(w_hh: Tensor, batch: int, native) -> tuple[Tensor, Tensor | None]:
-    """(W_hhᵀ as a contiguous copy, None), or for the compiled loop where oneDNN can pack
-    it (W_hh itself, unused, and W_hh packed): what the per-step GEMM h @ W_hhᵀ runs on."""
-    packed = _packed(w_hh, batch) if native is not None else None
-    return (w_hh.contiguous() if packed is not None else w_hh.t().contiguous()), packed
+def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor, Tensor | None]:
+    """What the per-step GEMM h @ W_hhᵀ runs on, prepared once per call: (W_hhᵀ, None), or
+    for the compiled loop where oneDNN can pack it (W_hh itself, unused, and W_hh packed).
+
+    W_hhᵀ is a contiguous copy (small GEMMs against a transposed view were up to 1.6x
+    slower), except in the compiled loop over a few rows in all (generation: one token,
+    batch 1), where copying cost more than all the steps (see native.transpose_max_rows)."""
+    from . import native as native_module
+
+    packed = _packed(w_hh, batch) if native is not None and steps >= native_module.packed_min_steps else None
+    if packed is not None:
+        return w_hh.contiguous(), packed
+    if native is not None and steps * batch <= native_module.transpose_max_rows:
+        return w_hh.t(), None
+    return w_hh.t().contiguous(), None
 
 
 def _native_mask(mask: Tensor | None) -> Tensor | None:
@@ -231,10 +241,10 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
     hs = _empty((T + 1,) + h0.shape, x, native)  # (T+1, B, H)
     hs[0] = h0
     if _folds_input(x, h0.shape[-1], native):
-        w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native)  # (I+H, H)
+        w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, H)
         native.rnn_forward_folded(x, bias, w_cat_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed)
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
-    w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, H); see module docstring
+    w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, H); see module docstring
     if native is not None:
         for xw, begin in _projected_chunks(x, w_ih, native):
             native.rnn_forward(xw, bias, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed, begin)
@@ -320,10 +330,10 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
     gates = _empty((T if keep_gates else 1, B, 4 * H), x, native)
     if native is not None:
         if _folds_input(x, H, native):
-            w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native)  # (I+H, 4H)
+            w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, 4H)
             native.lstm_forward_folded(x, bias, w_cat_t, hs, cs, gates, _native_mask(mask), packed)
         else:
-            w_hh_t, packed = _step_weights(w_hh, B, native)
+            w_hh_t, packed = _step_weights(w_hh, B, native, T)
             for xw, begin in _projected_chunks(x, w_ih, native):  # (steps, B, 4H)
                 native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed, begin)
         return hs, cs, (gates if keep_gates else None), (hs[1:] if mask is None else hs[1:] * mask)
@@ -428,7 +438,7 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
-    w_hh_t, packed = _step_weights(w_hh, B, native)  # (H, 3H)
+    w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, 3H)
     hs = _empty((T + 1, B, H), x, native)
     hs[0] = h0
     steps = T if keep else 1

@@ -128,6 +128,17 @@ packed_gemm = os.environ.get("WHITEBOARD_PACKED_GEMM", "1") != "0"
 packed_gemm_min_macs = 20_000_000
 
 
+#: Preparing W_hh once per call pays only over enough steps. oneDNN's packing costs about
+#: one step's GEMM and gains ~10 % per step (LSTM (c): reorder 0.44 ms, step 0.51 -> 0.46
+#: ms), so it needs this many steps. A contiguous copy of W_hhᵀ (torch's strided copy:
+#: 0.1 ms at H 200, 1.6 ms at H 650) is skipped, and the GEMM runs on the transposed view,
+#: when steps x batch is at most transpose_max_rows: per step the view cost 2.7 us more at
+#: H 200, batch 1 (break-even 38 steps), 19 us at batch 20 (5 steps), 11 us at H 650, batch
+#: 1 (145 steps), 107 us at batch 20 (15 steps). Generation (one token, batch 1) was 33 %
+#: slower than torch.nn's per call at 2 x 200 from that copy alone.
+packed_min_steps = 8
+transpose_max_rows = 32
+
 #: The compiled LSTM and RNN forwards fold the input into the per-step GEMM ([x_t, h_t]
 #: against [W_ih, W_hh], see recurrent.cpp) when input_size <= this x hidden_size, rather
 #: than reading a precomputed input projection back from memory. Each step's GEMM grows

@@ -192,6 +192,7 @@ using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const s
                                    c10::string_view, c10::List<std::optional<at::Scalar>>,
                                    std::optional<c10::string_view>);
 
+// (plain_t may be a transposed view: for a few steps that beats copying W^T first.)
 at::Tensor step_gemm(const at::Tensor& x, const at::Tensor& plain_t, const c10::optional<at::Tensor>& packed,
                      at::Tensor& out) {
   if (packed.has_value()) {
@@ -743,14 +744,14 @@ void lstm_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, c
                   at::Tensor cs, at::Tensor gates, const c10::optional<at::Tensor>& mask,
                   const c10::optional<at::Tensor>& packed, int64_t t_begin) {
   check_forward_range(xw, hs, t_begin);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &cs, &gates}) check(*t, "lstm_forward argument");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &hs, &cs, &gates}) check(*t, "lstm_forward argument");
   WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, cs, gates, mask, packed, t_begin));
 }
 
 void lstm_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
                          at::Tensor hs, at::Tensor cs, at::Tensor gates, const c10::optional<at::Tensor>& mask,
                          const c10::optional<at::Tensor>& packed) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &w_cat_t, &hs, &cs, &gates}) check(*t, "lstm_forward_folded argument");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &hs, &cs, &gates}) check(*t, "lstm_forward_folded argument");
   WB_DISPATCH(x, "lstm_forward_folded", lstm_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, cs, gates, mask, packed, 0));
 }
 
@@ -767,7 +768,7 @@ void gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, co
                  at::Tensor rz, at::Tensor n, at::Tensor hn, const c10::optional<at::Tensor>& mask,
                  const c10::optional<at::Tensor>& packed, int64_t t_begin) {
   check_forward_range(xw, hs, t_begin);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs, &rz, &n, &hn}) check(*t, "gru_forward argument");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &hs, &rz, &n, &hn}) check(*t, "gru_forward argument");
   WB_DISPATCH(xw, "gru_forward", gru_forward_impl<scalar_t>(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, mask, packed, t_begin));
 }
 
@@ -783,14 +784,14 @@ void rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, co
                  int64_t kind, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed,
                  int64_t t_begin) {
   check_forward_range(xw, hs, t_begin);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &w_hh_t, &hs}) check(*t, "rnn_forward argument");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &hs}) check(*t, "rnn_forward argument");
   WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, kind, mask, packed, t_begin));
 }
 
 void rnn_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
                         at::Tensor hs, int64_t kind, const c10::optional<at::Tensor>& mask,
                         const c10::optional<at::Tensor>& packed) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &w_cat_t, &hs}) check(*t, "rnn_forward_folded argument");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &hs}) check(*t, "rnn_forward_folded argument");
   WB_DISPATCH(x, "rnn_forward_folded", rnn_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, kind, mask, packed, 0));
 }
 
