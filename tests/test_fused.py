@@ -446,3 +446,40 @@ def test_step_weights_as_a_copy_or_a_view_match_torch_nn(mode, copy_rows, dtype,
     torch.testing.assert_close(output, ref_output, **tol)
     for a, b in zip(state_tensors(state) + list(grads), state_tensors(ref_state) + list(ref_grads)):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh", "bias", "h0", "c0"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_values_anywhere_come_out_as_torch_nn_s(mode, where, value):
+    """The compiled forward checks every pre-activation for NaN and Inf (it is built for
+    finite numbers) and then reruns the call on the torch loop: outputs and gradients must
+    be torch.nn's, NaN for NaN, wherever the bad value entered (c0: an LSTM's only input
+    that reaches no pre-activation, checked before the loop)."""
+    if where == "c0" and mode != "lstm":
+        pytest.skip("only the LSTM has a cell state")
+    layer, reference = make_pair(mode, I, H, dtype=torch.float32, implementation="native")
+    x = torch.randn(T, B, I)
+    state = initial_state(mode, (1, B, H), torch.float32, "cpu")
+    state = tuple(s.detach() for s in state_tensors(state))
+    if where == "input":
+        x[1, 0, 2] = value
+    elif where in ("h0", "c0"):
+        state[0 if where == "h0" else 1][0, 1, 3] = value
+    else:
+        name = {"weight_ih": "weight_ih_l0", "weight_hh": "weight_hh_l0", "bias": "bias_hh_l0"}[where]
+        with torch.no_grad():
+            for module in (layer, reference):
+                getattr(module, name).view(-1)[4] = value
+    state = state if mode == "lstm" else state[0]
+    results = []
+    for module in (layer, reference):
+        x_in = x.clone().requires_grad_()
+        output, final = module(x_in, state)
+        grad = torch.autograd.grad(output.sum(), x_in)[0]
+        results.append((output, grad))
+    (ours, ours_grad), (theirs, theirs_grad) = results
+    if value != value:  # NaN always reaches the output (an Inf may only saturate gates)
+        assert not torch.isfinite(theirs).all()
+    torch.testing.assert_close(ours, theirs, equal_nan=True, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ours_grad, theirs_grad, equal_nan=True, **TOLERANCES[torch.float32])

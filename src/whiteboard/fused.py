@@ -156,7 +156,7 @@ def _rnn_derivative(h: Tensor, nonlinearity: str) -> Tensor:
         return 1 - h * h
     if nonlinearity == "sigmoid":
         return h * (1 - h)
-    return (h > 0).to(h.dtype)
+    return (~(h <= 0)).to(h.dtype)  # as torch's threshold_backward: a NaN output passes the gradient
 
 
 def _relu(a: Tensor, out: Tensor | None = None) -> Tensor:
@@ -167,13 +167,25 @@ _RNN_ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": _relu}
 
 
 def finite_or_none(native, *tensors: Tensor | None):
-    """The compiled loops assume finite inputs (they are built with -ffinite-math-only); with
-    a NaN or Inf anywhere in the inputs, take the torch loop, which propagates it as
-    torch.nn does. (One compiled pass over the inputs: the torch ops this took before,
-    a reduction per tensor and a sync, cost 2 % of a small LSTM step.)"""
+    """``native`` where ``tensors`` are all finite, else None (the torch loop). For what the
+    compiled forward's own check cannot see: it tests every pre-activation, which any NaN
+    or Inf in x, h0, the weights or the biases reaches, but an LSTM's c0 enters no
+    pre-activation."""
     if native is None:
         return None
     return native if native.all_finite([t for t in tensors if t is not None]) else None
+
+
+def run_sequence(sequence, native, *args):
+    """``sequence(*args, native)`` on the compiled loop; where that met a NaN or an Inf (it
+    returns None: it is built for finite numbers, see recurrent.cpp's not_finite), again on
+    the torch loop, which propagates them as torch.nn does. Returns (its result, the
+    compiled module, or None where the torch loop ran)."""
+    if native is not None:
+        result = sequence(*args, native)
+        if result is not None:
+            return result, native
+    return sequence(*args, None), None
 
 
 def _state_grad(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -234,7 +246,8 @@ _RNN_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2}
 
 def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None):
     """Forward only; returns (states (T+1, B, H), output (T, B, H)). ``native`` is the
-    compiled loop module (:mod:`whiteboard.native`) or None for the torch loop."""
+    compiled loop module (:mod:`whiteboard.native`) or None for the torch loop; the
+    compiled loop returns None where it met a NaN or Inf (see run_sequence)."""
     T, B, _ = x.shape
     phi = _RNN_ACTIVATIONS[nonlinearity]
     bias = _sum_bias(b_ih, b_hh)
@@ -242,12 +255,14 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
     hs[0] = h0
     if _folds_input(x, h0.shape[-1], native):
         w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, H)
-        native.rnn_forward_folded(x, bias, w_cat_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed)
+        if not native.rnn_forward_folded(x, bias, w_cat_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed):
+            return None
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
     w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, H); see module docstring
     if native is not None:
         for xw, begin in _projected_chunks(x, w_ih, native):
-            native.rnn_forward(xw, bias, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed, begin)
+            if not native.rnn_forward(xw, bias, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed, begin):
+                return None
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
     xw = _input_projection(x, w_ih, bias)  # (T, B, H)
     for t in range(T):
@@ -263,8 +278,7 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
 class FusedRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None):
-        native = finite_or_none(native, x, h0, w_ih, w_hh, b_ih, b_hh)
-        hs, out = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native)
+        (hs, out), native = run_sequence(rnn_sequence, native, x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity)
         ctx.native = native
         ctx.nonlinearity = nonlinearity
         ctx.has_bias = b_ih is not None
@@ -319,6 +333,7 @@ def _rnn_grads(ctx, weight_grads, dh, db):
 def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, native=None):
     """Forward only. Returns (hs, cs, gates, output): hs, cs (T+1, B, H) with the initial
     state at index 0; gates (T, B, 4H) activated i|f|g|o (only when keep_gates, else None).
+    None from the compiled loop where it met a NaN or Inf (see run_sequence).
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
@@ -331,11 +346,13 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
     if native is not None:
         if _folds_input(x, H, native):
             w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, 4H)
-            native.lstm_forward_folded(x, bias, w_cat_t, hs, cs, gates, _native_mask(mask), packed)
+            if not native.lstm_forward_folded(x, bias, w_cat_t, hs, cs, gates, _native_mask(mask), packed):
+                return None
         else:
             w_hh_t, packed = _step_weights(w_hh, B, native, T)
             for xw, begin in _projected_chunks(x, w_ih, native):  # (steps, B, 4H)
-                native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed, begin)
+                if not native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed, begin):
+                    return None
         return hs, cs, (gates if keep_gates else None), (hs[1:] if mask is None else hs[1:] * mask)
     xw = _input_projection(x, w_ih, bias)  # (T, B, 4H)
     w_hh_t = w_hh.t().contiguous()  # (H, 4H); see module docstring
@@ -362,8 +379,8 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
 class FusedLSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, native=None):
-        native = finite_or_none(native, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        hs, cs, gates, out = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, True, native)
+        native = finite_or_none(native, c0)
+        (hs, cs, gates, out), native = run_sequence(lstm_sequence, native, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, True)
         ctx.native = native
         ctx.has_bias = b_ih is not None
         ctx.save_for_backward(x, w_ih, w_hh, hs, cs, gates, mask)
@@ -435,6 +452,7 @@ def _lstm_grads(ctx, weight_grads, dh, dc, db):
 def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     """Forward only. Returns (hs, rz, n, hn, output): hs (T+1, B, H); when keep, rz
     (T, B, 2H) activated r|z, n (T, B, H) the candidate and hn (T, B, H) = W_hn h + b_hn.
+    None from the compiled loop where it met a NaN or Inf (see run_sequence).
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
@@ -447,7 +465,8 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     hn = _empty((steps, B, H), x, native)
     if native is not None:
         for xw, begin in _projected_chunks(x, w_ih, native):  # (steps, B, 3H)
-            native.gru_forward(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask), packed, begin)
+            if not native.gru_forward(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask), packed, begin):
+                return None
         out = hs[1:] if mask is None else hs[1:] * mask
         return (hs, rz, n, hn, out) if keep else (hs, None, None, None, out)
     xw = _input_projection(x, w_ih, b_ih)  # (T, B, 3H)
@@ -472,8 +491,7 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
 class FusedGRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask, native=None):
-        native = finite_or_none(native, x, h0, w_ih, w_hh, b_ih, b_hh)
-        hs, rz, n, hn, out = gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, True, native)
+        (hs, rz, n, hn, out), native = run_sequence(gru_sequence, native, x, h0, w_ih, w_hh, b_ih, b_hh, mask, True)
         ctx.native = native
         ctx.has_bias = b_ih is not None
         ctx.save_for_backward(x, w_ih, w_hh, hs, rz, n, hn, mask)

@@ -486,8 +486,7 @@ class RNN(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n = fused.FusedRNN.apply(x, initial[0], *weights, mask, self.nonlinearity, native)
             return out, [h_n]
-        native = fused.finite_or_none(native, x, *initial, *weights)
-        hs, out = fused.rnn_sequence(x, initial[0], *weights, mask, self.nonlinearity, native)
+        (hs, out), _ = fused.run_sequence(fused.rnn_sequence, native, x, initial[0], *weights, mask, self.nonlinearity)
         return out, [hs[-1]]
 
 
@@ -536,8 +535,8 @@ class LSTM(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n, c_n = fused.FusedLSTM.apply(x, initial[0], initial[1], *weights, mask, native)
             return out, [h_n, c_n]
-        native = fused.finite_or_none(native, x, *initial, *weights)
-        hs, cs, _, out = fused.lstm_sequence(x, initial[0], initial[1], *weights, mask, False, native)
+        native = fused.finite_or_none(native, initial[1])
+        (hs, cs, _, out), _ = fused.run_sequence(fused.lstm_sequence, native, x, *initial, *weights, mask, False)
         return out, [hs[-1], cs[-1]]
 
 
@@ -569,8 +568,7 @@ class GRU(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n = fused.FusedGRU.apply(x, initial[0], *weights, mask, native)
             return out, [h_n]
-        native = fused.finite_or_none(native, x, *initial, *weights)
-        hs, _, _, _, out = fused.gru_sequence(x, initial[0], *weights, mask, False, native)
+        (hs, _, _, _, out), _ = fused.run_sequence(fused.gru_sequence, native, x, initial[0], *weights, mask, False)
         return out, [hs[-1]]
 
 

@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <atomic>
 #include <map>
 #include <mutex>
 
@@ -97,6 +98,21 @@ template <> inline float tiny<float>() { return 1e-30f; }
 template <> inline double tiny<double>() { return 1e-300; }
 template <typename T>
 inline T flush(T x) { return std::fabs(x) < tiny<T>() ? T(0) : x; }
+
+// 1 where x is NaN or +-Inf, tested on the exponent bits (under -ffinite-math-only the
+// compiler may fold std::isfinite to true). The forward passes OR this over every
+// pre-activation: any NaN or Inf in x, W_ih, W_hh, the biases or h0 reaches one of them
+// (0 * Inf and NaN * 0 are NaN), and the clamps in the gate math, compiled for finite
+// numbers, would otherwise turn it into a finite value. The forward then reports it, and
+// whiteboard/fused.py recomputes the call with the torch loop, which propagates NaN as
+// torch.nn does. Checking the inputs up front instead read every weight again on every
+// call: at batch 1 and one token (generation) that doubled a GRU's time.
+inline int32_t not_finite(float x) {
+  return (__builtin_bit_cast(uint32_t, x) & 0x7f800000u) == 0x7f800000u;
+}
+inline int32_t not_finite(double x) {
+  return (__builtin_bit_cast(uint64_t, x) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+}
 
 // Rows of the batch are independent: split them over torch's intra-op threads when the
 // step has enough work to pay for the hand-off (below ~16k elements one thread wins).
@@ -371,7 +387,7 @@ at::Tensor folded_rows(const at::Tensor& x, const at::Tensor& h0) {
 // kFolded: `input` is x (T, B, I) and w_t is [W_ih, W_hh]^T (I + H, 4H); otherwise
 // `input` is XW (T, B, 4H) and w_t is W_hh^T (H, 4H). (packed: the same weight, packed.)
 template <typename T, bool kFolded>
-void lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& w_t,
+bool lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& w_t,
                        at::Tensor& hs, at::Tensor& cs, at::Tensor& gates, const c10::optional<at::Tensor>& mask,
                        const c10::optional<at::Tensor>& packed, int64_t t_begin) {
   const int64_t steps = input.size(0), B = input.size(1), H = hs.size(2), I = input.size(2);
@@ -382,6 +398,8 @@ void lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
   at::Tensor xh;
   if constexpr (kFolded) xh = folded_rows<T>(input, step_view(hs, 0));
   T* xhp = kFolded ? xh.data_ptr<T>() : nullptr;
+  std::atomic<bool> saw_nonfinite{false};
+  std::atomic<bool>* nonfinite = &saw_nonfinite;
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = t_begin + s;  // input is indexed by s, the state buffers by t
     at::Tensor z = step_view(gates, keep ? t : 0);  // (B, 4H): the activations
@@ -413,12 +431,15 @@ void lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
         if constexpr (kFolded) return yb[k] + bb[k];
         else return yb[k] + xb[k] + bb[k];
       };
-#pragma omp simd
+      int32_t bad = 0;
+#pragma omp simd reduction(| : bad)
       for (int64_t j = 0; j < H; ++j) {
-        T i = sigmoid(pre(j));
-        T f = sigmoid(pre(H + j));
-        T g = tanh_(pre(2 * H + j));
-        T o = sigmoid(pre(3 * H + j));
+        const T zi = pre(j), zf = pre(H + j), zg = pre(2 * H + j), zo = pre(3 * H + j);
+        bad |= not_finite(zi) | not_finite(zf) | not_finite(zg) | not_finite(zo);
+        T i = sigmoid(zi);
+        T f = sigmoid(zf);
+        T g = tanh_(zg);
+        T o = sigmoid(zo);
         zb[j] = i;
         zb[H + j] = f;
         zb[2 * H + j] = g;
@@ -427,12 +448,14 @@ void lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
         cn[j] = c;
         hn[j] = o * tanh_(c);
       }
+      if (bad) nonfinite->store(true, std::memory_order_relaxed);
       if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, hn, H * sizeof(T));
     });
     if constexpr (kFolded) {
       if (s + 1 < steps) copy_rows(xhp, I + H, step_ptr<T>(input, s + 1), I, B, I);
     }
   }
+  return !saw_nonfinite.load();
 }
 
 template <typename T>
@@ -500,7 +523,7 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
 // ------------------------------------------------------------------ GRU
 
 template <typename T>
-void gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
+bool gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
                       const c10::optional<at::Tensor>& b_hh,
                       at::Tensor& hs, at::Tensor& rz, at::Tensor& n, at::Tensor& hn,
                       const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed,
@@ -512,6 +535,8 @@ void gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_i
   const at::Tensor bias_x = bias_or_zeros(b_ih, 3 * H, xw), bias_h = bias_or_zeros(b_hh, 3 * H, xw);
   const T* bx = bias_x.data_ptr<T>();
   const T* bh = bias_h.data_ptr<T>();
+  std::atomic<bool> saw_nonfinite{false};
+  std::atomic<bool>* nonfinite = &saw_nonfinite;
   for (int64_t step = 0; step < steps; ++step) {
     const int64_t t = t_begin + step;  // xw is indexed by step, the state buffers by t
     // The biases are added in the pass below: no extra copy.
@@ -540,20 +565,26 @@ void gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_i
       T* nb = np + b * H;
       T* hnb = hnp + b * H;
       T* out = h_next + b * H;
-#pragma omp simd
+      int32_t bad = 0;
+#pragma omp simd reduction(| : bad)
       for (int64_t j = 0; j < H; ++j) {
-        T r = sigmoid(xb[j] + bx[j] + hb[j] + bh[j]);
-        T z = sigmoid(xb[H + j] + bx[H + j] + hb[H + j] + bh[H + j]);
+        const T zr = xb[j] + bx[j] + hb[j] + bh[j], zz = xb[H + j] + bx[H + j] + hb[H + j] + bh[H + j];
+        T r = sigmoid(zr);
+        T z = sigmoid(zz);
         T hn_j = hb[2 * H + j] + bh[2 * H + j];
-        T cand = tanh_(xb[2 * H + j] + bx[2 * H + j] + r * hn_j);
+        const T zn = xb[2 * H + j] + bx[2 * H + j] + r * hn_j;  // not finite whenever hn_j is not (r > 0)
+        bad |= not_finite(zr) | not_finite(zz) | not_finite(zn);
+        T cand = tanh_(zn);
         rb[j] = r;
         rb[H + j] = z;
         nb[j] = cand;
         hnb[j] = hn_j;
         out[j] = cand + z * (hp[j] - cand);
       }
+      if (bad) nonfinite->store(true, std::memory_order_relaxed);
     });
   }
+  return !saw_nonfinite.load();
 }
 
 template <typename T>
@@ -625,12 +656,12 @@ enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };
 
 template <typename T>
 inline T derivative_from_output(T h, int64_t kind) {
-  return kind == kTanh ? T(1) - h * h : (kind == kRelu ? (h > T(0) ? T(1) : T(0)) : h * (T(1) - h));
+  return kind == kTanh ? T(1) - h * h : (kind == kRelu ? (h <= T(0) ? T(0) : T(1)) : h * (T(1) - h));
 }
 
 // kFolded and the arguments as for lstm_forward_impl.
 template <typename T, bool kFolded>
-void rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& w_t,
+bool rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& w_t,
                       at::Tensor& hs, int64_t kind, const c10::optional<at::Tensor>& mask,
                       const c10::optional<at::Tensor>& packed, int64_t t_begin) {
   const int64_t steps = input.size(0), B = input.size(1), H = hs.size(2), I = input.size(2);
@@ -643,6 +674,8 @@ void rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& 
   T* xhp = kFolded ? xh.data_ptr<T>() : nullptr;
   // Folded, XW_t is part of the GEMM: a zero row stands in for it in the pass below.
   const at::Tensor zeros = kFolded ? at::zeros({B, H}, input.options()) : at::Tensor();
+  std::atomic<bool> saw_nonfinite{false};
+  std::atomic<bool>* nonfinite = &saw_nonfinite;
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = t_begin + s;  // input is indexed by s, the state buffer by t
     // XW_t and the bias are added in the pass below: no extra copy. (Keep the tensor: when packed it is
@@ -661,22 +694,37 @@ void rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& 
       const T* a_b = ap + b * H;
       const T* x_b = xp + b * H;
       T* out = h_next + b * H;
+      int32_t bad = 0;
       if (kind == kTanh) {
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) out[j] = tanh_(a_b[j] + x_b[j] + bb[j]);
+#pragma omp simd reduction(| : bad)
+        for (int64_t j = 0; j < H; ++j) {
+          const T v = a_b[j] + x_b[j] + bb[j];
+          bad |= not_finite(v);
+          out[j] = tanh_(v);
+        }
       } else if (kind == kRelu) {
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) out[j] = std::max(a_b[j] + x_b[j] + bb[j], T(0));
+#pragma omp simd reduction(| : bad)
+        for (int64_t j = 0; j < H; ++j) {
+          const T v = a_b[j] + x_b[j] + bb[j];
+          bad |= not_finite(v);
+          out[j] = std::max(v, T(0));
+        }
       } else {
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) out[j] = sigmoid(a_b[j] + x_b[j] + bb[j]);
+#pragma omp simd reduction(| : bad)
+        for (int64_t j = 0; j < H; ++j) {
+          const T v = a_b[j] + x_b[j] + bb[j];
+          bad |= not_finite(v);
+          out[j] = sigmoid(v);
+        }
       }
+      if (bad) nonfinite->store(true, std::memory_order_relaxed);
       if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, out, H * sizeof(T));
     });
     if constexpr (kFolded) {
       if (s + 1 < steps) copy_rows(xhp, I + H, step_ptr<T>(input, s + 1), I, B, I);
     }
   }
+  return !saw_nonfinite.load();
 }
 
 template <typename T>
@@ -740,19 +788,19 @@ void check_backward_range(const at::Tensor& dz, int64_t steps, int64_t t_begin, 
               "backward steps [", t_begin, ", ", t_end, ") out of range");
 }
 
-void lstm_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
+bool lstm_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
                   at::Tensor cs, at::Tensor gates, const c10::optional<at::Tensor>& mask,
                   const c10::optional<at::Tensor>& packed, int64_t t_begin) {
   check_forward_range(xw, hs, t_begin);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &hs, &cs, &gates}) check(*t, "lstm_forward argument");
-  WB_DISPATCH(xw, "lstm_forward", lstm_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, cs, gates, mask, packed, t_begin));
+  WB_DISPATCH(xw, "lstm_forward", return lstm_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, cs, gates, mask, packed, t_begin));
 }
 
-void lstm_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
+bool lstm_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
                          at::Tensor hs, at::Tensor cs, at::Tensor gates, const c10::optional<at::Tensor>& mask,
                          const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &hs, &cs, &gates}) check(*t, "lstm_forward_folded argument");
-  WB_DISPATCH(x, "lstm_forward_folded", lstm_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, cs, gates, mask, packed, 0));
+  WB_DISPATCH(x, "lstm_forward_folded", return lstm_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, cs, gates, mask, packed, 0));
 }
 
 void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
@@ -763,13 +811,13 @@ void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::T
   WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, db, mask, t_begin, t_end));
 }
 
-void gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
+bool gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
                  const c10::optional<at::Tensor>& b_hh, at::Tensor hs,
                  at::Tensor rz, at::Tensor n, at::Tensor hn, const c10::optional<at::Tensor>& mask,
                  const c10::optional<at::Tensor>& packed, int64_t t_begin) {
   check_forward_range(xw, hs, t_begin);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &hs, &rz, &n, &hn}) check(*t, "gru_forward argument");
-  WB_DISPATCH(xw, "gru_forward", gru_forward_impl<scalar_t>(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, mask, packed, t_begin));
+  WB_DISPATCH(xw, "gru_forward", return gru_forward_impl<scalar_t>(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, mask, packed, t_begin));
 }
 
 void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
@@ -780,19 +828,19 @@ void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tenso
   WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, mask, t_begin, t_end));
 }
 
-void rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
+bool rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
                  int64_t kind, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed,
                  int64_t t_begin) {
   check_forward_range(xw, hs, t_begin);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &hs}) check(*t, "rnn_forward argument");
-  WB_DISPATCH(xw, "rnn_forward", rnn_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, kind, mask, packed, t_begin));
+  WB_DISPATCH(xw, "rnn_forward", return rnn_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, kind, mask, packed, t_begin));
 }
 
-void rnn_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
+bool rnn_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& w_cat_t,
                         at::Tensor hs, int64_t kind, const c10::optional<at::Tensor>& mask,
                         const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &hs}) check(*t, "rnn_forward_folded argument");
-  WB_DISPATCH(x, "rnn_forward_folded", rnn_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, kind, mask, packed, 0));
+  WB_DISPATCH(x, "rnn_forward_folded", return rnn_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, kind, mask, packed, 0));
 }
 
 void rnn_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz,
