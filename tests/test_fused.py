@@ -483,3 +483,26 @@ def test_non_finite_values_anywhere_come_out_as_torch_nn_s(mode, where, value):
         assert not torch.isfinite(theirs).all()
     torch.testing.assert_close(ours, theirs, equal_nan=True, **TOLERANCES[torch.float32])
     torch.testing.assert_close(ours_grad, theirs_grad, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("where", ["output", "final state"])
+def test_a_nan_gradient_flows_back_as_in_torch_nn(mode, where):
+    """A NaN in the incoming gradient (a diverged loss) must reach the input and weight
+    gradients where torch.nn's does; the compiled sweep once turned it into zeros."""
+    layer, reference = make_pair(mode, I, H, dtype=torch.float32, implementation="native")
+    x = torch.randn(T, B, I)
+    grad_out = torch.randn(T, B, H)
+    grad_final = torch.randn(1, B, H)
+    (grad_out[2, 1, 3:4] if where == "output" else grad_final[0, 1, 3:4]).fill_(float("nan"))
+    results = []
+    for module in (layer, reference):
+        x_in = x.clone().requires_grad_()
+        output, state = module(x_in)
+        final = state[0] if mode == "lstm" else state
+        torch.autograd.backward([output, final], [grad_out, grad_final])
+        results.append([x_in.grad] + [p.grad for p in module.parameters()])
+    if mode != "rnn_relu":  # (a ReLU unit that is off stops the NaN, in torch.nn too)
+        assert all(torch.isnan(theirs).any() for theirs in results[1])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, equal_nan=True, **TOLERANCES[torch.float32])

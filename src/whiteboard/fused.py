@@ -176,6 +176,13 @@ def finite_or_none(native, *tensors: Tensor | None):
     return native if native.all_finite([t for t in tensors if t is not None]) else None
 
 
+def backward_native(ctx, *grads: Tensor | None):
+    """The compiled module for this backward, or None for the torch sweep: the compiled one
+    is built for finite numbers (it turned a NaN in the incoming gradient into zeros),
+    the torch sweep propagates NaN and Inf as torch.nn does."""
+    return finite_or_none(ctx.native, *grads)
+
+
 def run_sequence(sequence, native, *args):
     """``sequence(*args, native)`` on the compiled loop; where that met a NaN or an Inf (it
     returns None: it is built for finite numbers, see recurrent.cpp's not_finite), again on
@@ -290,31 +297,36 @@ class FusedRNN(torch.autograd.Function):
     def backward(ctx, d_out, d_hn):
         x, w_ih, w_hh, hs, mask = ctx.saved_tensors
         T = x.shape[0]
+        native = backward_native(ctx, d_out, d_hn)
         dh = _state_grad(d_hn, hs[0])
         d_out = _output_grad(d_out, hs[1:])
-        if ctx.native is not None:
+        if native is not None:
             H = hs.shape[-1]
-            dz_buffer, chunks = _sweep_chunks(T, H, d_out, ctx.native)  # (steps, B, H)
+            dz_buffer, chunks = _sweep_chunks(T, H, d_out, native)  # (steps, B, H)
             db = d_out.new_zeros(H)  # summed in the sweep
             w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
             needs = ctx.needs_input_grad
             grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]))
             for begin, end in chunks:
                 dz = dz_buffer[: end - begin]
-                ctx.native.rnn_backward(d_out, hs, w_hh, dh, dz, db, _RNN_KINDS[ctx.nonlinearity], native_mask,
+                native.rnn_backward(d_out, hs, w_hh, dh, dz, db, _RNN_KINDS[ctx.nonlinearity], native_mask,
                                         begin, end)
                 grads.add(dz, begin, end)
             return _rnn_grads(ctx, grads.result(), dh, db)
         deriv = _rnn_derivative(hs[1:], ctx.nonlinearity)  # (T, B, H)
+        # A ReLU that is off selects 0 (torch's threshold_backward) rather than multiplying
+        # by 0, which would let a NaN gradient through.
+        off = (deriv == 0) if ctx.nonlinearity == "relu" else None
         dz = torch.empty_like(deriv)  # (T, B, H)
         for t in range(T - 1, -1, -1):
             if mask is None:
                 torch.mul(d_out[t] + dh, deriv[t], out=dz[t])
-                dh = torch.mm(dz[t], w_hh)
             else:
-                m = mask[t]
-                torch.mul((d_out[t] + dh) * m, deriv[t], out=dz[t])
-                dh = torch.where(m, torch.mm(dz[t], w_hh), dh)
+                torch.mul((d_out[t] + dh) * mask[t], deriv[t], out=dz[t])
+            if off is not None:
+                dz[t].masked_fill_(off[t], 0)
+            dh_prev = torch.mm(dz[t], w_hh)
+            dh = dh_prev if mask is None else torch.where(mask[t], dh_prev, dh)
         needs = ctx.needs_input_grad
         weight_grads = _weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[2], needs[3]))
         return _rnn_grads(ctx, weight_grads, dh, dz.sum((0, 1)) if ctx.has_bias else None)
@@ -392,20 +404,21 @@ class FusedLSTM(torch.autograd.Function):
         x, w_ih, w_hh, hs, cs, gates, mask = ctx.saved_tensors
         T, B, H4 = gates.shape
         H = H4 // 4
-        if ctx.native is not None:
+        native = backward_native(ctx, d_out, d_hn, d_cn)
+        if native is not None:
             # The compiled sweep recomputes the few factors it needs per element instead of
             # keeping a (T, B, 4, H) K tensor: less memory, one pass per step.
             dh = _state_grad(d_hn, hs[0])
             dc = _state_grad(d_cn, cs[0])
             d_out = _output_grad(d_out, hs[1:])
-            dz_buffer, chunks = _sweep_chunks(T, H4, gates, ctx.native)  # (steps, B, 4H)
+            dz_buffer, chunks = _sweep_chunks(T, H4, gates, native)  # (steps, B, 4H)
             w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
             db = gates.new_zeros(H4)  # summed in the sweep
             needs = ctx.needs_input_grad
             grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[3], needs[4]))
             for begin, end in chunks:
                 dz = dz_buffer[: end - begin]
-                ctx.native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, native_mask, begin, end)
+                native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, native_mask, begin, end)
                 grads.add(dz, begin, end)
             return _lstm_grads(ctx, grads.result(), dh, dc, db)
         i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
@@ -502,12 +515,13 @@ class FusedGRU(torch.autograd.Function):
     def backward(ctx, d_out, d_hn):
         x, w_ih, w_hh, hs, rz, n, hn, mask = ctx.saved_tensors
         T, B, H = n.shape
-        if ctx.native is not None:
+        native = backward_native(ctx, d_out, d_hn)
+        if native is not None:
             dh = _state_grad(d_hn, hs[0])
             d_out = _output_grad(d_out, n)
             # dz_x (steps, B, 3H) and dn_h, the n block of dZ_h (its r, z blocks are dz_x's),
             # share one pooled buffer per chunk of steps.
-            buffer, chunks = _sweep_chunks(T, 4 * H, x, ctx.native)
+            buffer, chunks = _sweep_chunks(T, 4 * H, x, native)
             w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
             db = x.new_zeros(4 * H)  # [b_ir, b_iz, b_in | b_hn] summed in the sweep
             needs = ctx.needs_input_grad
@@ -516,7 +530,7 @@ class FusedGRU(torch.autograd.Function):
                 steps = end - begin
                 dz_x = buffer.view(-1)[: steps * B * 3 * H].view(steps, B, 3 * H)
                 dn_h = buffer.view(-1)[steps * B * 3 * H : steps * B * 4 * H].view(steps, B, H)
-                ctx.native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, native_mask, begin, end)
+                native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, native_mask, begin, end)
                 rows = dz_x.view(steps * B, 3 * H)
                 grads.add(dz_x, begin, end, [(slice(0, 2 * H), rows[:, : 2 * H]), (slice(2 * H, None), dn_h.view(-1, H))])
             dx, dw_ih, dw_hh = grads.result()

@@ -15,10 +15,11 @@
 //
 // The pointwise passes evaluate sigmoid/tanh with branch-free approximations for float
 // (sigmoid from Cephes' expf, ~1 ulp; tanh a rational function, ~2 ulp) so the compiler
-// vectorises them; double uses the C library. The file is compiled with -ffinite-math-only (without it gcc will not
-// vectorise the clamps), so the caller sends only finite inputs here: whiteboard/fused.py
-// checks and takes the torch loop, which propagates NaN/Inf like torch.nn, otherwise.
-// Every buffer is contiguous and allocated by the caller.
+// vectorises them; double uses the C library. The file is compiled with -ffinite-math-only
+// (without it gcc will not vectorise the clamps), so a NaN or Inf must not pass through
+// the gate math: the forward passes test every pre-activation for one (not_finite) and
+// report it, and whiteboard/fused.py then reruns the call on the torch loop, which
+// propagates NaN/Inf like torch.nn. Buffers are allocated by the caller.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
