@@ -506,3 +506,12 @@ def test_a_nan_gradient_flows_back_as_in_torch_nn(mode, where):
         assert all(torch.isnan(theirs).any() for theirs in results[1])
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (16, 16), (800, 200), (803, 197), (15, 33), (2600, 650)])
+def test_compiled_transpose_is_exact(dtype, shape, pool):
+    matrix = torch.randn(shape, dtype=dtype)
+    result = pool.transposed(matrix)
+    assert result.is_contiguous() and result.dtype == dtype
+    assert torch.equal(result, matrix.t())

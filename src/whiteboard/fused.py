@@ -241,7 +241,7 @@ def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor,
         return w_hh.contiguous(), packed
     if native is not None and steps * batch <= native_module.transpose_max_rows:
         return w_hh.t(), None
-    return w_hh.t().contiguous(), None
+    return (native.transposed(w_hh.contiguous()) if native is not None else w_hh.t().contiguous()), None
 
 
 def _native_mask(mask: Tensor | None) -> Tensor | None:
