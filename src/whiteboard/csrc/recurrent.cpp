@@ -29,7 +29,9 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
-#include <immintrin.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>  // only where the register transpose is built (not on ARM, say)
+#endif
 
 #include <cmath>
 #include <cstdint>
