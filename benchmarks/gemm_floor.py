@@ -19,14 +19,14 @@ pointwise gate math, the memory traffic and the per-step overhead all come on to
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
 
 import torch
 
-from recurrent_speed import CELLS, CONFIGS, _infer_step, _train_step, print_table_header
+from recurrent_speed import (CELLS, CONFIGS, _infer_step, _train_step, print_table_header, print_table_row,
+                             selected, selection_parser)
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
@@ -92,9 +92,7 @@ def torch_ms(cell: str, config: str, rounds: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser = selection_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -102,13 +100,12 @@ def main(argv=None) -> None:
           f"medians of {args.rounds} rounds")
     print_table_header("cell", "config", "train: GEMM floor ms", "torch.nn ms", "**floor / torch.nn**",
                        "infer: GEMM floor ms", "torch.nn ms", "**floor / torch.nn**")
-    for cell in args.cells:
-        for config in args.configs:
-            floor_train, floor_infer = floor_ms(cell, config, args.rounds)
-            torch_train, torch_infer = torch_ms(cell, config, args.rounds)
-            print(f"| {cell} | {config} {CONFIGS[config]} | {floor_train:.2f} | {torch_train:.2f} | "
-                  f"**{floor_train / torch_train:.2f}** | {floor_infer:.2f} | {torch_infer:.2f} | "
-                  f"**{floor_infer / torch_infer:.2f}** |", flush=True)
+    for cell, config in selected(args):
+        floor_train, floor_infer = floor_ms(cell, config, args.rounds)
+        torch_train, torch_infer = torch_ms(cell, config, args.rounds)
+        print_table_row(cell, f"{config} {CONFIGS[config]}", f"{floor_train:.2f}", f"{torch_train:.2f}",
+                        f"**{floor_train / torch_train:.2f}**", f"{floor_infer:.2f}", f"{torch_infer:.2f}",
+                        f"**{floor_infer / torch_infer:.2f}**")
 
 
 if __name__ == "__main__":

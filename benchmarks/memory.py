@@ -10,12 +10,11 @@ the peak again; the difference is what the step needed at its worst.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 
-from recurrent_speed import CELLS, CONFIGS
+from recurrent_speed import CONFIGS, print_table_header, print_table_row, selected, selection_parser
 
 CHILD = r"""
 import json, resource, sys, torch, whiteboard
@@ -44,16 +43,11 @@ def measure(cell: str, config: str, which: str) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    args = parser.parse_args(argv)
-    print("| cell | config | ours MiB | torch.nn MiB | ratio |")
-    print("|---|---|---|---|---|")
-    for cell in args.cells:
-        for config in args.configs:
-            ours, theirs = measure(cell, config, "ours"), measure(cell, config, "torch")
-            print(f"| {cell} | {config} | {ours:.1f} | {theirs:.1f} | **{ours / max(theirs, 1e-9):.2f}** |", flush=True)
+    args = selection_parser(__doc__).parse_args(argv)
+    print_table_header("cell", "config", "ours MiB", "torch.nn MiB", "ratio")
+    for cell, config in selected(args):
+        ours, theirs = measure(cell, config, "ours"), measure(cell, config, "torch")
+        print_table_row(cell, config, f"{ours:.1f}", f"{theirs:.1f}", f"**{ours / max(theirs, 1e-9):.2f}**")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ ours / torch.nn (below 1 = we are faster).
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import time
@@ -101,16 +102,31 @@ def bench(cell: str, config: str, device: torch.device, rounds: int, repeats: in
     return results
 
 
+def selection_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the --cells and --configs every benchmark here takes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    return parser
+
+
+def selected(args: argparse.Namespace):
+    """The (cell, config) pairs chosen on the command line, in table order."""
+    return itertools.product(args.cells, args.configs)
+
+
 def print_table_header(*columns: str) -> None:
     """A Markdown table's header and rule, for results pasted into benchmarks/README.md."""
-    print("| " + " | ".join(columns) + " |")
+    print_table_row(*columns)
     print("|" + "---|" * len(columns))
 
 
+def print_table_row(*columns) -> None:
+    print("| " + " | ".join(str(column) for column in columns) + " |", flush=True)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser = selection_parser(__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="steps timed together in one round")
@@ -124,13 +140,12 @@ def main(argv=None) -> None:
           f"rounds {args.rounds} x {args.repeats} steps, implementation {args.implementation}")
     print_table_header("cell", "config (L, I, H, B, T)", "train ours ms", "train torch.nn ms", "train ratio",
                        "infer ours ms", "infer torch.nn ms", "infer ratio")
-    for cell in args.cells:
-        for config in args.configs:
-            r = bench(cell, config, device, args.rounds, args.repeats, args.warmup, args.implementation)
-            tr, inf = r["train"], r["infer"]
-            fmt = lambda med, spread: f"{med * 1e3:.2f} ± {spread * 1e3:.2f}"  # noqa: E731
-            print(f"| {cell} | {config} {CONFIGS[config]} | {fmt(tr[0], tr[1])} | {fmt(tr[2], tr[3])} | "
-                  f"**{tr[4]:.2f}** | {fmt(inf[0], inf[1])} | {fmt(inf[2], inf[3])} | **{inf[4]:.2f}** |", flush=True)
+    for cell, config in selected(args):
+        r = bench(cell, config, device, args.rounds, args.repeats, args.warmup, args.implementation)
+        tr, inf = r["train"], r["infer"]
+        fmt = lambda med, spread: f"{med * 1e3:.2f} ± {spread * 1e3:.2f}"  # noqa: E731
+        print_table_row(cell, f"{config} {CONFIGS[config]}", fmt(tr[0], tr[1]), fmt(tr[2], tr[3]), f"**{tr[4]:.2f}**",
+                        fmt(inf[0], inf[1]), fmt(inf[2], inf[3]), f"**{inf[4]:.2f}**")
 
 
 if __name__ == "__main__":
