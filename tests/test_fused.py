@@ -1,5 +1,7 @@
 """The fused autograd Functions: float64 gradcheck and agreement with the reference loop."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -515,3 +517,78 @@ def test_compiled_transpose_is_exact(dtype, shape, pool):
     result = pool.transposed(matrix)
     assert result.is_contiguous() and result.dtype == dtype
     assert torch.equal(result, matrix.t())
+
+
+@pytest.fixture
+def parallel_passes():
+    """The compiled module with its pointwise passes split over two threads even at tiny
+    sizes (every row its own share), restored afterwards."""
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled loops are not built here")
+    threads, minimum = torch.get_num_threads(), module.parallel_min_elements()
+    torch.set_num_threads(2)
+    module.set_parallel_min_elements(1)
+    yield module
+    module.set_parallel_min_elements(minimum)
+    torch.set_num_threads(threads)
+
+
+def test_passes_run_on_torch_s_threads(parallel_passes):
+    """at::parallel_for ran every pass on one thread while the build lacked -fopenmp."""
+    assert parallel_passes.pass_threads(8, 4) == 2
+    parallel_passes.set_parallel_min_elements(64)
+    assert parallel_passes.pass_threads(8, 4) == 1  # 32 elements in all: below the threshold
+    assert parallel_passes.pass_threads(40, 4) == 2
+    torch.set_num_threads(1)
+    assert parallel_passes.pass_threads(40, 4) == 1  # the thread count follows torch's
+    with pytest.raises(RuntimeError, match=">= 1"):
+        parallel_passes.set_parallel_min_elements(0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_one_openmp_runtime_in_the_process(parallel_passes):
+    """-fopenmp links libgomp.so.1: the loader must reuse the copy torch loaded, or a second
+    thread pool would fight torch's for the cores."""
+    libraries = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                 if "libgomp" in line or "libiomp" in line}
+    assert len(libraries) == 1, libraries
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lengths", [None, [7, 3, 5, 6, 1]], ids=["full", "lengths"])
+def test_passes_split_over_threads_match_torch_nn(mode, dtype, lengths, parallel_passes):
+    """Rows split over two threads (an odd batch: uneven shares), forward and backward,
+    the bias gradients summed per thread: outputs, states and every gradient as torch.nn's."""
+    steps, batch, inputs, hidden = 7, 5, 6, 9
+    layer, reference = make_pair(mode, inputs, hidden, dtype=dtype, implementation="native", num_layers=2)
+    x = torch.randn(steps, batch, inputs, dtype=dtype)
+    state = initial_state(mode, (2, batch, hidden), dtype, "cpu")
+    ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    output, final = layer(ours_in, state, lengths=None if lengths is None else torch.tensor(lengths))
+    if lengths is None:
+        ref_output, ref_final = reference(ref_in, state)
+    else:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, lengths, enforce_sorted=False)
+        ref_output, ref_final = reference(packed, state)
+        ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_output, total_length=steps)[0]
+    grads = torch.autograd.grad(loss_of(output, final), [ours_in, *layer.parameters(), *state_tensors(state)])
+    ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), *state_tensors(state)])
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(output, ref_output, **tol)
+    for a, b in zip(state_tensors(final) + list(grads), state_tensors(ref_final) + list(ref_grads)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_gradcheck_with_passes_split_over_threads(cell, parallel_passes):
+    x, h0 = _inputs()
+    mask = MASKS["ragged"]
+    if cell == "lstm":
+        c0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+        assert gradcheck(fused.FusedLSTM.apply, (x, h0, c0, *_params(4, True), mask, parallel_passes))
+    elif cell == "gru":
+        assert gradcheck(fused.FusedGRU.apply, (x, h0, *_params(3, True), mask, parallel_passes))
+    else:
+        assert gradcheck(fused.FusedRNN.apply, (x, h0, *_params(1, True), mask, "tanh", parallel_passes))

@@ -29,7 +29,22 @@ import torch
 
 # -ffinite-math-only lets gcc vectorise the clamps in the gate math; fused.py sends only
 # finite inputs to the compiled loops (see recurrent.cpp).
-CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only"]
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+          "-ffinite-math-only"]
+
+
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch's intra-op threads are OpenMP's (its Linux and Windows
+    builds), else nothing.
+
+    at::parallel_for, which splits the pointwise passes over batch rows, is a header
+    template that under torch's OpenMP backend runs its body serially unless this file is
+    compiled with -fopenmp: until that flag was added every pass ran on one thread. Linking
+    it adds a dependency on libgomp.so.1, which the loader resolves to the copy torch has
+    already loaded (same soname), so there is still one OpenMP runtime and one thread pool
+    in the process (tests/test_fused.py checks)."""
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
 
 _module = None
 _failed: str | None = None
@@ -54,10 +69,10 @@ def _source() -> Path:
     return Path(str(resources.files("whiteboard") / "csrc" / "recurrent.cpp"))
 
 
-def build_key() -> str:
+def build_key(openmp: list[str] | None = None) -> str:
     digest = hashlib.sha256()
     digest.update(_source().read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
+    digest.update(" ".join(CFLAGS + (openmp_flags() if openmp is None else openmp)).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_flags().encode())
     return digest.hexdigest()[:16]
@@ -73,23 +88,42 @@ def load(verbose: bool = False):
     if _module is not None or _failed is not None or not enabled():
         return _module
     started = time.perf_counter()
+    openmp = openmp_flags()
     try:
-        from torch.utils.cpp_extension import load as load_extension
-
-        _put_scripts_on_path()
-        key = build_key()
-        directory = cache_dir() / key
-        directory.mkdir(parents=True, exist_ok=True)
-        _module = load_extension(name=f"whiteboard_recurrent_{key}", sources=[str(_source())], extra_cflags=CFLAGS,
-                                 build_directory=str(directory), verbose=verbose)
+        try:
+            _module = _build(openmp, verbose)
+        except Exception as exc:
+            if not openmp:
+                raise
+            # A compiler without OpenMP support (clang without libomp, say): the loops still
+            # pay, only their pointwise passes run on one thread.
+            _module = _build([], verbose)
+            warnings.warn(f"whiteboard: built the compiled time loops without OpenMP ({_last_line(exc)}); "
+                          "their pointwise passes run on one thread", RuntimeWarning, stacklevel=2)
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: fall back, loudly once
-        _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        _failed = _last_line(exc)
         warnings.warn(f"whiteboard: the compiled time loops could not be built ({_failed}); "
                       "using the pure-PyTorch fused path", RuntimeWarning, stacklevel=2)
         return None
     build_seconds = time.perf_counter() - started
     _module.set_pool_limits(POOL_MIN_BYTES, pool_max_idle_bytes())
     return _module
+
+
+def _build(openmp: list[str], verbose: bool):
+    from torch.utils.cpp_extension import load as load_extension
+
+    _put_scripts_on_path()
+    key = build_key(openmp)
+    directory = cache_dir() / key
+    directory.mkdir(parents=True, exist_ok=True)
+    return load_extension(name=f"whiteboard_recurrent_{key}", sources=[str(_source())], extra_cflags=CFLAGS + openmp,
+                          extra_ldflags=openmp, build_directory=str(directory), verbose=verbose)
+
+
+def _last_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
 def _put_scripts_on_path() -> None:

@@ -39,6 +39,7 @@
 #include <atomic>
 #include <map>
 #include <mutex>
+#include <set>
 
 namespace {
 
@@ -120,10 +121,40 @@ inline int32_t not_finite(double x) {
 }
 
 // Rows of the batch are independent: split them over torch's intra-op threads when the
-// step has enough work to pay for the hand-off (below ~16k elements one thread wins).
+// step has enough work to pay for the hand-off. at::parallel_for is a header template that
+// runs its body serially unless this file is compiled with -fopenmp (whiteboard/native.py
+// does, linking the libgomp that torch itself loaded, so there is one thread pool); until
+// that flag was added every pass ran on one thread. From about 4k elements per pass two
+// threads win (LSTM inference at config (a), 20 x 800 elements: 1.22 -> 1.04 x torch.nn).
+std::atomic<int64_t> g_parallel_min_elements{4096};
+
+void set_parallel_min_elements(int64_t elements) {
+  TORCH_CHECK(elements >= 1, "parallel_min_elements must be >= 1");
+  g_parallel_min_elements.store(elements);
+}
+
+int64_t parallel_min_elements() { return g_parallel_min_elements.load(); }
+
+// How many threads for_rows hands `rows` rows of `row_elements` each to. For the test that
+// the passes really run in parallel: they silently ran on one thread while -fopenmp was
+// missing from the build.
+template <typename F>
+void for_rows(int64_t rows, int64_t row_elements, const F& body);
+
+int64_t pass_threads(int64_t rows, int64_t row_elements) {
+  std::mutex mutex;
+  std::set<int64_t> threads;
+  for_rows(rows, row_elements, [&](int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    threads.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(threads.size());
+}
+
 template <typename F>
 void for_rows(int64_t rows, int64_t row_elements, const F& body) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elements));
+  const int64_t grain = std::max<int64_t>(1, g_parallel_min_elements.load(std::memory_order_relaxed) /
+                                                 std::max<int64_t>(1, row_elements));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) body(b);
   });
@@ -930,4 +961,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_pool", &release_pool);
   m.def("all_finite", &all_finite);
   m.def("transposed", &transposed);
+  m.def("set_parallel_min_elements", &set_parallel_min_elements);
+  m.def("parallel_min_elements", &parallel_min_elements);
+  m.def("pass_threads", &pass_threads);
 }
