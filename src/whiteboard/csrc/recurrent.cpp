@@ -477,6 +477,39 @@ at::Tensor folded_rows(const at::Tensor& x, const at::Tensor& h0) {
 
 // ------------------------------------------------------------------ LSTM
 
+// One batch row of the LSTM forward pass: the activations from y (the step's GEMM), xw
+// (XW_t, unless kFolded: then it is part of y) and the bias; c and h of the next step.
+// Returns nonzero where a pre-activation was NaN or Inf. kSaveGates: store the activations
+// for backward; without grad they are not needed, which skips four of six stores per unit.
+template <typename T, bool kFolded, bool kSaveGates>
+int32_t lstm_cells(const T* y, const T* xw, const T* bias, T* gates, const T* c_prev, T* c_next, T* h_next,
+                   int64_t H) {
+  int32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < H; ++j) {
+    T zi = y[j] + bias[j], zf = y[H + j] + bias[H + j], zg = y[2 * H + j] + bias[2 * H + j],
+      zo = y[3 * H + j] + bias[3 * H + j];
+    if constexpr (!kFolded) {
+      zi += xw[j];
+      zf += xw[H + j];
+      zg += xw[2 * H + j];
+      zo += xw[3 * H + j];
+    }
+    bad |= not_finite(zi) | not_finite(zf) | not_finite(zg) | not_finite(zo);
+    const T i = sigmoid(zi), f = sigmoid(zf), g = tanh_(zg), o = sigmoid(zo);
+    if constexpr (kSaveGates) {
+      gates[j] = i;
+      gates[H + j] = f;
+      gates[2 * H + j] = g;
+      gates[3 * H + j] = o;
+    }
+    const T c = flush(f * c_prev[j] + i * g);
+    c_next[j] = c;
+    h_next[j] = o * tanh_(c);
+  }
+  return bad;
+}
+
 // kFolded: `input` is x (T, B, I) and w_t is [W_ih, W_hh]^T (I + H, 4H); otherwise
 // `input` is XW (T, B, 4H) and w_t is W_hh^T (H, 4H). (packed: the same weight, packed.)
 template <typename T, bool kFolded>
@@ -519,28 +552,8 @@ bool lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
       const T* cp = c_prev + b * H;
       T* cn = c_next + b * H;
       T* hn = h_next + b * H;
-      // The pre-activation of column k: GEMM + bias (+ XW_t unless folded into the GEMM).
-      const auto pre = [&](int64_t k) {
-        if constexpr (kFolded) return yb[k] + bb[k];
-        else return yb[k] + xb[k] + bb[k];
-      };
-      int32_t bad = 0;
-#pragma omp simd reduction(| : bad)
-      for (int64_t j = 0; j < H; ++j) {
-        const T zi = pre(j), zf = pre(H + j), zg = pre(2 * H + j), zo = pre(3 * H + j);
-        bad |= not_finite(zi) | not_finite(zf) | not_finite(zg) | not_finite(zo);
-        T i = sigmoid(zi);
-        T f = sigmoid(zf);
-        T g = tanh_(zg);
-        T o = sigmoid(zo);
-        zb[j] = i;
-        zb[H + j] = f;
-        zb[2 * H + j] = g;
-        zb[3 * H + j] = o;
-        T c = flush(f * cp[j] + i * g);
-        cn[j] = c;
-        hn[j] = o * tanh_(c);
-      }
+      const int32_t bad = keep ? lstm_cells<T, kFolded, true>(yb, xb, bb, zb, cp, cn, hn, H)
+                               : lstm_cells<T, kFolded, false>(yb, xb, bb, zb, cp, cn, hn, H);
       if (bad) nonfinite->store(true, std::memory_order_relaxed);
       if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, hn, H * sizeof(T));
     });
