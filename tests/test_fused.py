@@ -158,6 +158,31 @@ def test_failed_build_falls_back_to_the_torch_path_with_one_warning(monkeypatch)
         whiteboard.LSTM(I, H, implementation="native").double()(x)
 
 
+def test_a_compiler_without_openmp_still_builds_the_loops_with_one_warning(monkeypatch):
+    """-fopenmp failing (clang without libomp, say) must not cost the compiled loops."""
+
+    class Built:
+        def set_pool_limits(self, *limits):
+            self.limits = limits
+
+    attempts = []
+
+    def build(openmp, verbose):
+        attempts.append(list(openmp))
+        if openmp:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        return Built()
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(native, "openmp_flags", lambda: ["-fopenmp"])
+    monkeypatch.setattr(native, "_build", build)
+    with pytest.warns(RuntimeWarning, match="without OpenMP") as caught:
+        module = native.load()
+    assert isinstance(module, Built) and attempts == [["-fopenmp"], []]
+    assert len(caught) == 1 and "unsupported option" in str(caught[0].message)
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("where", ["input", "weight"])
 def test_nan_propagates_like_torch_nn(mode, where):
