@@ -37,6 +37,16 @@ def _backend(name):
     return module
 
 
+def _torch_nn_run(reference, x, lengths, state=None):
+    """torch.nn's (output (T, B, D*H), final state) for x, as a packed sequence of those
+    lengths when given (padded back to T steps)."""
+    if lengths is None:
+        return reference(x, state)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    output, final = reference(packed, state)
+    return torch.nn.utils.rnn.pad_packed_sequence(output, total_length=x.shape[0])[0], final
+
+
 MASKS = {
     "full": None,
     "ragged": (torch.arange(T).unsqueeze(1) < torch.tensor([2, 4]).unsqueeze(0)).unsqueeze(-1),
@@ -386,12 +396,7 @@ def test_folded_input_matches_the_input_projection(mode, dtype, lengths, monkeyp
         folds = mode in ("lstm", "rnn_tanh", "rnn_relu") and ratio > 0
         assert len(calls) == (1 if folds else 0)
     ref_x = x.clone().requires_grad_()
-    if lengths is None:
-        ref_output, ref_state = reference(ref_x)
-    else:
-        packed = torch.nn.utils.rnn.pack_padded_sequence(ref_x, lengths, enforce_sorted=False)
-        ref_output, ref_state = reference(packed)
-        ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_output, total_length=steps)[0]
+    ref_output, ref_state = _torch_nn_run(reference, ref_x, lengths)
     ref_grads = torch.autograd.grad(loss_of(ref_output, ref_state), [ref_x, *reference.parameters()])
     tol = TOLERANCES[dtype]
     for output, states, grads in results:
@@ -421,12 +426,7 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
     ours_in, ref_in = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
     size = None if lengths is None else torch.tensor(lengths)
     output, final = layer(ours_in, state, lengths=size)
-    if lengths is None:
-        ref_output, ref_final = reference(ref_in, state)
-    else:
-        packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, lengths, enforce_sorted=False)
-        ref_output, ref_final = reference(packed, state)
-        ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_output, total_length=steps)[0]
+    ref_output, ref_final = _torch_nn_run(reference, ref_in, lengths, state)
     inputs_ours = ([ours_in] if input_grad else []) + list(layer.parameters()) + state_tensors(state)
     inputs_ref = ([ref_in] if input_grad else []) + list(reference.parameters()) + state_tensors(state)
     grads = torch.autograd.grad(loss_of(output, final), inputs_ours)
@@ -592,12 +592,7 @@ def test_passes_split_over_threads_match_torch_nn(mode, dtype, lengths, parallel
     state = initial_state(mode, (2, batch, hidden), dtype, "cpu")
     ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
     output, final = layer(ours_in, state, lengths=None if lengths is None else torch.tensor(lengths))
-    if lengths is None:
-        ref_output, ref_final = reference(ref_in, state)
-    else:
-        packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, lengths, enforce_sorted=False)
-        ref_output, ref_final = reference(packed, state)
-        ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_output, total_length=steps)[0]
+    ref_output, ref_final = _torch_nn_run(reference, ref_in, lengths, state)
     grads = torch.autograd.grad(loss_of(output, final), [ours_in, *layer.parameters(), *state_tensors(state)])
     ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), *state_tensors(state)])
     tol = TOLERANCES[dtype]
