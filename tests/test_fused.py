@@ -451,13 +451,15 @@ def test_pool_size_comes_from_the_environment(monkeypatch):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("copy_rows", [0, 10**6], ids=["transposed-copy", "transposed-view"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_step_weights_as_a_copy_or_a_view_match_torch_nn(mode, copy_rows, dtype, monkeypatch):
+@pytest.mark.parametrize("implementation", ["native", "fused"])
+def test_step_weights_as_a_copy_or_a_view_match_torch_nn(mode, copy_rows, dtype, implementation, monkeypatch):
     """For few rows in all (generation) the per-step GEMM runs on a transposed view of
-    W_hh instead of a contiguous copy; both must give torch.nn's outputs and gradients."""
-    if native.load() is None:
+    W_hh instead of a contiguous copy, on the compiled and on the torch loop; both must
+    give torch.nn's outputs and gradients."""
+    if implementation == "native" and native.load() is None:
         pytest.skip("the compiled loops are not built here")
     monkeypatch.setattr(native, "transpose_max_rows", copy_rows)
-    layer, reference = make_pair(mode, I, H, dtype=dtype, implementation="native", num_layers=2)
+    layer, reference = make_pair(mode, I, H, dtype=dtype, implementation=implementation, num_layers=2)
     x = torch.randn(T, B, I, dtype=dtype)
     views = []
     original = fused._step_weights
