@@ -614,3 +614,67 @@ def test_gradcheck_with_passes_split_over_threads(cell, parallel_passes):
         assert gradcheck(fused.FusedGRU.apply, (x, h0, *_params(3, True), mask, parallel_passes))
     else:
         assert gradcheck(fused.FusedRNN.apply, (x, h0, *_params(1, True), mask, "tanh", parallel_passes))
+
+
+@pytest.fixture
+def row_blocks():
+    """The compiled module with the LSTM forward's time loop run per block of batch rows
+    (one block per thread) whatever the weight's size, restored afterwards."""
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled loops are not built here")
+    threads, limit = torch.get_num_threads(), module.row_blocks_max_weight_bytes()
+    torch.set_num_threads(2)
+    module.set_row_blocks_max_weight_bytes(1 << 40)
+    yield module
+    module.set_row_blocks_max_weight_bytes(limit)
+    torch.set_num_threads(threads)
+
+
+def test_row_blocks_are_chosen_only_where_they_pay(row_blocks):
+    weight = torch.empty(20, 5)
+    assert row_blocks.row_block_count(9, weight, False) == 2
+    assert row_blocks.row_block_count(7, weight, False) == 1  # fewer than 4 rows per thread
+    assert row_blocks.row_block_count(9, weight, True) == 1  # a packed weight: large sizes
+    row_blocks.set_row_blocks_max_weight_bytes(weight.numel() * 4 - 1)
+    assert row_blocks.row_block_count(9, weight, False) == 1  # the weight would not stay in L2
+    torch.set_num_threads(1)
+    row_blocks.set_row_blocks_max_weight_bytes(1 << 40)
+    assert row_blocks.row_block_count(9, weight, False) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lengths", [None, [7, 3, 5, 6, 1, 7, 2, 4, 6]], ids=["full", "lengths"])
+@pytest.mark.parametrize("fold", [0.0, 1.0], ids=["projected", "folded"])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
+def test_lstm_forward_in_row_blocks_matches_torch_nn(dtype, lengths, fold, grad, row_blocks, monkeypatch):
+    """Each thread runs the whole time loop on its own rows (9 rows: blocks of 4 and 5)."""
+    monkeypatch.setattr(native, "fold_input_max_ratio", fold)
+    steps, batch, inputs, hidden = 7, 9, 6, 5
+    assert row_blocks.row_block_count(batch, torch.empty(4 * hidden, hidden), False) == 2
+    layer, reference = make_pair("lstm", inputs, hidden, dtype=dtype, implementation="native", num_layers=2)
+    x = torch.randn(steps, batch, inputs, dtype=dtype)
+    state = initial_state("lstm", (2, batch, hidden), dtype, "cpu")
+    ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        output, final = layer(ours_in, state, lengths=None if lengths is None else torch.tensor(lengths))
+        ref_output, ref_final = _torch_nn_run(reference, ref_in, lengths, state)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(output, ref_output, **tol)
+    for a, b in zip(state_tensors(final), state_tensors(ref_final)):
+        torch.testing.assert_close(a, b, **tol)
+    if grad:
+        grads = torch.autograd.grad(loss_of(output, final), [ours_in, *layer.parameters()])
+        ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters()])
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_a_nan_in_one_row_block_still_reruns_on_the_torch_loop(row_blocks):
+    layer, reference = make_pair("lstm", 6, 5, dtype=torch.float32, implementation="auto")
+    x = torch.randn(7, 9, 6)
+    x[3, 8, 0] = float("nan")  # in the second thread's rows only
+    with torch.no_grad():
+        ours, theirs = layer(x)[0], reference(x)[0]
+    assert torch.isnan(ours).any()
+    torch.testing.assert_close(ours, theirs, equal_nan=True, **TOLERANCES[torch.float32])
