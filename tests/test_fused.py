@@ -618,8 +618,8 @@ def test_gradcheck_with_passes_split_over_threads(cell, parallel_passes):
 
 @pytest.fixture
 def row_blocks():
-    """The compiled module with the LSTM forward's time loop run per block of batch rows
-    (one block per thread) whatever the weight's size, restored afterwards."""
+    """The compiled module with the forward time loops run per block of batch rows (one
+    block per thread) whatever the weight's size, restored afterwards."""
     module = native.load()
     if module is None:
         pytest.skip("the compiled loops are not built here")
@@ -647,14 +647,16 @@ def test_row_blocks_are_chosen_only_where_they_pay(row_blocks):
 @pytest.mark.parametrize("lengths", [None, [7, 3, 5, 6, 1, 7, 2, 4, 6]], ids=["full", "lengths"])
 @pytest.mark.parametrize("fold", [0.0, 1.0], ids=["projected", "folded"])
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
-def test_lstm_forward_in_row_blocks_matches_torch_nn(dtype, lengths, fold, grad, row_blocks, monkeypatch):
-    """Each thread runs the whole time loop on its own rows (9 rows: blocks of 4 and 5)."""
+@pytest.mark.parametrize("mode", list(MODES))
+def test_forward_in_row_blocks_matches_torch_nn(mode, dtype, lengths, fold, grad, row_blocks, monkeypatch):
+    """Each thread runs the whole forward time loop on its own rows (9 rows: blocks of 4
+    and 5); the GRU never folds its input, so it runs the same test twice."""
     monkeypatch.setattr(native, "fold_input_max_ratio", fold)
     steps, batch, inputs, hidden = 7, 9, 6, 5
     assert row_blocks.row_block_count(batch, torch.empty(4 * hidden, hidden), False) == 2
-    layer, reference = make_pair("lstm", inputs, hidden, dtype=dtype, implementation="native", num_layers=2)
+    layer, reference = make_pair(mode, inputs, hidden, dtype=dtype, implementation="native", num_layers=2)
     x = torch.randn(steps, batch, inputs, dtype=dtype)
-    state = initial_state("lstm", (2, batch, hidden), dtype, "cpu")
+    state = initial_state(mode, (2, batch, hidden), dtype, "cpu")
     ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
         output, final = layer(ours_in, state, lengths=None if lengths is None else torch.tensor(lengths))
@@ -670,8 +672,9 @@ def test_lstm_forward_in_row_blocks_matches_torch_nn(dtype, lengths, fold, grad,
             torch.testing.assert_close(a, b, **tol)
 
 
-def test_a_nan_in_one_row_block_still_reruns_on_the_torch_loop(row_blocks):
-    layer, reference = make_pair("lstm", 6, 5, dtype=torch.float32, implementation="auto")
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_nan_in_one_row_block_still_reruns_on_the_torch_loop(mode, row_blocks):
+    layer, reference = make_pair(mode, 6, 5, dtype=torch.float32, implementation="auto")
     x = torch.randn(7, 9, 6)
     x[3, 8, 0] = float("nan")  # in the second thread's rows only
     with torch.no_grad():

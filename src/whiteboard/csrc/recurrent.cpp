@@ -172,10 +172,11 @@ void for_rows(int64_t rows, int64_t row_elements, const F& body) {
 // gate pass share that core's cache, and the threads never wait for each other; split per
 // step instead, each step's GEMM output crosses between the cores and every step pays two
 // fork/joins. With larger weights each thread would stream all of W_hh every step where
-// the per-step split streams half, so those keep the per-step split. Measured on the LSTM
-// forward (the only loop that uses it so far), inference x torch.nn, per-step split ->
-// row blocks: 1 x 128/128, batch 64, 100 steps 1.15 -> 1.06; 2 x 256, batch 32, 35 steps
-// 1.15 -> 1.10; config (a) 1.02 -> 0.98 (training 0.73 -> 0.71).
+// the per-step split streams half, so those keep the per-step split. The forward loops
+// use it (the backward ones keep per-thread bias sums, which a block would confuse).
+// Inference x torch.nn, per-step split -> row blocks, in one process: at 1 x 128/128,
+// batch 64, 100 steps: LSTM 1.15 -> 1.06, GRU 0.56 -> 0.51, RNN 0.62 -> 0.45; at config
+// (a): LSTM 1.02 -> 0.98, GRU 0.60 -> 0.57, RNN 0.70 -> 0.54.
 std::atomic<int64_t> g_row_blocks_max_weight_bytes{1 << 20};
 constexpr int64_t kRowBlockMinRows = 4;  // below this many rows per thread MKL's small-M GEMM loses
 
@@ -704,53 +705,57 @@ bool gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_i
   const T* bh = bias_h.data_ptr<T>();
   std::atomic<bool> saw_nonfinite{false};
   std::atomic<bool>* nonfinite = &saw_nonfinite;
-  for (int64_t step = 0; step < steps; ++step) {
-    const int64_t t = t_begin + step;  // xw is indexed by step, the state buffers by t
-    // The biases are added in the pass below: no extra copy.
-    const at::Tensor y = step_gemm(step_view(hs, t), w_hh_t, packed, hw);
-    const int64_t s = keep ? t : 0;
-    const T* x = step_ptr<T>(xw, step);
-    const T* hwp = y.data_ptr<T>();
-    const T* h_prev = step_ptr<T>(hs, t);
-    T* h_next = step_ptr<T>(hs, t + 1);
-    T* rzp = step_ptr<T>(rz, s);
-    T* np = step_ptr<T>(n, s);
-    T* hnp = step_ptr<T>(hn, s);
-    const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, 3 * H, [=](int64_t b) {
-      if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state; zero the saved
-        std::memcpy(h_next + b * H, h_prev + b * H, H * sizeof(T));  // factors, which its
-        std::memset(rzp + b * 2 * H, 0, 2 * H * sizeof(T));           // zero gradient
-        std::memset(np + b * H, 0, H * sizeof(T));                     // multiplies
-        std::memset(hnp + b * H, 0, H * sizeof(T));
-        return;
-      }
-      const T* xb = x + b * 3 * H;
-      const T* hb = hwp + b * 3 * H;
-      const T* hp = h_prev + b * H;
-      T* rb = rzp + b * 2 * H;
-      T* nb = np + b * H;
-      T* hnb = hnp + b * H;
-      T* out = h_next + b * H;
-      int32_t bad = 0;
-#pragma omp simd reduction(| : bad)
-      for (int64_t j = 0; j < H; ++j) {
-        const T zr = xb[j] + bx[j] + hb[j] + bh[j], zz = xb[H + j] + bx[H + j] + hb[H + j] + bh[H + j];
-        T r = sigmoid(zr);
-        T z = sigmoid(zz);
-        T hn_j = hb[2 * H + j] + bh[2 * H + j];
-        const T zn = xb[2 * H + j] + bx[2 * H + j] + r * hn_j;  // not finite whenever hn_j is not (r > 0)
-        bad |= not_finite(zr) | not_finite(zz) | not_finite(zn);
-        T cand = tanh_(zn);
-        rb[j] = r;
-        rb[H + j] = z;
-        nb[j] = cand;
-        hnb[j] = hn_j;
-        out[j] = cand + z * (hp[j] - cand);
-      }
-      if (bad) nonfinite->store(true, std::memory_order_relaxed);
-    });
-  }
+  // Each thread may run all steps on its own rows (see over_row_blocks).
+  over_row_blocks(B, w_hh_t, packed.has_value(), [&](int64_t r0, int64_t r1) {
+    for (int64_t step = 0; step < steps; ++step) {
+      const int64_t t = t_begin + step;  // xw is indexed by step, the state buffers by t
+      // The biases are added in the pass below: no extra copy.
+      at::Tensor hw_rows = row_block(hw.data_ptr<T>(), r0, r1, 3 * H, hw);
+      const at::Tensor y = step_gemm(row_block(step_ptr<T>(hs, t), r0, r1, H, hs), w_hh_t, packed, hw_rows);
+      const int64_t s = keep ? t : 0;
+      const T* x = step_ptr<T>(xw, step);
+      const T* hwp = y.data_ptr<T>() - r0 * 3 * H;  // indexed by batch row below
+      const T* h_prev = step_ptr<T>(hs, t);
+      T* h_next = step_ptr<T>(hs, t + 1);
+      T* rzp = step_ptr<T>(rz, s);
+      T* np = step_ptr<T>(n, s);
+      T* hnp = step_ptr<T>(hn, s);
+      const bool* mt = m ? m + t * B : nullptr;
+      for_rows_in(r0, r1, 3 * H, [=](int64_t b) {
+        if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state; zero the saved
+          std::memcpy(h_next + b * H, h_prev + b * H, H * sizeof(T));  // factors, which its
+          std::memset(rzp + b * 2 * H, 0, 2 * H * sizeof(T));           // zero gradient
+          std::memset(np + b * H, 0, H * sizeof(T));                     // multiplies
+          std::memset(hnp + b * H, 0, H * sizeof(T));
+          return;
+        }
+        const T* xb = x + b * 3 * H;
+        const T* hb = hwp + b * 3 * H;
+        const T* hp = h_prev + b * H;
+        T* rb = rzp + b * 2 * H;
+        T* nb = np + b * H;
+        T* hnb = hnp + b * H;
+        T* out = h_next + b * H;
+        int32_t bad = 0;
+  #pragma omp simd reduction(| : bad)
+        for (int64_t j = 0; j < H; ++j) {
+          const T zr = xb[j] + bx[j] + hb[j] + bh[j], zz = xb[H + j] + bx[H + j] + hb[H + j] + bh[H + j];
+          T r = sigmoid(zr);
+          T z = sigmoid(zz);
+          T hn_j = hb[2 * H + j] + bh[2 * H + j];
+          const T zn = xb[2 * H + j] + bx[2 * H + j] + r * hn_j;  // not finite whenever hn_j is not (r > 0)
+          bad |= not_finite(zr) | not_finite(zz) | not_finite(zn);
+          T cand = tanh_(zn);
+          rb[j] = r;
+          rb[H + j] = z;
+          nb[j] = cand;
+          hnb[j] = hn_j;
+          out[j] = cand + z * (hp[j] - cand);
+        }
+        if (bad) nonfinite->store(true, std::memory_order_relaxed);
+      });
+    }
+  });
   return !saw_nonfinite.load();
 }
 
@@ -843,54 +848,59 @@ bool rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& 
   const at::Tensor zeros = kFolded ? at::zeros({B, H}, input.options()) : at::Tensor();
   std::atomic<bool> saw_nonfinite{false};
   std::atomic<bool>* nonfinite = &saw_nonfinite;
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t t = t_begin + s;  // input is indexed by s, the state buffer by t
-    // XW_t and the bias are added in the pass below: no extra copy. (Keep the tensor: when packed it is
-    // a fresh one, and a pointer into a temporary would dangle.)
-    const at::Tensor y = step_gemm(kFolded ? xh : step_view(hs, t), w_t, packed, a);
-    const T* ap = y.data_ptr<T>();
-    const T* xp = kFolded ? zeros.data_ptr<T>() : step_ptr<T>(input, s);
-    const T* h_prev = step_ptr<T>(hs, t);
-    T* h_next = step_ptr<T>(hs, t + 1);
-    const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, H, [=](int64_t b) {
-      if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state
-        std::memcpy(h_next + b * H, h_prev + b * H, H * sizeof(T));
-        return;
+  // Each thread may run all steps on its own rows (see over_row_blocks).
+  over_row_blocks(B, w_t, packed.has_value(), [&](int64_t r0, int64_t r1) {
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = t_begin + s;  // input is indexed by s, the state buffer by t
+      // XW_t and the bias are added in the pass below: no extra copy. (Keep the tensor: when packed it is
+      // a fresh one, and a pointer into a temporary would dangle.)
+      at::Tensor a_rows = row_block(a.data_ptr<T>(), r0, r1, H, a);
+      const at::Tensor y = step_gemm(kFolded ? row_block(xhp, r0, r1, I + H, xh) : row_block(step_ptr<T>(hs, t), r0, r1, H, hs),
+                                     w_t, packed, a_rows);
+      const T* ap = y.data_ptr<T>() - r0 * H;  // indexed by batch row below
+      const T* xp = kFolded ? zeros.data_ptr<T>() : step_ptr<T>(input, s);
+      const T* h_prev = step_ptr<T>(hs, t);
+      T* h_next = step_ptr<T>(hs, t + 1);
+      const bool* mt = m ? m + t * B : nullptr;
+      for_rows_in(r0, r1, H, [=](int64_t b) {
+        if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state
+          std::memcpy(h_next + b * H, h_prev + b * H, H * sizeof(T));
+          return;
+        }
+        const T* a_b = ap + b * H;
+        const T* x_b = xp + b * H;
+        T* out = h_next + b * H;
+        int32_t bad = 0;
+        if (kind == kTanh) {
+  #pragma omp simd reduction(| : bad)
+          for (int64_t j = 0; j < H; ++j) {
+            const T v = a_b[j] + x_b[j] + bb[j];
+            bad |= not_finite(v);
+            out[j] = tanh_(v);
+          }
+        } else if (kind == kRelu) {
+  #pragma omp simd reduction(| : bad)
+          for (int64_t j = 0; j < H; ++j) {
+            const T v = a_b[j] + x_b[j] + bb[j];
+            bad |= not_finite(v);
+            out[j] = std::max(v, T(0));
+          }
+        } else {
+  #pragma omp simd reduction(| : bad)
+          for (int64_t j = 0; j < H; ++j) {
+            const T v = a_b[j] + x_b[j] + bb[j];
+            bad |= not_finite(v);
+            out[j] = sigmoid(v);
+          }
+        }
+        if (bad) nonfinite->store(true, std::memory_order_relaxed);
+        if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, out, H * sizeof(T));
+      });
+      if constexpr (kFolded) {
+        if (s + 1 < steps) copy_rows(xhp + r0 * (I + H), I + H, step_ptr<T>(input, s + 1) + r0 * I, I, r1 - r0, I);
       }
-      const T* a_b = ap + b * H;
-      const T* x_b = xp + b * H;
-      T* out = h_next + b * H;
-      int32_t bad = 0;
-      if (kind == kTanh) {
-#pragma omp simd reduction(| : bad)
-        for (int64_t j = 0; j < H; ++j) {
-          const T v = a_b[j] + x_b[j] + bb[j];
-          bad |= not_finite(v);
-          out[j] = tanh_(v);
-        }
-      } else if (kind == kRelu) {
-#pragma omp simd reduction(| : bad)
-        for (int64_t j = 0; j < H; ++j) {
-          const T v = a_b[j] + x_b[j] + bb[j];
-          bad |= not_finite(v);
-          out[j] = std::max(v, T(0));
-        }
-      } else {
-#pragma omp simd reduction(| : bad)
-        for (int64_t j = 0; j < H; ++j) {
-          const T v = a_b[j] + x_b[j] + bb[j];
-          bad |= not_finite(v);
-          out[j] = sigmoid(v);
-        }
-      }
-      if (bad) nonfinite->store(true, std::memory_order_relaxed);
-      if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, out, H * sizeof(T));
-    });
-    if constexpr (kFolded) {
-      if (s + 1 < steps) copy_rows(xhp, I + H, step_ptr<T>(input, s + 1), I, B, I);
     }
-  }
+  });
   return !saw_nonfinite.load();
 }
 
