@@ -173,10 +173,12 @@ void for_rows(int64_t rows, int64_t row_elements, const F& body) {
 // step instead, each step's GEMM output crosses between the cores and every step pays two
 // fork/joins. With larger weights each thread would stream all of W_hh every step where
 // the per-step split streams half, so those keep the per-step split. The forward loops
-// use it (the backward ones keep per-thread bias sums, which a block would confuse).
+// and the backward sweeps use it.
 // Inference x torch.nn, per-step split -> row blocks, in one process: at 1 x 128/128,
 // batch 64, 100 steps: LSTM 1.15 -> 1.06, GRU 0.56 -> 0.51, RNN 0.62 -> 0.45; at config
-// (a): LSTM 1.02 -> 0.98, GRU 0.60 -> 0.57, RNN 0.70 -> 0.54.
+// (a): LSTM 1.02 -> 0.98, GRU 0.60 -> 0.57, RNN 0.70 -> 0.54. Training with both sweeps in
+// blocks, at (a): LSTM 0.70 -> 0.63, GRU 0.46 -> 0.42, RNN 0.59 -> 0.51. Above 1 MB of weight
+// (2 x 300 to 1 x 512, up to 4 MB) blocks measured even or worse, hence the default.
 std::atomic<int64_t> g_row_blocks_max_weight_bytes{1 << 20};
 constexpr int64_t kRowBlockMinRows = 4;  // below this many rows per thread MKL's small-M GEMM loses
 
@@ -209,6 +211,9 @@ void over_row_blocks(int64_t rows, const at::Tensor& weight, bool packed, const 
     return;
   }
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    // The pool's other thread does not inherit the caller's grad mode, and its ATen calls
+    // (the GEMMs, on weights that require grad in backward) must not meet autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t p = begin; p < end; ++p) loop(rows * p / blocks, rows * (p + 1) / blocks);
   });
 }
@@ -241,15 +246,15 @@ inline T* step_ptr(const at::Tensor& base, int64_t t) {
 // dh <- dh_new for the rows still inside their sequence; a finished sequence (mask false)
 // carries its gradient through the step unchanged.
 template <typename T>
-void take_alive_rows(at::Tensor& dh, const at::Tensor& dh_new, const bool* alive) {
-  const int64_t B = dh.size(0), H = dh.size(1);
+void take_alive_rows(at::Tensor& dh, const at::Tensor& dh_new, const bool* alive, int64_t first, int64_t last) {
+  const int64_t H = dh.size(1);
   T* out = dh.data_ptr<T>();
   const T* in = dh_new.data_ptr<T>();
   if (alive == nullptr) {
-    std::memcpy(out, in, B * H * sizeof(T));
+    std::memcpy(out + first * H, in + first * H, (last - first) * H * sizeof(T));
     return;
   }
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t b = first; b < last; ++b)
     if (alive[b]) std::memcpy(out + b * H, in + b * H, H * sizeof(T));
 }
 
@@ -636,55 +641,62 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
   const BiasGradSum bias_sum(4 * H);
   const BiasGradSum* sums = &bias_sum;
   at::Tensor dh_prev = at::empty_like(dh);
-  for (int64_t t = t_end - 1; t >= t_begin; --t) {
-    const T* a = step_ptr<T>(gates, t);
-    const T* c = step_ptr<T>(cs, t + 1);
-    const T* c_prev = step_ptr<T>(cs, t);
-    const T* go = step_ptr<T>(d_out, t);
-    T* dhp = dh.data_ptr<T>();
-    T* dcp = dc.data_ptr<T>();
-    T* dzt = step_ptr<T>(dz, t - t_begin);
-    const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, 4 * H, [=](int64_t b) {
-      // Per-row pointers and a branch-free blend: written so that gcc vectorises the loop
-      // (indexing by b * H + j with a conditional store kept it scalar, 5x slower).
-      const T* ab = a + b * 4 * H;
-      T* dzb = dzt + b * 4 * H;
-      const T* cb = c + b * H;
-      const T* cpb = c_prev + b * H;
-      const T* gob = go + b * H;
-      const T* dhb = dhp + b * H;
-      T* dcb = dcp + b * H;
-      double* acc = sums->row();
-      const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
+  // Each thread may run all steps on its own rows (see over_row_blocks). Inside a block
+  // at::parallel_for reports thread 0, so a block sums its bias gradient into the row of
+  // the thread that runs it, taken here.
+  over_row_blocks(B, w_hh, false, [&](int64_t r0, int64_t r1) {
+    double* const block_acc = (r1 - r0 < B) ? sums->row() : nullptr;
+    for (int64_t t = t_end - 1; t >= t_begin; --t) {
+      const T* a = step_ptr<T>(gates, t);
+      const T* c = step_ptr<T>(cs, t + 1);
+      const T* c_prev = step_ptr<T>(cs, t);
+      const T* go = step_ptr<T>(d_out, t);
+      T* dhp = dh.data_ptr<T>();
+      T* dcp = dc.data_ptr<T>();
+      T* dzt = step_ptr<T>(dz, t - t_begin);
+      const bool* mt = m ? m + t * B : nullptr;
+      for_rows_in(r0, r1, 4 * H, [=](int64_t b) {
+        // Per-row pointers and a branch-free blend: written so that gcc vectorises the loop
+        // (indexing by b * H + j with a conditional store kept it scalar, 5x slower).
+        const T* ab = a + b * 4 * H;
+        T* dzb = dzt + b * 4 * H;
+        const T* cb = c + b * H;
+        const T* cpb = c_prev + b * H;
+        const T* gob = go + b * H;
+        const T* dhb = dhp + b * H;
+        T* dcb = dcp + b * H;
+        double* acc = block_acc != nullptr ? block_acc : sums->row();
+        const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) {
-        const T i = ab[j], f = ab[H + j], g = ab[2 * H + j], o = ab[3 * H + j];
-        const T tc = tanh_(cb[j]);
-        const T dh_t = (gob[j] + dhb[j]) * alive;
-        const T dc_t = dcb[j] * alive + dh_t * o * (T(1) - tc * tc);
-        const T d_i = flush(dc_t * g * i * (T(1) - i));
-        const T d_f = flush(dc_t * cpb[j] * f * (T(1) - f));
-        const T d_g = flush(dc_t * i * (T(1) - g * g));
-        const T d_o = flush(dh_t * tc * o * (T(1) - o));
-        dzb[j] = d_i;
-        dzb[H + j] = d_f;
-        dzb[2 * H + j] = d_g;
-        dzb[3 * H + j] = d_o;
-        acc[j] += d_i;
-        acc[H + j] += d_f;
-        acc[2 * H + j] += d_g;
-        acc[3 * H + j] += d_o;
-        // A finished sequence (alive = 0) carries its gradient through unchanged.
-        dcb[j] = alive * flush(dc_t * f) + (T(1) - alive) * dcb[j];
-      }
-    });
-    // (B, 4H) x (4H, H): MKL's sgemm on the plain W_hh. (oneDNN's packed weights, which
-    // win in the forward, were no faster for this long-K, short-N shape once packing
-    // W_hh^T, and transposing it first, is counted: 20-30 % slower at batch 20.)
-    at::mm_out(dh_prev, step_view(dz, t - t_begin), w_hh);
-    take_alive_rows<T>(dh, dh_prev, mt);
-  }
+        for (int64_t j = 0; j < H; ++j) {
+          const T i = ab[j], f = ab[H + j], g = ab[2 * H + j], o = ab[3 * H + j];
+          const T tc = tanh_(cb[j]);
+          const T dh_t = (gob[j] + dhb[j]) * alive;
+          const T dc_t = dcb[j] * alive + dh_t * o * (T(1) - tc * tc);
+          const T d_i = flush(dc_t * g * i * (T(1) - i));
+          const T d_f = flush(dc_t * cpb[j] * f * (T(1) - f));
+          const T d_g = flush(dc_t * i * (T(1) - g * g));
+          const T d_o = flush(dh_t * tc * o * (T(1) - o));
+          dzb[j] = d_i;
+          dzb[H + j] = d_f;
+          dzb[2 * H + j] = d_g;
+          dzb[3 * H + j] = d_o;
+          acc[j] += d_i;
+          acc[H + j] += d_f;
+          acc[2 * H + j] += d_g;
+          acc[3 * H + j] += d_o;
+          // A finished sequence (alive = 0) carries its gradient through unchanged.
+          dcb[j] = alive * flush(dc_t * f) + (T(1) - alive) * dcb[j];
+        }
+      });
+      // (B, 4H) x (4H, H): MKL's sgemm on the plain W_hh. (oneDNN's packed weights, which
+      // win in the forward, were no faster for this long-K, short-N shape once packing
+      // W_hh^T, and transposing it first, is counted: 20-30 % slower at batch 20.)
+      at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
+      at::mm_out(dh_prev_rows, row_block(dzt, r0, r1, 4 * H, dz), w_hh);
+      take_alive_rows<T>(dh, dh_prev, mt, r0, r1);
+    }
+  });
   bias_sum.add_into(db);
 }
 
@@ -737,7 +749,7 @@ bool gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_i
         T* hnb = hnp + b * H;
         T* out = h_next + b * H;
         int32_t bad = 0;
-  #pragma omp simd reduction(| : bad)
+#pragma omp simd reduction(| : bad)
         for (int64_t j = 0; j < H; ++j) {
           const T zr = xb[j] + bx[j] + hb[j] + bh[j], zz = xb[H + j] + bx[H + j] + hb[H + j] + bh[H + j];
           T r = sigmoid(zr);
@@ -776,49 +788,56 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
   at::Tensor direct = at::empty_like(dh);
   at::Tensor dh_prev = at::empty_like(dh);
   at::Tensor dz_h = at::empty({B, 3 * H}, dh.options());
-  for (int64_t t = t_end - 1; t >= t_begin; --t) {
-    const T* rzp = step_ptr<T>(rz, t);
-    const T* np = step_ptr<T>(n, t);
-    const T* hnp = step_ptr<T>(hn, t);
-    const T* h_prev = step_ptr<T>(hs, t);
-    const T* go = step_ptr<T>(d_out, t);
-    T* dhp = dh.data_ptr<T>();
-    T* dir = direct.data_ptr<T>();
-    T* dx = step_ptr<T>(dz_x, t - t_begin);
-    T* dhh = dz_h.data_ptr<T>();
-    T* dnh = step_ptr<T>(dn_h, t - t_begin);
-    const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, 3 * H, [=](int64_t b) {
-      const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
-      double* acc = sums->row();
+  // Each thread may run all steps on its own rows (see over_row_blocks). Inside a block
+  // at::parallel_for reports thread 0, so a block sums its bias gradient into the row of
+  // the thread that runs it, taken here.
+  over_row_blocks(B, w_hh, false, [&](int64_t r0, int64_t r1) {
+    double* const block_acc = (r1 - r0 < B) ? sums->row() : nullptr;
+    for (int64_t t = t_end - 1; t >= t_begin; --t) {
+      const T* rzp = step_ptr<T>(rz, t);
+      const T* np = step_ptr<T>(n, t);
+      const T* hnp = step_ptr<T>(hn, t);
+      const T* h_prev = step_ptr<T>(hs, t);
+      const T* go = step_ptr<T>(d_out, t);
+      T* dhp = dh.data_ptr<T>();
+      T* dir = direct.data_ptr<T>();
+      T* dx = step_ptr<T>(dz_x, t - t_begin);
+      T* dhh = dz_h.data_ptr<T>();
+      T* dnh = step_ptr<T>(dn_h, t - t_begin);
+      const bool* mt = m ? m + t * B : nullptr;
+      for_rows_in(r0, r1, 3 * H, [=](int64_t b) {
+        const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
+        double* acc = block_acc != nullptr ? block_acc : sums->row();
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t k = b * H + j;
-        T r = rzp[b * 2 * H + j], z = rzp[b * 2 * H + H + j], cand = np[k];
-        T dh_t = (go[k] + dhp[k]) * alive;
-        T d_n = dh_t * (T(1) - z) * (T(1) - cand * cand);
-        T d_z = dh_t * (h_prev[k] - cand) * z * (T(1) - z);
-        T d_r = d_n * hnp[k] * r * (T(1) - r);
-        d_r = flush(d_r);
-        d_z = flush(d_z);
-        d_n = flush(d_n);
-        dx[b * 3 * H + j] = d_r;
-        dx[b * 3 * H + H + j] = d_z;
-        dx[b * 3 * H + 2 * H + j] = d_n;
-        dhh[b * 3 * H + j] = d_r;
-        dhh[b * 3 * H + H + j] = d_z;
-        const T d_hn = flush(d_n * r);
-        dhh[b * 3 * H + 2 * H + j] = dnh[k] = d_hn;
-        dir[k] = flush(dh_t * z);
-        acc[j] += d_r;
-        acc[H + j] += d_z;
-        acc[2 * H + j] += d_n;
-        acc[3 * H + j] += d_hn;
-      }
-    });
-    at::addmm_out(dh_prev, direct, dz_h, w_hh);  // dh z + dZ_h W_hh
-    take_alive_rows<T>(dh, dh_prev, mt);
-  }
+        for (int64_t j = 0; j < H; ++j) {
+          const int64_t k = b * H + j;
+          T r = rzp[b * 2 * H + j], z = rzp[b * 2 * H + H + j], cand = np[k];
+          T dh_t = (go[k] + dhp[k]) * alive;
+          T d_n = dh_t * (T(1) - z) * (T(1) - cand * cand);
+          T d_z = dh_t * (h_prev[k] - cand) * z * (T(1) - z);
+          T d_r = d_n * hnp[k] * r * (T(1) - r);
+          d_r = flush(d_r);
+          d_z = flush(d_z);
+          d_n = flush(d_n);
+          dx[b * 3 * H + j] = d_r;
+          dx[b * 3 * H + H + j] = d_z;
+          dx[b * 3 * H + 2 * H + j] = d_n;
+          dhh[b * 3 * H + j] = d_r;
+          dhh[b * 3 * H + H + j] = d_z;
+          const T d_hn = flush(d_n * r);
+          dhh[b * 3 * H + 2 * H + j] = dnh[k] = d_hn;
+          dir[k] = flush(dh_t * z);
+          acc[j] += d_r;
+          acc[H + j] += d_z;
+          acc[2 * H + j] += d_n;
+          acc[3 * H + j] += d_hn;
+        }
+      });
+      at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
+      at::addmm_out(dh_prev_rows, row_block(dir, r0, r1, H, direct), row_block(dhh, r0, r1, 3 * H, dz_h), w_hh);  // dh z + dZ_h W_hh
+      take_alive_rows<T>(dh, dh_prev, mt, r0, r1);
+    }
+  });
   bias_sum.add_into(db);
 }
 
@@ -872,21 +891,21 @@ bool rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& 
         T* out = h_next + b * H;
         int32_t bad = 0;
         if (kind == kTanh) {
-  #pragma omp simd reduction(| : bad)
+#pragma omp simd reduction(| : bad)
           for (int64_t j = 0; j < H; ++j) {
             const T v = a_b[j] + x_b[j] + bb[j];
             bad |= not_finite(v);
             out[j] = tanh_(v);
           }
         } else if (kind == kRelu) {
-  #pragma omp simd reduction(| : bad)
+#pragma omp simd reduction(| : bad)
           for (int64_t j = 0; j < H; ++j) {
             const T v = a_b[j] + x_b[j] + bb[j];
             bad |= not_finite(v);
             out[j] = std::max(v, T(0));
           }
         } else {
-  #pragma omp simd reduction(| : bad)
+#pragma omp simd reduction(| : bad)
           for (int64_t j = 0; j < H; ++j) {
             const T v = a_b[j] + x_b[j] + bb[j];
             bad |= not_finite(v);
@@ -914,26 +933,33 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
   const BiasGradSum bias_sum(H);
   const BiasGradSum* sums = &bias_sum;
   at::Tensor dh_prev = at::empty_like(dh);
-  for (int64_t t = t_end - 1; t >= t_begin; --t) {
-    const T* h = step_ptr<T>(hs, t + 1);
-    const T* go = step_ptr<T>(d_out, t);
-    const T* dhp = dh.data_ptr<T>();
-    T* dzt = step_ptr<T>(dz, t - t_begin);
-    const bool* mt = m ? m + t * B : nullptr;
-    for_rows(B, H, [=](int64_t b) {
-      const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
-      double* acc = sums->row();
+  // Each thread may run all steps on its own rows (see over_row_blocks). Inside a block
+  // at::parallel_for reports thread 0, so a block sums its bias gradient into the row of
+  // the thread that runs it, taken here.
+  over_row_blocks(B, w_hh, false, [&](int64_t r0, int64_t r1) {
+    double* const block_acc = (r1 - r0 < B) ? sums->row() : nullptr;
+    for (int64_t t = t_end - 1; t >= t_begin; --t) {
+      const T* h = step_ptr<T>(hs, t + 1);
+      const T* go = step_ptr<T>(d_out, t);
+      const T* dhp = dh.data_ptr<T>();
+      T* dzt = step_ptr<T>(dz, t - t_begin);
+      const bool* mt = m ? m + t * B : nullptr;
+      for_rows_in(r0, r1, H, [=](int64_t b) {
+        const T alive = (mt == nullptr || mt[b]) ? T(1) : T(0);
+        double* acc = block_acc != nullptr ? block_acc : sums->row();
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t k = b * H + j;
-        const T d = flush((go[k] + dhp[k]) * alive * derivative_from_output(h[k], kind));
-        dzt[k] = d;
-        acc[j] += d;
-      }
-    });
-    at::mm_out(dh_prev, step_view(dz, t - t_begin), w_hh);
-    take_alive_rows<T>(dh, dh_prev, mt);
-  }
+        for (int64_t j = 0; j < H; ++j) {
+          const int64_t k = b * H + j;
+          const T d = flush((go[k] + dhp[k]) * alive * derivative_from_output(h[k], kind));
+          dzt[k] = d;
+          acc[j] += d;
+        }
+      });
+      at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
+      at::mm_out(dh_prev_rows, row_block(dzt, r0, r1, H, dz), w_hh);
+      take_alive_rows<T>(dh, dh_prev, mt, r0, r1);
+    }
+  });
   bias_sum.add_into(db);
 }
 
