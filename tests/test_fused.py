@@ -371,13 +371,13 @@ def test_inf_input_matches_torch_nn(mode):
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("lengths", [None, [7, 3, 5]], ids=["full", "lengths"])
+@pytest.mark.parametrize("lengths", [None, [7, 3, 5, 6, 2]], ids=["full", "lengths"])
 def test_folded_input_matches_the_input_projection(mode, dtype, lengths, monkeypatch):
     """With a small input the compiled forward runs its GEMM on [x_t, h_t] (LSTM and RNN);
     forced on and off, outputs, final states and every gradient must match torch.nn."""
     if native.load() is None:
         pytest.skip("the compiled loops are not built here")
-    steps, batch, inputs, hidden = 7, 3, 4, 16
+    steps, batch, inputs, hidden = 7, 5, 4, 16  # 35 rows in all: more than a few (see below)
     layer, reference = make_pair(mode, inputs, hidden, dtype=dtype, implementation="native", num_layers=2)
     x = torch.randn(steps, batch, inputs, dtype=dtype)
     calls = []
@@ -403,6 +403,19 @@ def test_folded_input_matches_the_input_projection(mode, dtype, lengths, monkeyp
         torch.testing.assert_close(output, ref_output, **tol)
         for a, b in zip(states + list(grads), state_tensors(ref_state) + list(ref_grads)):
             torch.testing.assert_close(a, b, **tol)
+
+
+def test_a_few_rows_never_fold_the_input():
+    """Joining [W_ih, W_hh] copies both weights per call: not worth it for one token."""
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled loops are not built here")
+    hidden = 16
+    assert fused._folds_input(torch.empty(7, 5, 4), hidden, module)
+    assert not fused._folds_input(torch.empty(1, 1, 4), hidden, module)
+    assert not fused._folds_input(torch.empty(8, 4, 4), hidden, module)  # 32 rows: still few
+    assert not fused._folds_input(torch.empty(7, 5, 5), hidden, module)  # input > hidden / 4
+    assert not fused._folds_input(torch.empty(7, 5, 4), hidden, None)  # the torch loop
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -221,10 +221,15 @@ def _packed(weight: Tensor, batch: int) -> Tensor | None:
 
 def _folds_input(x: Tensor, hidden_size: int, native) -> bool:
     """Whether the compiled forward runs its per-step GEMM on [x_t, h_t] instead of adding
-    a precomputed input projection (see ``fold_input_max_ratio`` in whiteboard.native)."""
+    a precomputed input projection (see ``fold_input_max_ratio`` in whiteboard.native).
+    Not for a few rows in all (``transpose_max_rows``: generation): joining [W_ih, W_hh]
+    copies both weights on every call, which one step cannot repay (2 x 512 LSTM with a
+    128-wide input, one token: 1,054 us folded, 720 not)."""
     from . import native as native_module
 
-    return native is not None and x.shape[-1] <= native_module.fold_input_max_ratio * hidden_size
+    steps, batch, inputs = x.shape
+    return (native is not None and inputs <= native_module.fold_input_max_ratio * hidden_size
+            and steps * batch > native_module.transpose_max_rows)
 
 
 def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor, Tensor | None]:
