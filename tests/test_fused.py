@@ -662,14 +662,16 @@ def test_row_blocks_are_chosen_only_where_they_pay(row_blocks):
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_forward_in_row_blocks_matches_torch_nn(mode, dtype, lengths, fold, grad, row_blocks, monkeypatch):
-    """Each thread runs the whole forward time loop on its own rows (9 rows: blocks of 4
-    and 5); the GRU never folds its input, so it runs the same test twice."""
+    """Each thread runs the whole time loop, forward and backward, on its own rows (9 rows:
+    blocks of 4 and 5), both directions; the GRU never folds its input, so it runs the
+    same test twice."""
     monkeypatch.setattr(native, "fold_input_max_ratio", fold)
     steps, batch, inputs, hidden = 7, 9, 6, 5
     assert row_blocks.row_block_count(batch, torch.empty(4 * hidden, hidden), False) == 2
-    layer, reference = make_pair(mode, inputs, hidden, dtype=dtype, implementation="native", num_layers=2)
+    layer, reference = make_pair(mode, inputs, hidden, dtype=dtype, implementation="native", num_layers=2,
+                                 bidirectional=True)
     x = torch.randn(steps, batch, inputs, dtype=dtype)
-    state = initial_state(mode, (2, batch, hidden), dtype, "cpu")
+    state = initial_state(mode, (4, batch, hidden), dtype, "cpu")
     ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
         output, final = layer(ours_in, state, lengths=None if lengths is None else torch.tensor(lengths))
