@@ -696,3 +696,59 @@ def test_a_nan_in_one_row_block_still_reruns_on_the_torch_loop(mode, row_blocks)
         ours, theirs = layer(x)[0], reference(x)[0]
     assert torch.isnan(ours).any()
     torch.testing.assert_close(ours, theirs, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 8), (2, 3)], ids=["one-token", "32-rows", "6-rows"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("given_state", [True, False], ids=["state", "zeros"])
+def test_few_row_inference_in_one_call_matches_torch_nn(mode, dtype, shape, bias, given_state, monkeypatch):
+    """Without grad, a few rows in all (generation) take one compiled call per layer and
+    direction (recurrent.cpp's *_few_rows): outputs and final states as torch.nn's."""
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled loops are not built here")
+    calls = []
+    for name in ("rnn_few_rows", "lstm_few_rows", "gru_few_rows"):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a), raising=False)
+    steps, batch = shape
+    layer, reference = make_pair(mode, I, H, dtype=dtype, num_layers=2, bidirectional=True, bias=bias)
+    x = torch.randn(steps, batch, I, dtype=dtype)
+    state = initial_state(mode, (4, batch, H), dtype, "cpu") if given_state else None
+    with torch.no_grad():
+        output, final = layer(x, state)
+        ref_output, ref_final = reference(x, state)
+    assert len(calls) == 4  # 2 layers x 2 directions
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(output, ref_output, **tol)
+    for a, b in zip(state_tensors(final), state_tensors(ref_final)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("where", ["input", "h0", "c0", "weight_ih", "bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_few_row_inference_with_non_finite_values_matches_torch_nn(mode, where, value):
+    if where == "c0" and mode != "lstm":
+        pytest.skip("only the LSTM has a cell state")
+    layer, reference = make_pair(mode, I, H, dtype=torch.float32, num_layers=2)
+    x = torch.randn(1, 2, I)
+    state = [s.detach() for s in state_tensors(initial_state(mode, (2, 2, H), torch.float32, "cpu"))]
+    if where == "input":
+        x[0, 1, 0] = value
+    elif where in ("h0", "c0"):
+        state[0 if where == "h0" else 1][0, 1, 0] = value
+    else:
+        name = "weight_ih_l0" if where == "weight_ih" else "bias_hh_l0"
+        with torch.no_grad():
+            for module in (layer, reference):
+                getattr(module, name).view(-1)[0] = value
+    hx = tuple(state) if mode == "lstm" else state[0]
+    with torch.no_grad():
+        ours, theirs = layer(x, hx), reference(x, hx)
+    for a, b in zip([ours[0], *state_tensors(ours[1])], [theirs[0], *state_tensors(theirs[1])]):
+        torch.testing.assert_close(a, b, equal_nan=True, **TOLERANCES[torch.float32])
+    if value != value:  # a NaN always reaches the output (an Inf may saturate a gate)
+        assert torch.isnan(theirs[0]).any()

@@ -41,6 +41,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+# The build and its tuning knobs; the functions below call the compiled module itself
+# `native` (None for the torch loop), hence the longer name.
+from . import native as native_module
+
 __all__ = [
     "FusedRNN",
     "FusedLSTM",
@@ -214,9 +218,7 @@ def _carry(alive: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
 
 def _packed(weight: Tensor, batch: int) -> Tensor | None:
     """The weight packed for the compiled loop's per-step forward GEMM, or None (plain sgemm)."""
-    from . import native
-
-    return native.packed_weight(weight, batch)
+    return native_module.packed_weight(weight, batch)
 
 
 def _folds_input(x: Tensor, hidden_size: int, native) -> bool:
@@ -225,11 +227,17 @@ def _folds_input(x: Tensor, hidden_size: int, native) -> bool:
     Not for a few rows in all (``transpose_max_rows``: generation): joining [W_ih, W_hh]
     copies both weights on every call, which one step cannot repay (2 x 512 LSTM with a
     128-wide input, one token: 1,054 us folded, 720 not)."""
-    from . import native as native_module
-
     steps, batch, inputs = x.shape
     return (native is not None and inputs <= native_module.fold_input_max_ratio * hidden_size
             and steps * batch > native_module.transpose_max_rows)
+
+
+def few_rows(x: Tensor, mask: Tensor | None, native) -> bool:
+    """Whether a call without grad takes the compiled one-call path for a few rows in all
+    (generation; recurrent.cpp's ``*_few_rows``): steps x batch at most
+    ``native.transpose_max_rows``, no lengths. Those calls would neither fold the input
+    nor copy W_hhᵀ, and one call replaces some fifteen ATen calls from Python."""
+    return native is not None and mask is None and x.shape[0] * x.shape[1] <= native_module.transpose_max_rows
 
 
 def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor, Tensor | None]:
@@ -241,8 +249,6 @@ def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor,
     cost more than all the steps (see native.transpose_max_rows): on the torch loop too,
     where torch's strided copy made a 650-unit RNN layer at one token 6x slower than
     torch.nn's (820 against 130 us)."""
-    from . import native as native_module
-
     packed = _packed(w_hh, batch) if native is not None and steps >= native_module.packed_min_steps else None
     if packed is not None:
         return w_hh.contiguous(), packed
@@ -255,7 +261,7 @@ def _native_mask(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else mask.squeeze(-1).contiguous()  # (T, B) bool
 
 
-_RNN_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2}
+RNN_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2}  # recurrent.cpp's Activation
 
 
 def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None):
@@ -269,13 +275,13 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
     hs[0] = h0
     if _folds_input(x, h0.shape[-1], native):
         w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, H)
-        if not native.rnn_forward_folded(x, bias, w_cat_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed):
+        if not native.rnn_forward_folded(x, bias, w_cat_t, hs, RNN_KINDS[nonlinearity], _native_mask(mask), packed):
             return None
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
     w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, H); see module docstring
     if native is not None:
         for xw, begin in _projected_chunks(x, w_ih, native):
-            if not native.rnn_forward(xw, bias, w_hh_t, hs, _RNN_KINDS[nonlinearity], _native_mask(mask), packed, begin):
+            if not native.rnn_forward(xw, bias, w_hh_t, hs, RNN_KINDS[nonlinearity], _native_mask(mask), packed, begin):
                 return None
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
     xw = _input_projection(x, w_ih, bias)  # (T, B, H)
@@ -316,7 +322,7 @@ class FusedRNN(torch.autograd.Function):
             grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]))
             for begin, end in chunks:
                 dz = dz_buffer[: end - begin]
-                native.rnn_backward(d_out, hs, w_hh, dh, dz, db, _RNN_KINDS[ctx.nonlinearity], native_mask,
+                native.rnn_backward(d_out, hs, w_hh, dh, dz, db, RNN_KINDS[ctx.nonlinearity], native_mask,
                                         begin, end)
                 grads.add(dz, begin, end)
             return _rnn_grads(ctx, grads.result(), dh, db)

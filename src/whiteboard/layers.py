@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import cells, fused
+from . import cells, fused, native
 
 __all__ = ["RNN", "LSTM", "GRU", "LayerNormLSTM", "Trace", "TRACE_FIELDS", "SEED_NAMES"]
 
@@ -340,12 +340,13 @@ class _RecurrentBase(nn.Module):
         if self.bidirectional and lengths is not None:
             reverse_index = self._reverse_index(lengths, T, B, x.device)
         layer_input = x
+        per_layer = [s.unbind(0) for s in states]  # one call per state, not one per layer
         for layer in range(self.num_layers):
             outs = []
             layer_trace = []
             for direction in range(directions):
                 index = layer * directions + direction
-                initial = [s[index] for s in states]
+                initial = [s[index] for s in per_layer]
                 seq = layer_input
                 if direction == 1:
                     seq = self._reverse_time(seq, reverse_index)
@@ -384,8 +385,6 @@ class _RecurrentBase(nn.Module):
         """The compiled loop module when this call should use it, else None."""
         if self.implementation == "fused":
             return None
-        from . import native
-
         if native.usable_for(x):
             return native.load()
         if self.implementation == "native":
@@ -486,6 +485,11 @@ class RNN(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n = fused.FusedRNN.apply(x, initial[0], *weights, mask, self.nonlinearity, native)
             return out, [h_n]
+        if fused.few_rows(x, mask, native):
+            result = native.rnn_few_rows(x, initial[0], *weights, fused.RNN_KINDS[self.nonlinearity])
+            if result:
+                return result[0], [result[1]]
+            native = None  # a NaN or Inf: the torch loop propagates it as torch.nn does
         (hs, out), _ = fused.run_sequence(fused.rnn_sequence, native, x, initial[0], *weights, mask, self.nonlinearity)
         return out, [hs[-1]]
 
@@ -535,6 +539,11 @@ class LSTM(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n, c_n = fused.FusedLSTM.apply(x, initial[0], initial[1], *weights, mask, native)
             return out, [h_n, c_n]
+        if fused.few_rows(x, mask, native):
+            result = native.lstm_few_rows(x, initial[0], initial[1], *weights)
+            if result:
+                return result[0], [result[1], result[2]]
+            native = None  # a NaN or Inf: the torch loop propagates it as torch.nn does
         native = fused.finite_or_none(native, initial[1])
         (hs, cs, _, out), _ = fused.run_sequence(fused.lstm_sequence, native, x, *initial, *weights, mask, False)
         return out, [hs[-1], cs[-1]]
@@ -568,6 +577,11 @@ class GRU(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n = fused.FusedGRU.apply(x, initial[0], *weights, mask, native)
             return out, [h_n]
+        if fused.few_rows(x, mask, native):
+            result = native.gru_few_rows(x, initial[0], *weights)
+            if result:
+                return result[0], [result[1]]
+            native = None  # a NaN or Inf: the torch loop propagates it as torch.nn does
         (hs, _, _, _, out), _ = fused.run_sequence(fused.gru_sequence, native, x, initial[0], *weights, mask, False)
         return out, [hs[-1]]
 

@@ -203,4 +203,9 @@ def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
 
 def usable_for(tensor: torch.Tensor) -> bool:
     """Compiled loops cover CPU float32/float64; anything else takes the torch path."""
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and load() is not None
+    # (is_cpu, not device.type: this runs for every layer of every call, and building a
+    # torch.device took several us of a one-token call)
+    return tensor.is_cpu and tensor.dtype in _COMPILED_DTYPES and (_module is not None or load() is not None)
+
+
+_COMPILED_DTYPES = (torch.float32, torch.float64)
