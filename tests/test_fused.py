@@ -490,16 +490,18 @@ def test_step_weights_as_a_copy_or_a_view_match_torch_nn(mode, copy_rows, dtype,
         torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh", "bias", "h0", "c0"])
+def _value_sites(*sites):
+    """(mode, where) pairs: every mode at every site, c0 for the LSTM only."""
+    return [(mode, where) for mode in MODES for where in sites if where != "c0" or mode == "lstm"]
+
+
+@pytest.mark.parametrize("mode, where", _value_sites("input", "weight_ih", "weight_hh", "bias", "h0", "c0"))
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_values_anywhere_come_out_as_torch_nn_s(mode, where, value):
     """The compiled forward checks every pre-activation for NaN and Inf (it is built for
     finite numbers) and then reruns the call on the torch loop: outputs and gradients must
     be torch.nn's, NaN for NaN, wherever the bad value entered (c0: an LSTM's only input
     that reaches no pre-activation, checked before the loop)."""
-    if where == "c0" and mode != "lstm":
-        pytest.skip("only the LSTM has a cell state")
     layer, reference = make_pair(mode, I, H, dtype=torch.float32, implementation="native")
     x = torch.randn(T, B, I)
     state = initial_state(mode, (1, B, H), torch.float32, "cpu")
@@ -727,12 +729,9 @@ def test_few_row_inference_in_one_call_matches_torch_nn(mode, dtype, shape, bias
         torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("where", ["input", "h0", "c0", "weight_ih", "bias"])
+@pytest.mark.parametrize("mode, where", _value_sites("input", "h0", "c0", "weight_ih", "bias"))
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_few_row_inference_with_non_finite_values_matches_torch_nn(mode, where, value):
-    if where == "c0" and mode != "lstm":
-        pytest.skip("only the LSTM has a cell state")
     layer, reference = make_pair(mode, I, H, dtype=torch.float32, num_layers=2)
     x = torch.randn(1, 2, I)
     state = [s.detach() for s in state_tensors(initial_state(mode, (2, 2, H), torch.float32, "cpu"))]
