@@ -432,8 +432,12 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
     layer, reference = make_pair(mode, inputs, hidden, dtype=torch.float64, implementation="native", num_layers=2)
     gates = {"lstm": 4, "gru": 3}.get(mode, 1)
     widest = max(gates, 4 if mode == "gru" else gates)  # the GRU's backward buffer holds 4H per row
-    monkeypatch.setattr(fused, "CHUNK_BYTES", chunk_steps * batch * widest * hidden * 8)
-    assert len(fused._chunks(steps, batch * widest * hidden * 8)) == -(-steps // chunk_steps)
+    limit = "GRU_CHUNK_BYTES" if mode == "gru" else "CHUNK_BYTES"
+    monkeypatch.setattr(fused, limit, chunk_steps * batch * widest * hidden * 8)
+    assert len(fused._chunks(steps, batch * widest * hidden * 8, getattr(fused, limit))) == -(-steps // chunk_steps)
+    sizes = []
+    original = fused._chunks
+    monkeypatch.setattr(fused, "_chunks", lambda *a: sizes.append(len(r := original(*a))) or r)
     x = torch.randn(steps, batch, inputs, dtype=torch.float64)
     state = initial_state(mode, (2, batch, hidden), torch.float64, "cpu")
     ours_in, ref_in = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
@@ -444,6 +448,7 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
     inputs_ref = ([ref_in] if input_grad else []) + list(reference.parameters()) + state_tensors(state)
     grads = torch.autograd.grad(loss_of(output, final), inputs_ours)
     ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), inputs_ref)
+    assert max(sizes) == -(-steps // chunk_steps)  # the cell's own limit was used (backward: widest)
     tol = TOLERANCES[torch.float64]
     torch.testing.assert_close(output, ref_output, **tol)
     for a, b in zip(state_tensors(final) + list(grads), state_tensors(ref_final) + list(ref_grads)):
