@@ -264,6 +264,17 @@ def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor,
     return (native.transposed(w_hh.contiguous()) if native is not None else w_hh.t().contiguous()), None
 
 
+def _lstm_panels(weights: tuple[Tensor, ...], batch: int, native, steps: int) -> Tensor | None:
+    """``weights`` (each (4H, K_i)) joined along K and packed into the compiled LSTM
+    forward's gate panels (see recurrent.cpp), or None where that
+    GEMM is off (``panel_gemm`` in whiteboard.native), not built (no AVX-512), not float32, or the call too short to repay it."""
+    if (native is None or not native_module.panel_gemm or weights[0].dtype != torch.float32
+            or steps < native_module.panel_min_steps or steps * batch <= native_module.transpose_max_rows
+            or not native.has_panels()):
+        return None
+    return native.lstm_panels([w.detach() for w in weights])
+
+
 def _native_mask(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else mask.squeeze(-1).contiguous()  # (T, B) bool
 
@@ -377,11 +388,19 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
     gates = _empty((T if keep_gates else 1, B, 4 * H), x, native)
     if native is not None:
         if _folds_input(x, H, native):
-            w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, 4H)
+            packed = _lstm_panels((w_ih, w_hh), B, native, T)
+            if packed is not None:
+                w_cat_t = w_hh  # unused beside the panels
+            else:
+                w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, 4H)
             if not native.lstm_forward_folded(x, bias, w_cat_t, hs, cs, gates, _native_mask(mask), packed):
                 return None
         else:
-            w_hh_t, packed = _step_weights(w_hh, B, native, T)
+            packed = _lstm_panels((w_hh,), B, native, T)
+            if packed is not None:
+                w_hh_t = w_hh  # unused beside the panels
+            else:
+                w_hh_t, packed = _step_weights(w_hh, B, native, T)
             for xw, begin in _projected_chunks(x, w_ih, native):  # (steps, B, 4H)
                 if not native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed, begin):
                     return None

@@ -1,0 +1,174 @@
+"""The LSTM forward's own per-step GEMM: W packed into panels of 16 units, an AVX-512
+microkernel with the gate math as its epilogue (recurrent.cpp's lstm_panels). Float32 on
+CPUs with AVX-512 only; elsewhere the layers use oneDNN's or MKL's GEMM, which the rest of
+the suite covers."""
+
+import pytest
+import torch
+
+from whiteboard import fused, native
+from helpers import TOLERANCES, initial_state, loss_of, make_pair, state_tensors
+
+
+@pytest.fixture
+def module():
+    compiled = native.load()
+    if compiled is None or not compiled.has_panels():
+        pytest.skip("the compiled loops are not built here, or built without AVX-512")
+    return compiled
+
+
+def _reference_panels(weights):
+    """lstm_panels' layout from its definition: panel p, row k, column 16 g + u holds the
+    weight of gate g of unit 16 p + u at k ([W_0, W_1, ...] joined along K), zero past H."""
+    joined = torch.cat(weights, dim=1)
+    H = joined.shape[0] // 4
+    panels = -(-H // 16)
+    out = torch.zeros(panels, joined.shape[1], 64)
+    for p in range(panels):
+        for g in range(4):
+            for u in range(16):
+                if 16 * p + u < H:
+                    out[p, :, 16 * g + u] = joined[g * H + 16 * p + u]
+    return out
+
+
+@pytest.mark.parametrize("H", [1, 16, 17, 40])
+@pytest.mark.parametrize("ks", [(5,), (16,), (37,), (3, 16), (16, 21)], ids=str)
+def test_panels_hold_each_weight_where_the_kernel_reads_it(module, H, ks):
+    weights = [torch.randn(4 * H, k) for k in ks]
+    torch.testing.assert_close(module.lstm_panels(weights), _reference_panels(weights), rtol=0, atol=0)
+
+
+def test_panels_of_a_transposed_view_are_those_of_its_copy(module):
+    weight = torch.randn(33, 4 * 20).t()  # (80, 33), not contiguous
+    assert torch.equal(module.lstm_panels([weight]), _reference_panels([weight.contiguous()]))
+
+
+def test_panels_refuse_what_the_kernel_cannot_read(module):
+    with pytest.raises(RuntimeError, match="float32"):
+        module.lstm_panels([torch.randn(8, 3, dtype=torch.float64)])
+    with pytest.raises(RuntimeError, match="one H"):
+        module.lstm_panels([torch.randn(8, 3), torch.randn(12, 3)])
+    with pytest.raises(RuntimeError, match="no weight"):
+        module.lstm_panels([])
+
+
+def test_panels_are_used_only_where_they_pay(module, monkeypatch):
+    w = torch.randn(80, 20)
+    assert fused._lstm_panels((w,), 8, module, 6) is not None
+    assert fused._lstm_panels((w,), 8, module, 1) is None  # one step: packing cannot repay
+    assert fused._lstm_panels((w,), 2, module, 6) is None  # a few rows in all: generation
+    assert fused._lstm_panels((w.double(),), 8, module, 6) is None
+    assert fused._lstm_panels((w,), 8, None, 6) is None  # the torch loop
+    monkeypatch.setattr(native, "panel_gemm", False)
+    assert fused._lstm_panels((w,), 8, module, 6) is None
+
+
+@pytest.fixture(params=["default", "units-over-threads", "row-blocks", "one-thread"])
+def split(request, module):
+    """How a step's work is shared: as the sizes choose; the panels of each step split
+    over two threads even at tiny sizes; each thread running all steps on its own rows;
+    one thread."""
+    threads = torch.get_num_threads()
+    minimum, limit = module.parallel_min_elements(), module.row_blocks_max_weight_bytes()
+    torch.set_num_threads(1 if request.param == "one-thread" else 2)
+    if request.param == "units-over-threads":
+        module.set_parallel_min_elements(1)
+        module.set_row_blocks_max_weight_bytes(0)
+    elif request.param == "row-blocks":
+        module.set_row_blocks_max_weight_bytes(1 << 40)
+    yield request.param
+    module.set_parallel_min_elements(minimum)
+    module.set_row_blocks_max_weight_bytes(limit)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def panel_calls(monkeypatch):
+    """The weights' shapes of every call that packed panels."""
+    calls = []
+    original = fused._lstm_panels
+
+    def spy(weights, *args):
+        packed = original(weights, *args)
+        if packed is not None:
+            calls.append(tuple(tuple(w.shape) for w in weights))
+        return packed
+
+    monkeypatch.setattr(fused, "_lstm_panels", spy)
+    return calls
+
+
+# (hidden, batch): whole and ragged last panels (21 = 16 + 5); whole and ragged chunks of
+# six rows (13 = 6 + 6 + 1; row blocks 6 and 7)
+SIZES = [(16, 6), (21, 13), (5, 7), (40, 12)]
+
+
+@pytest.mark.parametrize("hidden, batch", SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize("fold", [0.0, 2.0], ids=["projected", "folded"])  # 2: the upper layer (2H in) folds too
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_panel_forward_matches_torch_nn(module, split, panel_calls, hidden, batch, fold, grad, lengths, monkeypatch):
+    """Two layers, both directions, with an initial state: outputs, final states and (when
+    training) every gradient as torch.nn's, however the work is split."""
+    monkeypatch.setattr(native, "fold_input_max_ratio", fold)
+    steps, inputs = 6, 7
+    layer, reference = make_pair("lstm", inputs, hidden, dtype=torch.float32, implementation="native",
+                                 num_layers=2, bidirectional=True)
+    x = torch.randn(steps, batch, inputs)
+    state = initial_state("lstm", (4, batch, hidden), torch.float32, "cpu")
+    step_counts = torch.randint(1, steps + 1, (batch,)) if lengths else None
+    ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        output, final = layer(ours_in, state, lengths=step_counts)
+        if step_counts is None:
+            ref_output, ref_final = reference(ref_in, state)
+        else:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, step_counts, enforce_sorted=False)
+            ref_packed, ref_final = reference(packed, state)
+            ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_packed, total_length=steps)[0]
+    # every layer and direction packed its own panels: W_hh, or [W_ih, W_hh] when folded
+    first_k, upper_k = ((inputs, hidden), (2 * hidden, hidden)) if fold else ((hidden,), (hidden,))
+    expected = [tuple((4 * hidden, k) for k in first_k)] * 2 + [tuple((4 * hidden, k) for k in upper_k)] * 2
+    assert sorted(panel_calls) == sorted(expected)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(output, ref_output, **tol)
+    for a, b in zip(state_tensors(final), state_tensors(ref_final)):
+        torch.testing.assert_close(a, b, **tol)
+    if grad:
+        wrt = [ours_in, *layer.parameters(), *state]
+        grads = torch.autograd.grad(loss_of(output, final), wrt)
+        ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), *state])
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh", "bias", "h0", "c0"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_values_on_the_panel_path_come_out_as_torch_nn_s(module, split, panel_calls, where, value):
+    """The epilogue's finite check must see a NaN or Inf wherever it enters, in any thread's
+    share, and the call rerun on the torch loop."""
+    steps, batch, inputs, hidden = 5, 9, 4, 21
+    layer, reference = make_pair("lstm", inputs, hidden, dtype=torch.float32, implementation="native")
+    x = torch.randn(steps, batch, inputs)
+    h0, c0 = torch.randn(1, batch, hidden), torch.randn(1, batch, hidden)
+    with torch.no_grad():
+        if where == "input":
+            x[3, batch - 1, 1] = value  # the last row: the second thread's share
+        elif where == "h0":
+            h0[0, batch - 1, hidden - 1] = value  # in the ragged last panel
+        elif where == "c0":
+            c0[0, 2, 17] = value
+        else:
+            for model in (layer, reference):
+                getattr(model, f"{where}_l0" if where != "bias" else "bias_hh_l0")[4 * hidden - 1, ...] = value
+        ours, (h_n, c_n) = layer(x, (h0, c0))
+        theirs, (ref_h, ref_c) = reference(x, (h0, c0))
+    # c0 reaches no pre-activation: it is checked before the call, which then never packs
+    assert bool(panel_calls) == (where != "c0")
+    if value != value:  # NaN must come out; an Inf may saturate a gate into finite values, as in torch.nn
+        assert torch.isnan(ours).any()
+    tol = TOLERANCES[torch.float32]
+    for a, b in ((ours, theirs), (h_n, ref_h), (c_n, ref_c)):
+        torch.testing.assert_close(a, b, equal_nan=True, **tol)
