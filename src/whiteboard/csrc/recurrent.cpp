@@ -541,19 +541,18 @@ at::Tensor folded_rows(const at::Tensor& x, const at::Tensor& h0) {
 
 // ------------------------------------------------------------------ LSTM
 
-// Units [0, n) of one batch row of the LSTM forward pass: the activations from y (the
-// step's GEMM, gate g of unit j at y[g * y_gate + j]), xw (XW_t, unless kFolded: then it is
-// part of y) and the bias; c and h of the next step. Every other gate block is H apart.
+// One batch row of the LSTM forward pass: the activations from y (the step's GEMM), xw
+// (XW_t, unless kFolded: then it is part of y) and the bias; c and h of the next step.
 // Returns nonzero where a pre-activation was NaN or Inf. kSaveGates: store the activations
 // for backward; without grad they are not needed, which skips four of six stores per unit.
 template <typename T, bool kFolded, bool kSaveGates>
-int32_t lstm_cells(const T* y, int64_t y_gate, const T* xw, const T* bias, T* gates, const T* c_prev, T* c_next,
-                   T* h_next, int64_t n, int64_t H) {
+int32_t lstm_cells(const T* y, const T* xw, const T* bias, T* gates, const T* c_prev, T* c_next, T* h_next,
+                   int64_t H) {
   int32_t bad = 0;
 #pragma omp simd reduction(| : bad)
-  for (int64_t j = 0; j < n; ++j) {
-    T zi = y[j] + bias[j], zf = y[y_gate + j] + bias[H + j], zg = y[2 * y_gate + j] + bias[2 * H + j],
-      zo = y[3 * y_gate + j] + bias[3 * H + j];
+  for (int64_t j = 0; j < H; ++j) {
+    T zi = y[j] + bias[j], zf = y[H + j] + bias[H + j], zg = y[2 * H + j] + bias[2 * H + j],
+      zo = y[3 * H + j] + bias[3 * H + j];
     if constexpr (!kFolded) {
       zi += xw[j];
       zf += xw[H + j];
@@ -619,8 +618,8 @@ bool lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
         const T* cp = c_prev + b * H;
         T* cn = c_next + b * H;
         T* hn = h_next + b * H;
-        const int32_t bad = keep ? lstm_cells<T, kFolded, true>(yb, H, xb, bb, zb, cp, cn, hn, H, H)
-                                 : lstm_cells<T, kFolded, false>(yb, H, xb, bb, zb, cp, cn, hn, H, H);
+        const int32_t bad = keep ? lstm_cells<T, kFolded, true>(yb, xb, bb, zb, cp, cn, hn, H)
+                                 : lstm_cells<T, kFolded, false>(yb, xb, bb, zb, cp, cn, hn, H);
         if (bad) nonfinite->store(true, std::memory_order_relaxed);
         if constexpr (kFolded) std::memcpy(xhp + b * (I + H) + I, hn, H * sizeof(T));
       });
@@ -818,6 +817,90 @@ PanelPrefetch panel_prefetch(const float* next_panel, int64_t K, int64_t chunks)
   return {start, start + lines * 64, (lines + spread - 1) / spread};
 }
 
+// exp_approx, sigmoid and tanh_approx for 16 lanes, written out: the scalar versions
+// vectorise only in loops gcc can see whole, and a panel's 16 units (fewer in the last
+// panel, where the scalar loop ran lane by lane and cost as much as all the others) are
+// one masked vector here. Division becomes a reciprocal estimate and one Newton step
+// (~1 ulp more): five divisions per unit were the epilogue's slowest part.
+inline __m512 reciprocal16(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3365447505531f)), _mm512_set1_ps(88.3762626647949f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(fx, _mm512_set1_ps(2.12194440e-4f), r);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, fx);  // y * 2^fx
+}
+
+inline __m512 sigmoid16(__m512 x) {
+  return reciprocal16(_mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+inline __m512 tanh16(__m512 x) {
+  const float clamp = 7.90531110763549805f;
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-clamp)), _mm512_set1_ps(clamp));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(-2.76076847742355e-16f);
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.00018790482477e-13f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-8.60467152213735e-11f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(5.12229709037114e-08f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(1.48572235717979e-05f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(6.37261928875436e-04f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(4.89352455891786e-03f));
+  __m512 q = _mm512_set1_ps(1.19825839466702e-06f);
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(1.18534705686654e-04f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.26843463243900e-03f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(4.89352518554385e-03f));
+  return _mm512_mul_ps(_mm512_mul_ps(x, p), reciprocal16(q));
+}
+
+// Lanes of v that hold NaN or +-Inf (exponent bits, as not_finite).
+inline __mmask16 not_finite16(__m512 v) {
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  return _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), exponent), exponent);
+}
+
+// lstm_cells for the units of one panel in one batch row: y holds the panel's GEMM output
+// (i|f|g|o, 16 floats each); every other gate block is H apart. Only `lanes` are read and
+// written. Returns nonzero where a pre-activation was NaN or Inf.
+template <bool kFolded, bool kSaveGates>
+inline int32_t lstm_units16(const float* y, const float* xw, const float* bias, float* gates, const float* c_prev,
+                            float* c_next, float* h_next, __mmask16 lanes, int64_t H) {
+  __m512 z[4];
+  __mmask16 bad = 0;
+  for (int g = 0; g < 4; ++g) {
+    z[g] = _mm512_add_ps(_mm512_loadu_ps(y + g * kPanelUnits), _mm512_maskz_loadu_ps(lanes, bias + g * H));
+    if constexpr (!kFolded) z[g] = _mm512_add_ps(z[g], _mm512_maskz_loadu_ps(lanes, xw + g * H));
+    bad |= not_finite16(z[g]);
+  }
+  const __m512 i = sigmoid16(z[0]), f = sigmoid16(z[1]), g = tanh16(z[2]), o = sigmoid16(z[3]);
+  if constexpr (kSaveGates) {
+    _mm512_mask_storeu_ps(gates, lanes, i);
+    _mm512_mask_storeu_ps(gates + H, lanes, f);
+    _mm512_mask_storeu_ps(gates + 2 * H, lanes, g);
+    _mm512_mask_storeu_ps(gates + 3 * H, lanes, o);
+  }
+  __m512 c = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(lanes, c_prev), _mm512_mul_ps(i, g));
+  // flush(): |c| below tiny<float>() becomes 0
+  const __mmask16 tiny_c = _mm512_cmp_ps_mask(_mm512_abs_ps(c), _mm512_set1_ps(tiny<float>()), _CMP_LT_OQ);
+  c = _mm512_mask_mov_ps(c, tiny_c, _mm512_setzero_ps());
+  _mm512_mask_storeu_ps(c_next, lanes, c);
+  _mm512_mask_storeu_ps(h_next, lanes, _mm512_mul_ps(o, tanh16(c)));
+  return static_cast<int32_t>(bad & lanes);
+}
+
 // lstm_forward_impl with the per-step GEMM on panels (lstm_panels of W_hh, or of
 // [W_ih, W_hh] when kFolded). The arguments are otherwise lstm_forward_impl's.
 template <bool kFolded>
@@ -868,9 +951,18 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
         const int64_t chunks = (r1 - r0 + kPanelRows - 1) / kPanelRows;
         for (int64_t p = p_begin; p < p_end; ++p) {
           const int64_t u0 = p * kPanelUnits, n = std::min(kPanelUnits, H - u0);
+          const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);  // the panel's real units
           PanelPrefetch ahead = panel_prefetch(p + 1 < p_end ? w + (p + 1) * K * kPanelWidth : nullptr, K, chunks);
           for (int64_t b0 = r0; b0 < r1; b0 += kPanelRows) {
             const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, r1 - b0));
+            // The epilogue's XW_t lines were written by the input projection long before and
+            // sit in L3, as do the fresh lines of the saved activations: request them now, and
+            // they arrive while the chunk's FMAs run instead of stalling its epilogue.
+            for (int64_t b = b0; b < b0 + rows; ++b)
+              for (int64_t g = 0; g < 4; ++g) {
+                if constexpr (!kFolded) _mm_prefetch(reinterpret_cast<const char*>(xp + b * 4 * H + g * H + u0), _MM_HINT_T0);
+                if (keep) __builtin_prefetch(zp + b * 4 * H + g * H + u0, 1);
+              }
             const bool fetch = b0 > r0 || chunks == 1;
             panel_product_rows(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, ahead.next, ahead.end,
                                fetch ? ahead.lines_per_k : 0);
@@ -885,10 +977,12 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
                 const float* yb = y + r * kPanelWidth;
                 const float* xb = kFolded ? nullptr : xp + b * 4 * H + u0;
                 float* zb = zp + b * 4 * H + u0;
-                bad |= keep ? lstm_cells<float, kFolded, true>(yb, kPanelUnits, xb, bb + u0, zb, c_prev + at_unit,
-                                                               c_next + at_unit, h_next + at_unit, n, H)
-                            : lstm_cells<float, kFolded, false>(yb, kPanelUnits, xb, bb + u0, zb, c_prev + at_unit,
-                                                                c_next + at_unit, h_next + at_unit, n, H);
+                const float* cp = c_prev + at_unit;
+                float* cn = c_next + at_unit;
+                float* hn = h_next + at_unit;
+                const float* bu = bb + u0;
+                bad |= keep ? lstm_units16<kFolded, true>(yb, xb, bu, zb, cp, cn, hn, lanes, H)
+                            : lstm_units16<kFolded, false>(yb, xb, bu, zb, cp, cn, hn, lanes, H);
               }
               if constexpr (kFolded) std::memcpy(xh_next + b * (I + H) + I + u0, h_next + at_unit, n * sizeof(float));
             }
