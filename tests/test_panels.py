@@ -85,8 +85,9 @@ def split(request, module):
 
 
 @pytest.fixture
-def panel_calls(monkeypatch):
-    """The weights' shapes of every call that packed panels."""
+def panel_calls(module, monkeypatch):
+    """The weights' shapes of every call that packed panels: from Python, or inside the
+    one-call inference (which packs W_hh when asked to)."""
     calls = []
     original = fused._lstm_panels
 
@@ -96,7 +97,15 @@ def panel_calls(monkeypatch):
             calls.append(tuple(tuple(w.shape) for w in weights))
         return packed
 
+    inference = module.lstm_inference
+
+    def inference_spy(x, h0, c0, w_ih, w_hh, b_ih, b_hh, chunk_steps, panels):
+        if panels:
+            calls.append((tuple(w_hh.shape),))
+        return inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, chunk_steps, panels)
+
     monkeypatch.setattr(fused, "_lstm_panels", spy)
+    monkeypatch.setattr(module, "lstm_inference", inference_spy, raising=False)
     return calls
 
 
@@ -172,3 +181,39 @@ def test_non_finite_values_on_the_panel_path_come_out_as_torch_nn_s(module, spli
     tol = TOLERANCES[torch.float32]
     for a, b in ((ours, theirs), (h_n, ref_h), (c_n, ref_c)):
         torch.testing.assert_close(a, b, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 3 * 8 * 4 * 21 * 4], ids=["one-chunk", "chunks-of-3-steps"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("given_state", [True, False], ids=["state", "zeros"])
+def test_one_call_inference_matches_torch_nn(module, split, chunk_bytes, bias, given_state, monkeypatch):
+    """Without grad or lengths each layer and direction is one compiled call that projects
+    the input in chunks of steps and runs the panel GEMM (recurrent.cpp's lstm_inference)."""
+    monkeypatch.setattr(fused, "CHUNK_BYTES", chunk_bytes)
+    calls = []
+    original = module.lstm_inference
+    monkeypatch.setattr(module, "lstm_inference", lambda *a: calls.append(a[-2:]) or original(*a), raising=False)
+    steps, batch, inputs, hidden = 8, 8, 30, 21
+    layer, reference = make_pair("lstm", inputs, hidden, dtype=torch.float32, num_layers=2, bidirectional=True,
+                                 bias=bias)
+    x = torch.randn(steps, batch, inputs)
+    state = initial_state("lstm", (4, batch, hidden), torch.float32, "cpu") if given_state else None
+    with torch.no_grad():
+        output, final = layer(x, state)
+        ref_output, ref_final = reference(x, state)
+    chunk_steps = 3 if chunk_bytes < steps * batch * 4 * hidden * 4 else steps
+    assert calls == [(chunk_steps, True)] * 4  # 2 layers x 2 directions
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(output, ref_output, **tol)
+    for a, b in zip(state_tensors(final), state_tensors(ref_final)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_one_call_inference_is_taken_only_without_lengths_folding_or_float64(module):
+    x = torch.randn(8, 8, 30)
+    assert fused.lstm_one_call(x, 21, None, module) == (8, True)
+    assert fused.lstm_one_call(x[:2, :4], 21, None, module) == (2, False)  # a few rows: no panels
+    assert fused.lstm_one_call(x, 21, torch.ones(8, 8, 1, dtype=torch.bool), module) is None  # lengths
+    assert fused.lstm_one_call(x, 200, None, module) is None  # 30 inputs, 200 units: folded
+    assert fused.lstm_one_call(x.double(), 21, None, module) is None
+    assert fused.lstm_one_call(x, 21, None, None) is None

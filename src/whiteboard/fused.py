@@ -247,6 +247,22 @@ def few_rows(x: Tensor, mask: Tensor | None, native) -> bool:
     return native is not None and mask is None and x.shape[0] * x.shape[1] <= native_module.transpose_max_rows
 
 
+def lstm_one_call(x: Tensor, hidden_size: int, mask: Tensor | None, native) -> tuple[int, bool] | None:
+    """Where an LSTM direction without grad runs as one compiled call (recurrent.cpp's
+    ``lstm_inference``), its (steps per input-projection chunk, whether W_hh goes into gate
+    panels); else None. That is a few rows in all (generation, see ``few_rows``) and every
+    call the panel GEMM takes on a projected (not folded) input, without lengths."""
+    if native is None or mask is not None:
+        return None
+    steps, batch, _ = x.shape
+    if steps * batch <= native_module.transpose_max_rows:
+        return steps, False
+    if (not native_module.panel_gemm or x.dtype != torch.float32 or steps < native_module.panel_min_steps
+            or _folds_input(x, hidden_size, native) or not native.has_panels()):
+        return None
+    return _chunks(steps, batch * 4 * hidden_size * x.element_size())[0][1], True
+
+
 def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor, Tensor | None]:
     """What the per-step GEMM h @ W_hhᵀ runs on, prepared once per call: (W_hhᵀ, None), or
     for the compiled loop where oneDNN can pack it (W_hh itself, unused, and W_hh packed).

@@ -539,8 +539,9 @@ class LSTM(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n, c_n = fused.FusedLSTM.apply(x, initial[0], initial[1], *weights, mask, native)
             return out, [h_n, c_n]
-        if fused.few_rows(x, mask, native):
-            result = native.lstm_few_rows(x, initial[0], initial[1], *weights)
+        one_call = fused.lstm_one_call(x, initial[0].shape[-1], mask, native)
+        if one_call is not None:
+            result = native.lstm_inference(x.contiguous(), initial[0], initial[1], *weights, *one_call)
             if result:
                 return result[0], [result[1], result[2]]
             native = None  # a NaN or Inf: the torch loop propagates it as torch.nn does
