@@ -57,7 +57,7 @@ def test_panels_refuse_what_the_kernel_cannot_read(module):
 def test_panels_are_used_only_where_they_pay(module, monkeypatch):
     w = torch.randn(80, 20)
     assert fused._lstm_panels((w,), 8, module, 6) is not None
-    assert fused._lstm_panels((w,), 8, module, 1) is None  # one step: packing cannot repay
+    assert fused._lstm_panels((w,), 40, module, 1) is not None  # one step repays packing from batch 40
     assert fused._lstm_panels((w,), 2, module, 6) is None  # a few rows in all: generation
     assert fused._lstm_panels((w.double(),), 8, module, 6) is None
     assert fused._lstm_panels((w,), 8, None, 6) is None  # the torch loop

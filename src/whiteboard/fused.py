@@ -257,8 +257,8 @@ def lstm_one_call(x: Tensor, hidden_size: int, mask: Tensor | None, native) -> t
     steps, batch, _ = x.shape
     if steps * batch <= native_module.transpose_max_rows:
         return steps, False
-    if (not native_module.panel_gemm or x.dtype != torch.float32 or steps < native_module.panel_min_steps
-            or _folds_input(x, hidden_size, native) or not native.has_panels()):
+    if (not native_module.panel_gemm or x.dtype != torch.float32 or _folds_input(x, hidden_size, native)
+            or not native.has_panels()):
         return None
     return _chunks(steps, batch * 4 * hidden_size * x.element_size())[0][1], True
 
@@ -282,11 +282,11 @@ def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor,
 
 def _lstm_panels(weights: tuple[Tensor, ...], batch: int, native, steps: int) -> Tensor | None:
     """``weights`` (each (4H, K_i)) joined along K and packed into the compiled LSTM
-    forward's gate panels (see recurrent.cpp), or None where that
-    GEMM is off (``panel_gemm`` in whiteboard.native), not built (no AVX-512), not float32, or the call too short to repay it."""
+    forward's gate panels (see recurrent.cpp), or None where that GEMM is off
+    (``panel_gemm`` in whiteboard.native), not built (no AVX-512) or not float32, or the
+    call is a few rows in all (a token of generation: packing would cost more)."""
     if (native is None or not native_module.panel_gemm or weights[0].dtype != torch.float32
-            or steps < native_module.panel_min_steps or steps * batch <= native_module.transpose_max_rows
-            or not native.has_panels()):
+            or steps * batch <= native_module.transpose_max_rows or not native.has_panels()):
         return None
     return native.lstm_panels([w.detach() for w in weights])
 

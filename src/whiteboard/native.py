@@ -184,11 +184,10 @@ fold_input_max_ratio = 0.25
 #: The LSTM forward's per-step GEMM on the compiled loop's own AVX-512 microkernel, the gate
 #: math as its epilogue, against W packed into panels of 16 units once per call (see
 #: recurrent.cpp's lstm_panels); ``WHITEBOARD_LSTM_PANELS=0`` (or setting this False) goes
-#: back to oneDNN's packed or MKL's plain GEMM. Used for float32 on CPUs with AVX-512.
+#: back to oneDNN's packed or MKL's plain GEMM. Used for float32 on CPUs with AVX-512, for
+#: every call but a few rows in all (``transpose_max_rows``): packing (0.3 ms for a 650-unit
+#: W_hh) paid off from one step, at batch 40 (1.9 -> 1.5 ms a layer).
 panel_gemm = os.environ.get("WHITEBOARD_LSTM_PANELS", "1") != "0"
-#: Packing reads and writes the weight once, about what one step's GEMM streams (2 x 650
-#: LSTM: 0.2 ms a layer); below this many steps the plain GEMM is kept.
-panel_min_steps = 2
 
 
 def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
