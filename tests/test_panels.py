@@ -40,6 +40,19 @@ def test_panels_hold_each_weight_where_the_kernel_reads_it(module, H, ks):
     torch.testing.assert_close(module.lstm_panels(weights), _reference_panels(weights), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (5, 64), (7, 65), (12, 200)], ids=str)
+def test_column_panels_hold_each_weight_where_the_kernel_reads_it(module, shape):
+    """column_panels: panel p, row k, column c holds matrix[k, 64 p + c], zero past N."""
+    matrix = torch.randn(shape)
+    K, N = shape
+    expected = torch.zeros(-(-N // 64), K, 64)
+    for p in range(expected.shape[0]):
+        columns = matrix[:, 64 * p : 64 * (p + 1)]
+        expected[p, :, : columns.shape[1]] = columns
+    assert torch.equal(module.column_panels(matrix), expected)
+    assert torch.equal(module.column_panels(matrix.t().contiguous().t()), expected)  # a strided view
+
+
 def test_panels_of_a_transposed_view_are_those_of_its_copy(module):
     weight = torch.randn(33, 4 * 20).t()  # (80, 33), not contiguous
     assert torch.equal(module.lstm_panels([weight]), _reference_panels([weight.contiguous()]))
@@ -61,8 +74,15 @@ def test_panels_are_used_only_where_they_pay(module, monkeypatch):
     assert fused._lstm_panels((w,), 2, module, 6) is None  # a few rows in all: generation
     assert fused._lstm_panels((w.double(),), 8, module, 6) is None
     assert fused._lstm_panels((w,), 8, None, 6) is None  # the torch loop
+    assert fused._backward_panels(w, 8, module, 6) is not None  # the reverse sweep's, likewise
+    large = torch.randn(2600, 650)  # 6.8 MB: over the row-block limit
+    assert fused._backward_panels(large, 20, module, 35) is None  # MKL's sgemm won there
+    assert fused._backward_panels(large, 32, module, 35) is not None
+    assert fused._backward_panels(w, 2, module, 6) is None
+    assert fused._backward_panels(w.double(), 8, module, 6) is None
     monkeypatch.setattr(native, "panel_gemm", False)
     assert fused._lstm_panels((w,), 8, module, 6) is None
+    assert fused._backward_panels(w, 8, module, 6) is None
 
 
 @pytest.fixture(params=["default", "units-over-threads", "row-blocks", "one-thread"])
@@ -104,7 +124,16 @@ def panel_calls(module, monkeypatch):
             calls.append((tuple(w_hh.shape),))
         return inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, chunk_steps, panels)
 
+    backward = fused._backward_panels
+
+    def backward_spy(w_hh, *args):
+        packed = backward(w_hh, *args)
+        if packed is not None:
+            calls.append(("backward", tuple(w_hh.shape)))
+        return packed
+
     monkeypatch.setattr(fused, "_lstm_panels", spy)
+    monkeypatch.setattr(fused, "_backward_panels", backward_spy)
     monkeypatch.setattr(module, "lstm_inference", inference_spy, raising=False)
     return calls
 
@@ -122,6 +151,7 @@ def test_panel_forward_matches_torch_nn(module, split, panel_calls, hidden, batc
     """Two layers, both directions, with an initial state: outputs, final states and (when
     training) every gradient as torch.nn's, however the work is split."""
     monkeypatch.setattr(native, "fold_input_max_ratio", fold)
+    monkeypatch.setattr(native, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
     steps, inputs = 6, 7
     layer, reference = make_pair("lstm", inputs, hidden, dtype=torch.float32, implementation="native",
                                  num_layers=2, bidirectional=True)
@@ -140,14 +170,17 @@ def test_panel_forward_matches_torch_nn(module, split, panel_calls, hidden, batc
     # every layer and direction packed its own panels: W_hh, or [W_ih, W_hh] when folded
     first_k, upper_k = ((inputs, hidden), (2 * hidden, hidden)) if fold else ((hidden,), (hidden,))
     expected = [tuple((4 * hidden, k) for k in first_k)] * 2 + [tuple((4 * hidden, k) for k in upper_k)] * 2
-    assert sorted(panel_calls) == sorted(expected)
+    assert sorted(panel_calls, key=str) == sorted(expected, key=str)
     tol = TOLERANCES[torch.float32]
     torch.testing.assert_close(output, ref_output, **tol)
     for a, b in zip(state_tensors(final), state_tensors(ref_final)):
         torch.testing.assert_close(a, b, **tol)
     if grad:
         wrt = [ours_in, *layer.parameters(), *state]
+        panel_calls.clear()
         grads = torch.autograd.grad(loss_of(output, final), wrt)
+        # every layer and direction ran its reverse sweep on W_hh in column panels
+        assert panel_calls == [("backward", (4 * hidden, hidden))] * 4
         ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), *state])
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, **tol)

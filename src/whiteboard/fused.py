@@ -257,8 +257,7 @@ def lstm_one_call(x: Tensor, hidden_size: int, mask: Tensor | None, native) -> t
     steps, batch, _ = x.shape
     if steps * batch <= native_module.transpose_max_rows:
         return steps, False
-    if (not native_module.panel_gemm or x.dtype != torch.float32 or _folds_input(x, hidden_size, native)
-            or not native.has_panels()):
+    if not _panels_pay(x.dtype, steps, batch, native) or _folds_input(x, hidden_size, native):
         return None
     return _chunks(steps, batch * 4 * hidden_size * x.element_size())[0][1], True
 
@@ -280,15 +279,32 @@ def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor,
     return (native.transposed(w_hh.contiguous()) if native is not None else w_hh.t().contiguous()), None
 
 
+def _panels_pay(dtype: torch.dtype, steps: int, batch: int, native) -> bool:
+    """Whether the compiled LSTM's own panel GEMMs run (recurrent.cpp's lstm_panels and
+    column_panels): on (``panel_gemm`` in whiteboard.native), built (AVX-512), float32, and
+    more than a few rows in all (a token of generation: packing would cost more)."""
+    return (native is not None and native_module.panel_gemm and dtype == torch.float32
+            and steps * batch > native_module.transpose_max_rows and native.has_panels())
+
+
 def _lstm_panels(weights: tuple[Tensor, ...], batch: int, native, steps: int) -> Tensor | None:
     """``weights`` (each (4H, K_i)) joined along K and packed into the compiled LSTM
-    forward's gate panels (see recurrent.cpp), or None where that GEMM is off
-    (``panel_gemm`` in whiteboard.native), not built (no AVX-512) or not float32, or the
-    call is a few rows in all (a token of generation: packing would cost more)."""
-    if (native is None or not native_module.panel_gemm or weights[0].dtype != torch.float32
-            or steps * batch <= native_module.transpose_max_rows or not native.has_panels()):
+    forward's gate panels, or None where they do not pay (see _panels_pay)."""
+    if not _panels_pay(weights[0].dtype, steps, batch, native):
         return None
     return native.lstm_panels([w.detach() for w in weights])
+
+
+def _backward_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | None:
+    """W_hh (4H, H) in the column panels of the compiled backward's per-step GEMM dZ_t W_hh,
+    or None (MKL's sgemm) where they do not pay (see _panels_pay and
+    ``backward_panels_min_batch`` in whiteboard.native)."""
+    if not _panels_pay(w_hh.dtype, steps, batch, native):
+        return None
+    fits_row_blocks = w_hh.numel() * w_hh.element_size() <= native.row_blocks_max_weight_bytes()
+    if batch < native_module.backward_panels_min_batch and not fits_row_blocks:
+        return None
+    return native.column_panels(w_hh.detach())
 
 
 def _native_mask(mask: Tensor | None) -> Tensor | None:
@@ -471,9 +487,10 @@ class FusedLSTM(torch.autograd.Function):
             db = gates.new_zeros(H4)  # summed in the sweep
             needs = ctx.needs_input_grad
             grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[3], needs[4]))
+            panels = _backward_panels(w_hh, B, native, T)
             for begin, end in chunks:
                 dz = dz_buffer[: end - begin]
-                native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, native_mask, begin, end)
+                native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, native_mask, begin, end, panels)
                 grads.add(dz, begin, end)
             return _lstm_grads(ctx, grads.result(), dh, dc, db)
         i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)

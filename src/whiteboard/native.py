@@ -188,6 +188,12 @@ fold_input_max_ratio = 0.25
 #: every call but a few rows in all (``transpose_max_rows``): packing (0.3 ms for a 650-unit
 #: W_hh) paid off from one step, at batch 40 (1.9 -> 1.5 ms a layer).
 panel_gemm = os.environ.get("WHITEBOARD_LSTM_PANELS", "1") != "0"
+#: The reverse sweep's dZ_t W_hh takes column panels (recurrent.cpp's column_panels) from
+#: this batch size on, or where W_hh fits the row-block limit (each thread then runs all
+#: panels for its own rows). Training step x torch.nn, MKL -> panels, in one process: batch
+#: 20 at 2 x 200 units 0.65 -> 0.61, batch 64 at 1 x 512 0.74 -> 0.73, at 1 x 650 0.90 ->
+#: 0.88; but batch 20 at 2 x 650 0.72 -> 0.73, at 1 x 400 even, and batch 128 at 1 x 1024 even.
+backward_panels_min_batch = 32
 
 
 def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:

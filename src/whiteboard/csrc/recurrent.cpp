@@ -634,10 +634,16 @@ bool lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
   return !saw_nonfinite.load();
 }
 
+// out rows [r0, r1) (row stride ldo, the first n columns) = a rows [r0, r1) (row stride
+// lda) x a (K, n) matrix packed by column_panels; the panel GEMM below.
+void column_panel_product(const float* a, int64_t lda, int64_t r0, int64_t r1, const at::Tensor& panels, float* out,
+                          int64_t ldo, int64_t n);
+
 template <typename T>
 void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
                         at::Tensor& dh, at::Tensor& dc, at::Tensor& dz, at::Tensor& db,
-                        const c10::optional<at::Tensor>& mask, int64_t t_begin, int64_t t_end) {
+                        const c10::optional<at::Tensor>& mask, int64_t t_begin, int64_t t_end,
+                        const c10::optional<at::Tensor>& panels) {
   // Steps t_end - 1 down to t_begin; dz holds those steps only (dz[t - t_begin]).
   const int64_t B = gates.size(1), H = dh.size(1);
   const bool* m = mask_ptr(mask);
@@ -692,11 +698,21 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
           dcb[j] = alive * flush(dc_t * f) + (T(1) - alive) * dcb[j];
         }
       });
-      // (B, 4H) x (4H, H): MKL's sgemm on the plain W_hh. (oneDNN's packed weights, which
-      // win in the forward, were no faster for this long-K, short-N shape once packing
-      // W_hh^T, and transposing it first, is counted: 20-30 % slower at batch 20.)
-      at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
-      at::mm_out(dh_prev_rows, row_block(dzt, r0, r1, 4 * H, dz), w_hh);
+      // (B, 4H) x (4H, H): on W_hh in column panels (float32, AVX-512), else MKL's sgemm on
+      // the plain W_hh. (oneDNN's packed weights, which win in the forward over MKL, were no
+      // faster for this long-K, short-N shape once packing W_hh^T, and transposing it
+      // first, is counted: 20-30 % slower at batch 20.)
+      bool done = false;
+      if constexpr (std::is_same_v<T, float>) {
+        if (panels.has_value()) {
+          column_panel_product(dzt, 4 * H, r0, r1, *panels, dh_prev.data_ptr<float>(), H, H);
+          done = true;
+        }
+      }
+      if (!done) {
+        at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
+        at::mm_out(dh_prev_rows, row_block(dzt, r0, r1, 4 * H, dz), w_hh);
+      }
       take_alive_rows<T>(dh, dh_prev, mt, r0, r1);
     }
   });
@@ -803,21 +819,82 @@ void panel_product_rows(int rows, const float* a, int64_t lda, const float* pane
 
 // A panel that does not fit L1 comes from L2 for every chunk of rows after the first, but
 // for the first from L3 or memory: that chunk waited on the stream, and the others were
-// bound by the FMAs. So each thread prefetches its next panel into L2 while the chunks
-// after the first compute (or the only one, for a few rows): at batch 20, 2 x 650 units,
-// a step's GEMM took 218 instead of 272 us, 84 % of the FMA peak.
-struct PanelPrefetch {
-  const char* next;
-  const char* end;
-  int64_t lines_per_k;
-};
+// bound by the FMAs. So while the chunks after the first compute (or the only one, for a
+// few rows), the next panel is prefetched into L2: at batch 20, 2 x 650 units, a step's
+// GEMM took 218 instead of 272 us, 84 % of the FMA peak.
+//
+// The work of a step is (panel, chunk of up to kPanelRows rows) items, in panel-major
+// order, split over the threads in contiguous ranges (split by whole panels, a count that
+// does not divide by the threads would leave one thread a panel more: 11 column panels of a
+// 650-unit W_hh, 6 against 5). body(p, first_row, rows,
+// prefetch, prefetch_end, lines_per_k) computes one item; inside a row block (see
+// over_row_blocks) one thread runs all of them.
+template <typename F>
+void over_panel_chunks(int64_t panel_count, int64_t r0, int64_t r1, const float* panels, int64_t K, const F& body) {
+  const int64_t chunks = (r1 - r0 + kPanelRows - 1) / kPanelRows;
+  const int64_t panel_floats = K * kPanelWidth;
+  const int64_t lines = panel_floats * static_cast<int64_t>(sizeof(float)) / 64;
+  const int64_t fetching_chunks = std::max<int64_t>(1, chunks - 1);
+  const int64_t lines_per_k = (lines + fetching_chunks * K - 1) / (fetching_chunks * K);
+  const int64_t grain = std::max<int64_t>(
+      1, g_parallel_min_elements.load(std::memory_order_relaxed) / (kPanelRows * kPanelWidth));
+  at::parallel_for(0, panel_count * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / chunks, c = item % chunks;
+      const int64_t b0 = r0 + c * kPanelRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, r1 - b0));
+      const char* fetch = nullptr;
+      const char* fetch_end = nullptr;
+      if (p + 1 < panel_count && (c > 0 || chunks == 1)) {
+        const char* next = reinterpret_cast<const char*>(panels + (p + 1) * panel_floats);
+        fetch_end = next + lines * 64;
+        fetch = std::min(fetch_end, next + std::max<int64_t>(0, c - 1) * K * lines_per_k * 64);
+      }
+      body(p, b0, rows, fetch, fetch_end, lines_per_k);
+    }
+  });
+}
 
-PanelPrefetch panel_prefetch(const float* next_panel, int64_t K, int64_t chunks) {
-  if (next_panel == nullptr) return {nullptr, nullptr, 0};
-  const int64_t lines = K * kPanelWidth * static_cast<int64_t>(sizeof(float)) / 64;
-  const int64_t spread = std::max<int64_t>(1, chunks - 1) * K;
-  const char* start = reinterpret_cast<const char*>(next_panel);
-  return {start, start + lines * 64, (lines + spread - 1) / spread};
+// A (K, N) matrix (row stride N) in panels of 64 columns: (ceil(N / 64), K, 64), zeros past
+// N. For the LSTM backward's dh_{t-1} = dZ_t W_hh, W_hh (4H, H) packed once per call. Against
+// MKL's sgemm on the plain W_hh, in us per step on two threads (medians, interleaved): B 20,
+// H 200: 23 / 38; B 20, H 650: 281 / 308; B 64, H 512: 391 / 452; B 128, H 1024: 3305 / 3239.
+at::Tensor column_panels(const at::Tensor& matrix) {
+  TORCH_CHECK(matrix.dim() == 2 && matrix.scalar_type() == at::kFloat && matrix.device().is_cpu(),
+              "column_panels: a float32 CPU matrix");
+  const at::Tensor w = matrix.contiguous();
+  const int64_t K = w.size(0), N = w.size(1), panels = (N + kPanelWidth - 1) / kPanelWidth;
+  at::Tensor packed = at::empty({panels, K, kPanelWidth}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* out = packed.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = std::min(kPanelWidth, N - p * kPanelWidth);
+      for (int64_t k = 0; k < K; ++k) {
+        float* dst = out + (p * K + k) * kPanelWidth;
+        std::memcpy(dst, src + k * N + p * kPanelWidth, n * sizeof(float));
+        std::memset(dst + n, 0, (kPanelWidth - n) * sizeof(float));
+      }
+    }
+  });
+  return packed;
+}
+
+void column_panel_product(const float* a, int64_t lda, int64_t r0, int64_t r1, const at::Tensor& panels, float* out,
+                          int64_t ldo, int64_t n) {
+  const int64_t K = panels.size(1);
+  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.dim() == 3 && panels.size(0) == (n + kPanelWidth - 1) / kPanelWidth &&
+                  panels.size(2) == kPanelWidth && panels.is_contiguous(),
+              "column panels of a (K, ", n, ") float32 matrix expected");
+  const float* w = panels.data_ptr<float>();
+  over_panel_chunks(panels.size(0), r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
+                                                      const char* fetch_end, int64_t lines_per_k) {
+    alignas(64) float y[kPanelRows * kPanelWidth];
+    panel_product_rows(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k);
+    const int64_t columns = std::min(kPanelWidth, n - p * kPanelWidth);
+    for (int r = 0; r < rows; ++r)
+      std::memcpy(out + (b0 + r) * ldo + p * kPanelWidth, y + r * kPanelWidth, columns * sizeof(float));
+  });
 }
 
 // exp_approx, sigmoid and tanh_approx for 16 lanes, written out: the scalar versions
@@ -933,8 +1010,6 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
   }
   std::atomic<bool> saw_nonfinite{false};
   std::atomic<bool>* nonfinite = &saw_nonfinite;
-  const int64_t panel_grain =
-      std::max<int64_t>(1, g_parallel_min_elements.load(std::memory_order_relaxed) / std::max<int64_t>(1, B * kPanelWidth));
   over_row_blocks(B, panels, false, [&](int64_t r0, int64_t r1) {
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = t_begin + s;  // input is indexed by s, the state buffers by t
@@ -948,48 +1023,39 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
       float* c_next = step_ptr<float>(cs, t + 1);
       float* h_next = step_ptr<float>(hs, t + 1);
       const bool* mt = m ? m + t * B : nullptr;
-      at::parallel_for(0, panel_count, panel_grain, [&](int64_t p_begin, int64_t p_end) {
+      over_panel_chunks(panel_count, r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
+                                                      const char* fetch_end, int64_t lines_per_k) {
         alignas(64) float y[kPanelRows * kPanelWidth];
-        int32_t bad = 0;
-        const int64_t chunks = (r1 - r0 + kPanelRows - 1) / kPanelRows;
-        for (int64_t p = p_begin; p < p_end; ++p) {
-          const int64_t u0 = p * kPanelUnits, n = std::min(kPanelUnits, H - u0);
-          const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);  // the panel's real units
-          PanelPrefetch ahead = panel_prefetch(p + 1 < p_end ? w + (p + 1) * K * kPanelWidth : nullptr, K, chunks);
-          for (int64_t b0 = r0; b0 < r1; b0 += kPanelRows) {
-            const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, r1 - b0));
-            // The epilogue's XW_t lines were written by the input projection long before and
-            // sit in L3, as do the fresh lines of the saved activations: request them now, and
-            // they arrive while the chunk's FMAs run instead of stalling its epilogue.
-            for (int64_t b = b0; b < b0 + rows; ++b)
-              for (int64_t g = 0; g < 4; ++g) {
-                if constexpr (!kFolded) _mm_prefetch(reinterpret_cast<const char*>(xp + b * 4 * H + g * H + u0), _MM_HINT_T0);
-                if (keep) __builtin_prefetch(zp + b * 4 * H + g * H + u0, 1);
-              }
-            const bool fetch = b0 > r0 || chunks == 1;
-            panel_product_rows(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, ahead.next, ahead.end,
-                               fetch ? ahead.lines_per_k : 0);
-            if (fetch) ahead.next = std::min(ahead.end, ahead.next + K * ahead.lines_per_k * 64);
-            for (int r = 0; r < rows; ++r) {
-              const int64_t b = b0 + r;
-              const int64_t at_unit = b * H + u0;
-              if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state (its gates are never used)
-                std::memcpy(c_next + at_unit, c_prev + at_unit, n * sizeof(float));
-                std::memcpy(h_next + at_unit, h_prev + at_unit, n * sizeof(float));
-              } else {
-                const float* yb = y + r * kPanelWidth;
-                const float* xb = kFolded ? nullptr : xp + b * 4 * H + u0;
-                float* zb = zp + b * 4 * H + u0;
-                const float* cp = c_prev + at_unit;
-                float* cn = c_next + at_unit;
-                float* hn = h_next + at_unit;
-                const float* bu = bb + u0;
-                bad |= keep ? lstm_units16<kFolded, true>(yb, xb, bu, zb, cp, cn, hn, lanes, H)
-                            : lstm_units16<kFolded, false>(yb, xb, bu, zb, cp, cn, hn, lanes, H);
-              }
-              if constexpr (kFolded) std::memcpy(xh_next + b * (I + H) + I + u0, h_next + at_unit, n * sizeof(float));
-            }
+        const int64_t u0 = p * kPanelUnits, n = std::min(kPanelUnits, H - u0);
+        const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);  // the panel's real units
+        // The epilogue's XW_t lines were written by the input projection long before and sit
+        // in L3, as do the fresh lines of the saved activations: request them now, and they
+        // arrive while the chunk's FMAs run instead of stalling its epilogue.
+        for (int64_t b = b0; b < b0 + rows; ++b)
+          for (int64_t g = 0; g < 4; ++g) {
+            if constexpr (!kFolded) _mm_prefetch(reinterpret_cast<const char*>(xp + b * 4 * H + g * H + u0), _MM_HINT_T0);
+            if (keep) __builtin_prefetch(zp + b * 4 * H + g * H + u0, 1);
           }
+        panel_product_rows(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k);
+        int32_t bad = 0;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t b = b0 + r;
+          const int64_t at_unit = b * H + u0;
+          if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state (its gates are never used)
+            std::memcpy(c_next + at_unit, c_prev + at_unit, n * sizeof(float));
+            std::memcpy(h_next + at_unit, h_prev + at_unit, n * sizeof(float));
+          } else {
+            const float* yb = y + r * kPanelWidth;
+            const float* xb = kFolded ? nullptr : xp + b * 4 * H + u0;
+            float* zb = zp + b * 4 * H + u0;
+            const float* cp = c_prev + at_unit;
+            float* cn = c_next + at_unit;
+            float* hn = h_next + at_unit;
+            const float* bu = bb + u0;
+            bad |= keep ? lstm_units16<kFolded, true>(yb, xb, bu, zb, cp, cn, hn, lanes, H)
+                        : lstm_units16<kFolded, false>(yb, xb, bu, zb, cp, cn, hn, lanes, H);
+          }
+          if constexpr (kFolded) std::memcpy(xh_next + b * (I + H) + I + u0, h_next + at_unit, n * sizeof(float));
         }
         if (bad) nonfinite->store(true, std::memory_order_relaxed);
       });
@@ -1003,6 +1069,10 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
 #else
 bool has_panels() { return false; }
 at::Tensor lstm_panels(const std::vector<at::Tensor>&) { TORCH_CHECK(false, "lstm_panels: built without AVX-512"); }
+at::Tensor column_panels(const at::Tensor&) { TORCH_CHECK(false, "column_panels: built without AVX-512"); }
+void column_panel_product(const float*, int64_t, int64_t, int64_t, const at::Tensor&, float*, int64_t, int64_t) {
+  TORCH_CHECK(false, "column panels: built without AVX-512");
+}
 #endif
 
 // ------------------------------------------------------------------ GRU
@@ -1333,10 +1403,11 @@ bool lstm_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& b
 
 void lstm_backward(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
                    at::Tensor dh, at::Tensor dc, at::Tensor dz, at::Tensor db, const c10::optional<at::Tensor>& mask,
-                   int64_t t_begin, int64_t t_end) {
+                   int64_t t_begin, int64_t t_end, const c10::optional<at::Tensor>& panels) {
   check_backward_range(dz, gates.size(0), t_begin, t_end);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &gates, &cs, &w_hh, &dh, &dc, &dz}) check(*t, "lstm_backward argument");
-  WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, db, mask, t_begin, t_end));
+  TORCH_CHECK(!panels.has_value() || gates.scalar_type() == at::kFloat, "lstm_backward: column panels are float32");
+  WB_DISPATCH(gates, "lstm_backward", lstm_backward_impl<scalar_t>(d_out, gates, cs, w_hh, dh, dc, dz, db, mask, t_begin, t_end, panels));
 }
 
 bool gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh_t,
@@ -1519,4 +1590,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_few_rows", &gru_few_rows);
   m.def("has_panels", &has_panels);
   m.def("lstm_panels", &lstm_panels);
+  m.def("column_panels", &column_panels);
 }
