@@ -577,6 +577,29 @@ int32_t lstm_cells(const T* y, const T* xw, const T* bias, T* gates, const T* c_
   return bad;
 }
 
+// What one step t of an LSTM forward reads and writes (s: the step's index in `input`,
+// which may start at t_begin): the activations' buffer (that step's, or the one-step
+// scratch without grad), XW_t (none when folded), the states, and which rows still run.
+template <typename T>
+struct LstmStep {
+  LstmStep(const at::Tensor& gates, const at::Tensor& input, const at::Tensor& cs, const at::Tensor& hs,
+           const bool* mask, int64_t batch, int64_t s, int64_t t, bool keep, bool folded)
+      : gates(step_ptr<T>(gates, keep ? t : 0)),
+        xw(folded ? nullptr : step_ptr<T>(input, s)),
+        c_prev(step_ptr<T>(cs, t)),
+        h_prev(step_ptr<T>(hs, t)),
+        c_next(step_ptr<T>(cs, t + 1)),
+        h_next(step_ptr<T>(hs, t + 1)),
+        alive(mask ? mask + t * batch : nullptr) {}
+  T* gates;
+  const T* xw;
+  const T* c_prev;
+  const T* h_prev;
+  T* c_next;
+  T* h_next;
+  const bool* alive;
+};
+
 // kFolded: `input` is x (T, B, I) and w_t is [W_ih, W_hh]^T (I + H, 4H); otherwise
 // `input` is XW (T, B, 4H) and w_t is W_hh^T (H, 4H). (packed: the same weight, packed.)
 template <typename T, bool kFolded>
@@ -596,31 +619,25 @@ bool lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
   over_row_blocks(B, w_t, packed.has_value(), [&](int64_t r0, int64_t r1) {
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = t_begin + s;  // input is indexed by s, the state buffers by t
-      at::Tensor z = row_block(step_ptr<T>(gates, keep ? t : 0), r0, r1, 4 * H, gates);  // the activations
+      const LstmStep<T> step(gates, input, cs, hs, m, B, s, t, keep, kFolded);
+      at::Tensor z = row_block(step.gates, r0, r1, 4 * H, gates);  // the activations
       // h W_hh^T, or [x, h] [W_ih, W_hh]^T (written into z itself unless packed); XW_t and
       // the bias are added in the pass below.
       const at::Tensor hw = step_gemm(kFolded ? row_block(xhp, r0, r1, I + H, xh) : row_block(step_ptr<T>(hs, t), r0, r1, H, hs),
                                       w_t, packed, z);
       const T* yp = hw.data_ptr<T>() - r0 * 4 * H;  // indexed by batch row below
-      T* zp = step_ptr<T>(gates, keep ? t : 0);
-      const T* xp = kFolded ? nullptr : step_ptr<T>(input, s);
-      const T* c_prev = step_ptr<T>(cs, t);
-      const T* h_prev = step_ptr<T>(hs, t);
-      T* c_next = step_ptr<T>(cs, t + 1);
-      T* h_next = step_ptr<T>(hs, t + 1);
-      const bool* mt = m ? m + t * B : nullptr;
       for_rows_in(r0, r1, 4 * H, [=](int64_t b) {
-        if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state (its gates are never used)
-          std::memcpy(c_next + b * H, c_prev + b * H, H * sizeof(T));
-          std::memcpy(h_next + b * H, h_prev + b * H, H * sizeof(T));
+        if (step.alive != nullptr && !step.alive[b]) {  // finished sequence: carry the state (its gates are never used)
+          std::memcpy(step.c_next + b * H, step.c_prev + b * H, H * sizeof(T));
+          std::memcpy(step.h_next + b * H, step.h_prev + b * H, H * sizeof(T));
           return;
         }
-        T* zb = zp + b * 4 * H;
+        T* zb = step.gates + b * 4 * H;
         const T* yb = yp + b * 4 * H;
-        const T* xb = kFolded ? nullptr : xp + b * 4 * H;
-        const T* cp = c_prev + b * H;
-        T* cn = c_next + b * H;
-        T* hn = h_next + b * H;
+        const T* xb = kFolded ? nullptr : step.xw + b * 4 * H;
+        const T* cp = step.c_prev + b * H;
+        T* cn = step.c_next + b * H;
+        T* hn = step.h_next + b * H;
         const int32_t bad = keep ? lstm_cells<T, kFolded, true>(yb, xb, bb, zb, cp, cn, hn, H)
                                  : lstm_cells<T, kFolded, false>(yb, xb, bb, zb, cp, cn, hn, H);
         if (bad) nonfinite->store(true, std::memory_order_relaxed);
@@ -1016,13 +1033,7 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
       const float* a = kFolded ? xh_buffers[s % 2] : step_ptr<float>(hs, t);
       float* xh_next = kFolded ? xh_buffers[(s + 1) % 2] : nullptr;
       const int64_t lda = kFolded ? I + H : H;
-      float* zp = step_ptr<float>(gates, keep ? t : 0);
-      const float* xp = kFolded ? nullptr : step_ptr<float>(input, s);
-      const float* c_prev = step_ptr<float>(cs, t);
-      const float* h_prev = step_ptr<float>(hs, t);
-      float* c_next = step_ptr<float>(cs, t + 1);
-      float* h_next = step_ptr<float>(hs, t + 1);
-      const bool* mt = m ? m + t * B : nullptr;
+      const LstmStep<float> step(gates, input, cs, hs, m, B, s, t, keep, kFolded);
       over_panel_chunks(panel_count, r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
                                                       const char* fetch_end, int64_t lines_per_k) {
         alignas(64) float y[kPanelRows * kPanelWidth];
@@ -1033,29 +1044,29 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
         // arrive while the chunk's FMAs run instead of stalling its epilogue.
         for (int64_t b = b0; b < b0 + rows; ++b)
           for (int64_t g = 0; g < 4; ++g) {
-            if constexpr (!kFolded) _mm_prefetch(reinterpret_cast<const char*>(xp + b * 4 * H + g * H + u0), _MM_HINT_T0);
-            if (keep) __builtin_prefetch(zp + b * 4 * H + g * H + u0, 1);
+            if constexpr (!kFolded) _mm_prefetch(reinterpret_cast<const char*>(step.xw + b * 4 * H + g * H + u0), _MM_HINT_T0);
+            if (keep) __builtin_prefetch(step.gates + b * 4 * H + g * H + u0, 1);
           }
         panel_product_rows(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k);
         int32_t bad = 0;
         for (int r = 0; r < rows; ++r) {
           const int64_t b = b0 + r;
           const int64_t at_unit = b * H + u0;
-          if (mt != nullptr && !mt[b]) {  // finished sequence: carry the state (its gates are never used)
-            std::memcpy(c_next + at_unit, c_prev + at_unit, n * sizeof(float));
-            std::memcpy(h_next + at_unit, h_prev + at_unit, n * sizeof(float));
+          if (step.alive != nullptr && !step.alive[b]) {  // finished sequence: carry the state (its gates are never used)
+            std::memcpy(step.c_next + at_unit, step.c_prev + at_unit, n * sizeof(float));
+            std::memcpy(step.h_next + at_unit, step.h_prev + at_unit, n * sizeof(float));
           } else {
             const float* yb = y + r * kPanelWidth;
-            const float* xb = kFolded ? nullptr : xp + b * 4 * H + u0;
-            float* zb = zp + b * 4 * H + u0;
-            const float* cp = c_prev + at_unit;
-            float* cn = c_next + at_unit;
-            float* hn = h_next + at_unit;
+            const float* xb = kFolded ? nullptr : step.xw + b * 4 * H + u0;
+            float* zb = step.gates + b * 4 * H + u0;
+            const float* cp = step.c_prev + at_unit;
+            float* cn = step.c_next + at_unit;
+            float* hn = step.h_next + at_unit;
             const float* bu = bb + u0;
             bad |= keep ? lstm_units16<kFolded, true>(yb, xb, bu, zb, cp, cn, hn, lanes, H)
                         : lstm_units16<kFolded, false>(yb, xb, bu, zb, cp, cn, hn, lanes, H);
           }
-          if constexpr (kFolded) std::memcpy(xh_next + b * (I + H) + I + u0, h_next + at_unit, n * sizeof(float));
+          if constexpr (kFolded) std::memcpy(xh_next + b * (I + H) + I + u0, step.h_next + at_unit, n * sizeof(float));
         }
         if (bad) nonfinite->store(true, std::memory_order_relaxed);
       });
