@@ -1,7 +1,7 @@
-"""The LSTM forward's own per-step GEMM: W packed into panels of 16 units, an AVX-512
-microkernel with the gate math as its epilogue (recurrent.cpp's lstm_panels). Float32 on
-CPUs with AVX-512 only; elsewhere the layers use oneDNN's or MKL's GEMM, which the rest of
-the suite covers."""
+"""The LSTM and GRU forward's own per-step GEMM: W packed into panels of 16 units, an
+AVX-512 microkernel with the gate math as its epilogue (recurrent.cpp's gate_panels), and
+the LSTM reverse sweep's dZ_t W_hh on W_hh in column panels. Float32 on CPUs with AVX-512
+only; elsewhere the layers use oneDNN's or MKL's GEMM, which the rest of the suite covers."""
 
 import pytest
 import torch
@@ -18,26 +18,27 @@ def module():
     return compiled
 
 
-def _reference_panels(weights):
-    """lstm_panels' layout from its definition: panel p, row k, column 16 g + u holds the
+def _reference_panels(weights, gates=4):
+    """gate_panels' layout from its definition: panel p, row k, column 16 g + u holds the
     weight of gate g of unit 16 p + u at k ([W_0, W_1, ...] joined along K), zero past H."""
     joined = torch.cat(weights, dim=1)
-    H = joined.shape[0] // 4
+    H = joined.shape[0] // gates
     panels = -(-H // 16)
-    out = torch.zeros(panels, joined.shape[1], 64)
+    out = torch.zeros(panels, joined.shape[1], 16 * gates)
     for p in range(panels):
-        for g in range(4):
+        for g in range(gates):
             for u in range(16):
                 if 16 * p + u < H:
                     out[p, :, 16 * g + u] = joined[g * H + 16 * p + u]
     return out
 
 
+@pytest.mark.parametrize("gates", [4, 3], ids=["lstm", "gru"])
 @pytest.mark.parametrize("H", [1, 16, 17, 40])
 @pytest.mark.parametrize("ks", [(5,), (16,), (37,), (3, 16), (16, 21)], ids=str)
-def test_panels_hold_each_weight_where_the_kernel_reads_it(module, H, ks):
-    weights = [torch.randn(4 * H, k) for k in ks]
-    torch.testing.assert_close(module.lstm_panels(weights), _reference_panels(weights), rtol=0, atol=0)
+def test_panels_hold_each_weight_where_the_kernel_reads_it(module, gates, H, ks):
+    weights = [torch.randn(gates * H, k) for k in ks]
+    torch.testing.assert_close(module.gate_panels(weights, gates), _reference_panels(weights, gates), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 64), (7, 65), (12, 200)], ids=str)
@@ -55,25 +56,30 @@ def test_column_panels_hold_each_weight_where_the_kernel_reads_it(module, shape)
 
 def test_panels_of_a_transposed_view_are_those_of_its_copy(module):
     weight = torch.randn(33, 4 * 20).t()  # (80, 33), not contiguous
-    assert torch.equal(module.lstm_panels([weight]), _reference_panels([weight.contiguous()]))
+    assert torch.equal(module.gate_panels([weight], 4), _reference_panels([weight.contiguous()]))
 
 
 def test_panels_refuse_what_the_kernel_cannot_read(module):
     with pytest.raises(RuntimeError, match="float32"):
-        module.lstm_panels([torch.randn(8, 3, dtype=torch.float64)])
+        module.gate_panels([torch.randn(8, 3, dtype=torch.float64)], 4)
     with pytest.raises(RuntimeError, match="one H"):
-        module.lstm_panels([torch.randn(8, 3), torch.randn(12, 3)])
+        module.gate_panels([torch.randn(8, 3), torch.randn(12, 3)], 4)
+    with pytest.raises(RuntimeError, match="one H"):
+        module.gate_panels([torch.randn(8, 3)], 3)  # 8 rows are not 3 gates
+    with pytest.raises(RuntimeError, match="3 .GRU. or 4"):
+        module.gate_panels([torch.randn(8, 3)], 2)
     with pytest.raises(RuntimeError, match="no weight"):
-        module.lstm_panels([])
+        module.gate_panels([], 4)
 
 
 def test_panels_are_used_only_where_they_pay(module, monkeypatch):
     w = torch.randn(80, 20)
-    assert fused._lstm_panels((w,), 8, module, 6) is not None
-    assert fused._lstm_panels((w,), 40, module, 1) is not None  # one step repays packing from batch 40
-    assert fused._lstm_panels((w,), 2, module, 6) is None  # a few rows in all: generation
-    assert fused._lstm_panels((w.double(),), 8, module, 6) is None
-    assert fused._lstm_panels((w,), 8, None, 6) is None  # the torch loop
+    assert fused._gate_panels((w,), 4, 8, module, 6) is not None
+    assert fused._gate_panels((w,), 4, 40, module, 1) is not None  # one step repays packing from batch 40
+    assert fused._gate_panels((w,), 4, 2, module, 6) is None  # a few rows in all: generation
+    assert fused._gate_panels((w.double(),), 4, 8, module, 6) is None
+    assert fused._gate_panels((torch.randn(60, 20),), 3, 8, module, 6).shape == (2, 20, 48)  # a GRU's
+    assert fused._gate_panels((w,), 4, 8, None, 6) is None  # the torch loop
     assert fused._backward_panels(w, 8, module, 6) is not None  # the reverse sweep's, likewise
     large = torch.randn(2600, 650)  # 6.8 MB: over the row-block limit
     assert fused._backward_panels(large, 20, module, 35) is None  # MKL's sgemm won there
@@ -81,7 +87,7 @@ def test_panels_are_used_only_where_they_pay(module, monkeypatch):
     assert fused._backward_panels(w, 2, module, 6) is None
     assert fused._backward_panels(w.double(), 8, module, 6) is None
     monkeypatch.setattr(native, "panel_gemm", False)
-    assert fused._lstm_panels((w,), 8, module, 6) is None
+    assert fused._gate_panels((w,), 4, 8, module, 6) is None
     assert fused._backward_panels(w, 8, module, 6) is None
 
 
@@ -109,7 +115,7 @@ def panel_calls(module, monkeypatch):
     """The weights' shapes of every call that packed panels: from Python, or inside the
     one-call inference (which packs W_hh when asked to)."""
     calls = []
-    original = fused._lstm_panels
+    original = fused._gate_panels
 
     def spy(weights, *args):
         packed = original(weights, *args)
@@ -132,7 +138,7 @@ def panel_calls(module, monkeypatch):
             calls.append(("backward", tuple(w_hh.shape)))
         return packed
 
-    monkeypatch.setattr(fused, "_lstm_panels", spy)
+    monkeypatch.setattr(fused, "_gate_panels", spy)
     monkeypatch.setattr(fused, "_backward_panels", backward_spy)
     monkeypatch.setattr(module, "lstm_inference", inference_spy, raising=False)
     return calls
@@ -250,3 +256,85 @@ def test_one_call_inference_is_taken_only_without_lengths_folding_or_float64(mod
     assert fused.lstm_one_call(x, 200, None, module) is None  # 30 inputs, 200 units: folded
     assert fused.lstm_one_call(x.double(), 21, None, module) is None
     assert fused.lstm_one_call(x, 21, None, None) is None
+
+
+@pytest.mark.parametrize("hidden, batch", [(16, 8), (21, 13), (5, 7), (40, 17)], ids=lambda v: str(v))
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_panel_forward_matches_torch_nn(module, split, panel_calls, hidden, batch, grad, lengths, bias):
+    """The GRU's panels hold 3 gates (8-row chunks: 13 rows are 8 + 5, 17 are 8 + 8 + 1):
+    two layers, both directions, an initial state; outputs, final states and gradients as
+    torch.nn's, however the work is split."""
+    steps, inputs = 6, 7
+    layer, reference = make_pair("gru", inputs, hidden, dtype=torch.float32, implementation="native",
+                                 num_layers=2, bidirectional=True, bias=bias)
+    x = torch.randn(steps, batch, inputs)
+    state = initial_state("gru", (4, batch, hidden), torch.float32, "cpu")
+    step_counts = torch.randint(1, steps + 1, (batch,)) if lengths else None
+    ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        output, final = layer(ours_in, state, lengths=step_counts)
+        if step_counts is None:
+            ref_output, ref_final = reference(ref_in, state)
+        else:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, step_counts, enforce_sorted=False)
+            ref_packed, ref_final = reference(packed, state)
+            ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_packed, total_length=steps)[0]
+    # W_hh of every layer and direction, without grad (training keeps oneDNN's or MKL's GEMM)
+    assert panel_calls == ([] if grad else [((3 * hidden, hidden),)] * 4)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(output, ref_output, **tol)
+    torch.testing.assert_close(final, ref_final, **tol)
+    if grad:
+        grads = torch.autograd.grad(loss_of(output, final), [ours_in, *layer.parameters(), state])
+        ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), state])
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_values_on_the_gru_panel_path_come_out_as_torch_nn_s(module, split, panel_calls, where, value):
+    """A NaN or Inf in any of the GRU's inputs, in the last row or the ragged last panel,
+    is seen by the epilogue's check and the call rerun on the torch loop."""
+    steps, batch, inputs, hidden = 5, 9, 4, 21
+    layer, reference = make_pair("gru", inputs, hidden, dtype=torch.float32, implementation="native")
+    x, h0 = torch.randn(steps, batch, inputs), torch.randn(1, batch, hidden)
+    with torch.no_grad():
+        if where == "input":
+            x[3, batch - 1, 1] = value
+        elif where == "h0":
+            h0[0, batch - 1, hidden - 1] = value
+        else:
+            for model in (layer, reference):  # the n gate's last unit: r * (W_hn h + b_hn) too
+                getattr(model, f"{where}_l0")[3 * hidden - 1, ...] = value
+        ours, h_n = layer(x, h0)
+        theirs, ref_h = reference(x, h0)
+    assert panel_calls
+    if value != value:
+        assert torch.isnan(ours).any()
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(ours, theirs, equal_nan=True, **tol)
+    torch.testing.assert_close(h_n, ref_h, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_gru_panel_forward_saves_what_backward_reads(module, split, lengths):
+    """The GRU layers take panels without grad only, but the compiled forward also saves
+    r|z, n and W_hn h + b_hn for backward on them: those must equal the plain path's."""
+    steps, batch, hidden = 5, 13, 21
+    xw = torch.randn(steps, batch, 3 * hidden)
+    w_hh = torch.randn(3 * hidden, hidden) * 0.3
+    b_ih, b_hh = torch.randn(3 * hidden), torch.randn(3 * hidden)
+    mask = (torch.arange(steps).unsqueeze(1) < torch.randint(1, steps + 1, (batch,))).contiguous() if lengths else None
+    results = []
+    for packed in (module.gate_panels([w_hh], 3), None):
+        hs = torch.zeros(steps + 1, batch, hidden)
+        hs[0] = torch.randn(batch, hidden, generator=torch.Generator().manual_seed(2))
+        saved = [torch.full((steps, batch, width), float("nan")) for width in (2 * hidden, hidden, hidden)]
+        w = w_hh if packed is not None else w_hh.t().contiguous()
+        assert module.gru_forward(xw, b_ih, w, b_hh, hs, *saved, mask, packed, 0)
+        results.append([hs, *saved])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])

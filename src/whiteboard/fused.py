@@ -280,19 +280,20 @@ def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor,
 
 
 def _panels_pay(dtype: torch.dtype, steps: int, batch: int, native) -> bool:
-    """Whether the compiled LSTM's own panel GEMMs run (recurrent.cpp's lstm_panels and
+    """Whether the compiled loops' own panel GEMMs run (recurrent.cpp's gate_panels and
     column_panels): on (``panel_gemm`` in whiteboard.native), built (AVX-512), float32, and
     more than a few rows in all (a token of generation: packing would cost more)."""
     return (native is not None and native_module.panel_gemm and dtype == torch.float32
             and steps * batch > native_module.transpose_max_rows and native.has_panels())
 
 
-def _lstm_panels(weights: tuple[Tensor, ...], batch: int, native, steps: int) -> Tensor | None:
-    """``weights`` (each (4H, K_i)) joined along K and packed into the compiled LSTM
-    forward's gate panels, or None where they do not pay (see _panels_pay)."""
+def _gate_panels(weights: tuple[Tensor, ...], gates: int, batch: int, native, steps: int) -> Tensor | None:
+    """``weights`` (each (gates·H, K_i)) joined along K and packed into the compiled LSTM
+    (4 gates) or GRU (3) forward's gate panels, or None where they do not pay (see
+    _panels_pay)."""
     if not _panels_pay(weights[0].dtype, steps, batch, native):
         return None
-    return native.lstm_panels([w.detach() for w in weights])
+    return native.gate_panels([w.detach() for w in weights], gates)
 
 
 def _backward_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | None:
@@ -420,7 +421,7 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
     gates = _empty((T if keep_gates else 1, B, 4 * H), x, native)
     if native is not None:
         if _folds_input(x, H, native):
-            packed = _lstm_panels((w_ih, w_hh), B, native, T)
+            packed = _gate_panels((w_ih, w_hh), 4, B, native, T)
             if packed is not None:
                 w_cat_t = w_hh  # unused beside the panels
             else:
@@ -428,7 +429,7 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
             if not native.lstm_forward_folded(x, bias, w_cat_t, hs, cs, gates, _native_mask(mask), packed):
                 return None
         else:
-            packed = _lstm_panels((w_hh,), B, native, T)
+            packed = _gate_panels((w_hh,), 4, B, native, T)
             if packed is not None:
                 w_hh_t = w_hh  # unused beside the panels
             else:
@@ -541,7 +542,16 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
-    w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, 3H)
+    # Panels for inference only: in training they won at batch 20 (2 x 200: 0.44 -> 0.42 of
+    # torch.nn's step; 2 x 650: 0.66 -> 0.61) but lost 2-3 % at (c) and (d): there the
+    # forward alone went from 49.9 to 52.6 ms, its epilogue storing r|z, n and W_hn h for
+    # backward in 64-byte pieces across four large buffers; without grad, where those go to
+    # a one-step scratch, they won everywhere (see benchmarks/README.md).
+    packed = None if keep else _gate_panels((w_hh,), 3, B, native, T)
+    if packed is not None:
+        w_hh_t = w_hh  # unused beside the panels
+    else:
+        w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, 3H)
     hs = _empty((T + 1, B, H), x, native)
     hs[0] = h0
     steps = T if keep else 1

@@ -181,13 +181,13 @@ transpose_max_rows = 32
 fold_input_max_ratio = 0.25
 
 
-#: The LSTM forward's per-step GEMM on the compiled loop's own AVX-512 microkernel, the gate
-#: math as its epilogue, against W packed into panels of 16 units once per call (see
-#: recurrent.cpp's lstm_panels); ``WHITEBOARD_LSTM_PANELS=0`` (or setting this False) goes
+#: The LSTM and GRU forward's per-step GEMM on the compiled loop's own AVX-512 microkernel,
+#: the gate math as its epilogue, against W packed into panels of 16 units once per call
+#: (see recurrent.cpp's gate_panels); ``WHITEBOARD_PANEL_GEMM=0`` (or setting this False) goes
 #: back to oneDNN's packed or MKL's plain GEMM. Used for float32 on CPUs with AVX-512, for
 #: every call but a few rows in all (``transpose_max_rows``): packing (0.3 ms for a 650-unit
 #: W_hh) paid off from one step, at batch 40 (1.9 -> 1.5 ms a layer).
-panel_gemm = os.environ.get("WHITEBOARD_LSTM_PANELS", "1") != "0"
+panel_gemm = os.environ.get("WHITEBOARD_PANEL_GEMM", "1") != "0"
 #: The reverse sweep's dZ_t W_hh takes column panels (recurrent.cpp's column_panels) from
 #: this batch size on, or where W_hh fits the row-block limit (each thread then runs all
 #: panels for its own rows). Training step x torch.nn, MKL -> panels, in one process: batch

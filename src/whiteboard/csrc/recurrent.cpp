@@ -752,24 +752,32 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
 // packed weight fits a core's L2, each thread instead runs every step for its own rows.
 #if defined(__AVX512F__)
 constexpr int64_t kPanelUnits = 16;
-constexpr int64_t kPanelWidth = 4 * kPanelUnits;  // floats per k of a panel
+constexpr int64_t kPanelWidth = 4 * kPanelUnits;  // floats per k of an LSTM (or column) panel
 constexpr int kPanelRows = 6;                     // rows per microkernel call: 24 accumulators
+// A GRU panel holds 16 units x 3 gates (48 floats per k): 8 rows keep 24 accumulators.
+constexpr int64_t kGruPanelWidth = 3 * kPanelUnits;
+constexpr int kGruPanelRows = 8;
+
+// Rows per microkernel call for panels of `width` floats per k.
+constexpr int panel_rows(int64_t width) { return width == kGruPanelWidth ? kGruPanelRows : kPanelRows; }
 
 bool has_panels() { return true; }
 
-// [W_0, W_1, ...] joined along K (each (4H, K_i), float32), packed into (panels, K, 64).
-// Units past H in the last panel get zero weights.
-at::Tensor lstm_panels(const std::vector<at::Tensor>& weights) {
-  TORCH_CHECK(!weights.empty(), "lstm_panels: no weight");
-  const int64_t rows = weights[0].size(0), H = rows / 4;
+// [W_0, W_1, ...] joined along K (each (G·H, K_i), float32, G = `gates`: 4 for the LSTM,
+// 3 for the GRU), packed into (panels, K, 16 G): panel p holds units 16p..16p+15, gate by
+// gate. Units past H in the last panel get zero weights.
+at::Tensor gate_panels(const std::vector<at::Tensor>& weights, int64_t gates) {
+  TORCH_CHECK(!weights.empty(), "gate_panels: no weight");
+  TORCH_CHECK(gates == 3 || gates == 4, "gate_panels: 3 (GRU) or 4 (LSTM) gates");
+  const int64_t rows = weights[0].size(0), H = rows / gates, width = gates * kPanelUnits;
   int64_t K = 0;
   for (const at::Tensor& w : weights) {
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && rows % 4 == 0 && w.scalar_type() == at::kFloat &&
-                    w.device().is_cpu(), "lstm_panels: float32 CPU weights (4H, K) with one H");
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && rows % gates == 0 && w.scalar_type() == at::kFloat &&
+                    w.device().is_cpu(), "gate_panels: float32 CPU weights (gates x H, K) with one H");
     K += w.size(1);
   }
   const int64_t panels = (H + kPanelUnits - 1) / kPanelUnits;
-  at::Tensor packed = at::empty({panels, K, kPanelWidth}, weights[0].options());
+  at::Tensor packed = at::empty({panels, K, width}, weights[0].options());
   float* out = packed.data_ptr<float>();
   std::vector<at::Tensor> plain;
   for (const at::Tensor& w : weights) plain.push_back(w.contiguous());
@@ -780,15 +788,15 @@ at::Tensor lstm_panels(const std::vector<at::Tensor>& weights) {
       for (const at::Tensor& w : plain) {
         const int64_t k_size = w.size(1);
         const float* src = w.data_ptr<float>();
-        for (int64_t g = 0; g < 4; ++g) {
+        for (int64_t g = 0; g < gates; ++g) {
           const float* block = src + (g * H + p * kPanelUnits) * k_size;  // row u: unit 16p + u
-          float* dst = out + (p * K + k_offset) * kPanelWidth + g * kPanelUnits;
+          float* dst = out + (p * K + k_offset) * width + g * kPanelUnits;
           int64_t k = 0;
           if (units == kPanelUnits)
-            for (; k + 16 <= k_size; k += 16) transpose16(block + k, k_size, dst + k * kPanelWidth, kPanelWidth);
+            for (; k + 16 <= k_size; k += 16) transpose16(block + k, k_size, dst + k * width, width);
           for (; k < k_size; ++k)
             for (int64_t u = 0; u < kPanelUnits; ++u)
-              dst[k * kPanelWidth + u] = u < units ? block[u * k_size + k] : 0.0f;
+              dst[k * width + u] = u < units ? block[u * k_size + k] : 0.0f;
         }
         k_offset += k_size;
       }
@@ -797,40 +805,44 @@ at::Tensor lstm_panels(const std::vector<at::Tensor>& weights) {
   return packed;
 }
 
-// y (R, 64) = A (R rows, K, row stride lda) x panel (K, 64). Meanwhile `lines` cache lines
-// per k from `prefetch` on (up to `prefetch_end`) are fetched into L2.
-template <int R>
+// y (R, 16 G) = A (R rows, K, row stride lda) x panel (K, 16 G). Meanwhile `lines` cache
+// lines per k from `prefetch` on (up to `prefetch_end`) are fetched into L2.
+template <int R, int G>
 inline void panel_product(const float* a, int64_t lda, const float* panel, int64_t K, float* y, const char* prefetch,
                           const char* prefetch_end, int64_t lines) {
-  __m512 acc[R][4];
+  constexpr int64_t width = 16 * G;
+  __m512 acc[R][G];
   for (int r = 0; r < R; ++r)
-    for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t l = 0; l < lines && prefetch < prefetch_end; ++l, prefetch += 64) _mm_prefetch(prefetch, _MM_HINT_T1);
-    const float* w = panel + k * kPanelWidth;
-    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32),
-                 w3 = _mm512_loadu_ps(w + 48);
+    const float* w = panel + k * width;
+    __m512 wk[G];
+    for (int g = 0; g < G; ++g) wk[g] = _mm512_loadu_ps(w + 16 * g);
     for (int r = 0; r < R; ++r) {
       const __m512 ar = _mm512_set1_ps(a[r * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(ar, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(ar, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(ar, w2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(ar, w3, acc[r][3]);
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(ar, wk[g], acc[r][g]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(y + r * kPanelWidth + g * 16, acc[r][g]);
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(y + r * width + g * 16, acc[r][g]);
 }
 
+// panel_product for `rows` (at most panel_rows(16 G)) rows.
+template <int G>
 void panel_product_rows(int rows, const float* a, int64_t lda, const float* panel, int64_t K, float* y,
                         const char* prefetch, const char* prefetch_end, int64_t lines) {
+  if constexpr (G == 3) {  // (8 x 3 accumulators; 8 x 4 would not fit the 32 registers)
+    if (rows == 8) return panel_product<8, G>(a, lda, panel, K, y, prefetch, prefetch_end, lines);
+    if (rows == 7) return panel_product<7, G>(a, lda, panel, K, y, prefetch, prefetch_end, lines);
+  }
   switch (rows) {
-    case 6: panel_product<6>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
-    case 5: panel_product<5>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
-    case 4: panel_product<4>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
-    case 3: panel_product<3>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
-    case 2: panel_product<2>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
-    default: panel_product<1>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
+    case 6: panel_product<6, G>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
+    case 5: panel_product<5, G>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
+    case 4: panel_product<4, G>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
+    case 3: panel_product<3, G>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
+    case 2: panel_product<2, G>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
+    default: panel_product<1, G>(a, lda, panel, K, y, prefetch, prefetch_end, lines); break;
   }
 }
 
@@ -846,20 +858,22 @@ void panel_product_rows(int rows, const float* a, int64_t lda, const float* pane
 // 650-unit W_hh, 6 against 5). body(p, first_row, rows,
 // prefetch, prefetch_end, lines_per_k) computes one item; inside a row block (see
 // over_row_blocks) one thread runs all of them.
-template <typename F>
+template <int G, typename F>
 void over_panel_chunks(int64_t panel_count, int64_t r0, int64_t r1, const float* panels, int64_t K, const F& body) {
-  const int64_t chunks = (r1 - r0 + kPanelRows - 1) / kPanelRows;
-  const int64_t panel_floats = K * kPanelWidth;
+  constexpr int64_t width = 16 * G;
+  constexpr int chunk_rows = panel_rows(width);
+  const int64_t chunks = (r1 - r0 + chunk_rows - 1) / chunk_rows;
+  const int64_t panel_floats = K * width;
   const int64_t lines = panel_floats * static_cast<int64_t>(sizeof(float)) / 64;
   const int64_t fetching_chunks = std::max<int64_t>(1, chunks - 1);
   const int64_t lines_per_k = (lines + fetching_chunks * K - 1) / (fetching_chunks * K);
   const int64_t grain = std::max<int64_t>(
-      1, g_parallel_min_elements.load(std::memory_order_relaxed) / (kPanelRows * kPanelWidth));
+      1, g_parallel_min_elements.load(std::memory_order_relaxed) / (chunk_rows * width));
   at::parallel_for(0, panel_count * chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / chunks, c = item % chunks;
-      const int64_t b0 = r0 + c * kPanelRows;
-      const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, r1 - b0));
+      const int64_t b0 = r0 + c * chunk_rows;
+      const int rows = static_cast<int>(std::min<int64_t>(chunk_rows, r1 - b0));
       const char* fetch = nullptr;
       const char* fetch_end = nullptr;
       if (p + 1 < panel_count && (c > 0 || chunks == 1)) {
@@ -904,10 +918,10 @@ void column_panel_product(const float* a, int64_t lda, int64_t r0, int64_t r1, c
                   panels.size(2) == kPanelWidth && panels.is_contiguous(),
               "column panels of a (K, ", n, ") float32 matrix expected");
   const float* w = panels.data_ptr<float>();
-  over_panel_chunks(panels.size(0), r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
-                                                      const char* fetch_end, int64_t lines_per_k) {
+  over_panel_chunks<4>(panels.size(0), r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
+                                                         const char* fetch_end, int64_t lines_per_k) {
     alignas(64) float y[kPanelRows * kPanelWidth];
-    panel_product_rows(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k);
+    panel_product_rows<4>(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k);
     const int64_t columns = std::min(kPanelWidth, n - p * kPanelWidth);
     for (int r = 0; r < rows; ++r)
       std::memcpy(out + (b0 + r) * ldo + p * kPanelWidth, y + r * kPanelWidth, columns * sizeof(float));
@@ -998,7 +1012,7 @@ inline int32_t lstm_units16(const float* y, const float* xw, const float* bias, 
   return static_cast<int32_t>(bad & lanes);
 }
 
-// lstm_forward_impl with the per-step GEMM on panels (lstm_panels of W_hh, or of
+// lstm_forward_impl with the per-step GEMM on panels (gate_panels of W_hh, or of
 // [W_ih, W_hh] when kFolded). The arguments are otherwise lstm_forward_impl's.
 template <bool kFolded>
 bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& panels,
@@ -1009,7 +1023,7 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
   TORCH_CHECK(input.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.dim() == 3 &&
                   panels.size(0) == (H + kPanelUnits - 1) / kPanelUnits && panels.size(1) == K &&
                   panels.size(2) == kPanelWidth && panels.is_contiguous(),
-              "lstm_forward: panels must be lstm_panels of the step's float32 weight");
+              "lstm_forward: panels must be gate_panels(.., 4) of the step's float32 weight");
   const at::Tensor b_all = bias_or_zeros(bias, 4 * H, input);
   const float* bb = b_all.data_ptr<float>();
   const float* w = panels.data_ptr<float>();
@@ -1034,8 +1048,8 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
       float* xh_next = kFolded ? xh_buffers[(s + 1) % 2] : nullptr;
       const int64_t lda = kFolded ? I + H : H;
       const LstmStep<float> step(gates, input, cs, hs, m, B, s, t, keep, kFolded);
-      over_panel_chunks(panel_count, r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
-                                                      const char* fetch_end, int64_t lines_per_k) {
+      over_panel_chunks<4>(panel_count, r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
+                                                         const char* fetch_end, int64_t lines_per_k) {
         alignas(64) float y[kPanelRows * kPanelWidth];
         const int64_t u0 = p * kPanelUnits, n = std::min(kPanelUnits, H - u0);
         const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);  // the panel's real units
@@ -1047,7 +1061,7 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
             if constexpr (!kFolded) _mm_prefetch(reinterpret_cast<const char*>(step.xw + b * 4 * H + g * H + u0), _MM_HINT_T0);
             if (keep) __builtin_prefetch(step.gates + b * 4 * H + g * H + u0, 1);
           }
-        panel_product_rows(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k);
+        panel_product_rows<4>(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k);
         int32_t bad = 0;
         for (int r = 0; r < rows; ++r) {
           const int64_t b = b0 + r;
@@ -1077,9 +1091,100 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
   });
   return !saw_nonfinite.load();
 }
+// gru_forward_impl's gate math for the units of one panel in one batch row: y holds the
+// panel's h W_hh^T (r|z|n, 16 floats each); xw, the biases and the saved factors are
+// H apart per gate (rz: r|z, 2H). Only `lanes` are read and written. Returns nonzero
+// where a pre-activation was NaN or Inf.
+inline int32_t gru_units16(const float* y, const float* xw, const float* bx, const float* bh, const float* h_prev,
+                           float* h_next, float* rz, float* n_out, float* hn_out, __mmask16 lanes, int64_t H) {
+  auto in = [lanes](const float* p) { return _mm512_maskz_loadu_ps(lanes, p); };
+  const __m512 zr = _mm512_add_ps(_mm512_add_ps(in(xw), in(bx)), _mm512_add_ps(_mm512_loadu_ps(y), in(bh)));
+  const __m512 zz = _mm512_add_ps(_mm512_add_ps(in(xw + H), in(bx + H)),
+                                  _mm512_add_ps(_mm512_loadu_ps(y + kPanelUnits), in(bh + H)));
+  const __m512 r = sigmoid16(zr), z = sigmoid16(zz);
+  const __m512 hn = _mm512_add_ps(_mm512_loadu_ps(y + 2 * kPanelUnits), in(bh + 2 * H));
+  const __m512 zn = _mm512_fmadd_ps(r, hn, _mm512_add_ps(in(xw + 2 * H), in(bx + 2 * H)));  // not finite whenever hn is not
+  const __mmask16 bad = not_finite16(zr) | not_finite16(zz) | not_finite16(zn);
+  const __m512 cand = tanh16(zn);
+  _mm512_mask_storeu_ps(rz, lanes, r);
+  _mm512_mask_storeu_ps(rz + H, lanes, z);
+  _mm512_mask_storeu_ps(n_out, lanes, cand);
+  _mm512_mask_storeu_ps(hn_out, lanes, hn);
+  _mm512_mask_storeu_ps(h_next, lanes, _mm512_fmadd_ps(z, _mm512_sub_ps(in(h_prev), cand), cand));  // n + z (h - n)
+  return static_cast<int32_t>(bad & lanes);
+}
+
+// gru_forward_impl with the per-step GEMM h W_hh^T on gate_panels(W_hh, 3) and the gate
+// math as its epilogue; the arguments are otherwise gru_forward_impl's.
+bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& panels,
+                        const c10::optional<at::Tensor>& b_hh, at::Tensor& hs, at::Tensor& rz, at::Tensor& n,
+                        at::Tensor& hn, const c10::optional<at::Tensor>& mask, int64_t t_begin) {
+  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2), panel_count = panels.size(0);
+  TORCH_CHECK(xw.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.dim() == 3 &&
+                  panels.size(0) == (H + kPanelUnits - 1) / kPanelUnits && panels.size(1) == H &&
+                  panels.size(2) == kGruPanelWidth && panels.is_contiguous(),
+              "gru_forward: panels must be gate_panels(W_hh, 3) of a float32 W_hh");
+  const bool keep = n.size(0) > 1;  // all steps' factors, or one step's scratch
+  const bool* m = mask_ptr(mask);
+  const at::Tensor bias_x = bias_or_zeros(b_ih, 3 * H, xw), bias_h = bias_or_zeros(b_hh, 3 * H, xw);
+  const float* bx = bias_x.data_ptr<float>();
+  const float* bh = bias_h.data_ptr<float>();
+  const float* w = panels.data_ptr<float>();
+  std::atomic<bool> saw_nonfinite{false};
+  over_row_blocks(B, panels, false, [&](int64_t r0, int64_t r1) {
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = t_begin + s;  // xw is indexed by s, the state buffers by t
+      const float* x = step_ptr<float>(xw, s);
+      const float* h_prev = step_ptr<float>(hs, t);
+      float* h_next = step_ptr<float>(hs, t + 1);
+      float* rzp = step_ptr<float>(rz, keep ? t : 0);
+      float* np = step_ptr<float>(n, keep ? t : 0);
+      float* hnp = step_ptr<float>(hn, keep ? t : 0);
+      const bool* alive = m ? m + t * B : nullptr;
+      over_panel_chunks<3>(panel_count, r0, r1, w, H, [&](int64_t p, int64_t b0, int rows, const char* fetch,
+                                                          const char* fetch_end, int64_t lines_per_k) {
+        alignas(64) float y[kGruPanelRows * kGruPanelWidth];
+        const int64_t u0 = p * kPanelUnits, units = std::min(kPanelUnits, H - u0);
+        const __mmask16 lanes = static_cast<__mmask16>((1u << units) - 1);  // the panel's real units
+        for (int64_t b = b0; b < b0 + rows; ++b) {  // XW_t and the saved factors' lines (see lstm_forward_panels)
+          for (int64_t g = 0; g < 3; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * 3 * H + g * H + u0), _MM_HINT_T0);
+          if (keep) {
+            __builtin_prefetch(rzp + b * 2 * H + u0, 1);
+            __builtin_prefetch(rzp + b * 2 * H + H + u0, 1);
+            __builtin_prefetch(np + b * H + u0, 1);
+            __builtin_prefetch(hnp + b * H + u0, 1);
+          }
+        }
+        panel_product_rows<3>(rows, h_prev + b0 * H, H, w + p * H * kGruPanelWidth, H, y, fetch, fetch_end, lines_per_k);
+        int32_t bad = 0;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t b = b0 + r;
+          const int64_t at_unit = b * H + u0;
+          if (alive != nullptr && !alive[b]) {  // finished sequence: carry the state; zero the saved
+            std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));  // factors, which its
+            std::memset(rzp + b * 2 * H + u0, 0, units * sizeof(float));             // zero gradient
+            std::memset(rzp + b * 2 * H + H + u0, 0, units * sizeof(float));         // multiplies
+            std::memset(np + at_unit, 0, units * sizeof(float));
+            std::memset(hnp + at_unit, 0, units * sizeof(float));
+            continue;
+          }
+          bad |= gru_units16(y + r * kGruPanelWidth, x + b * 3 * H + u0, bx + u0, bh + u0, h_prev + at_unit,
+                             h_next + at_unit, rzp + b * 2 * H + u0, np + at_unit, hnp + at_unit, lanes, H);
+        }
+        if (bad) saw_nonfinite.store(true, std::memory_order_relaxed);
+      });
+    }
+  });
+  return !saw_nonfinite.load();
+}
 #else
 bool has_panels() { return false; }
-at::Tensor lstm_panels(const std::vector<at::Tensor>&) { TORCH_CHECK(false, "lstm_panels: built without AVX-512"); }
+at::Tensor gate_panels(const std::vector<at::Tensor>&, int64_t) { TORCH_CHECK(false, "gate_panels: built without AVX-512"); }
+bool gru_forward_panels(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                        const c10::optional<at::Tensor>&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                        const c10::optional<at::Tensor>&, int64_t) {
+  return false;
+}
 at::Tensor column_panels(const at::Tensor&) { TORCH_CHECK(false, "column_panels: built without AVX-512"); }
 void column_panel_product(const float*, int64_t, int64_t, int64_t, const at::Tensor&, float*, int64_t, int64_t) {
   TORCH_CHECK(false, "column panels: built without AVX-512");
@@ -1378,11 +1483,11 @@ void check_backward_range(const at::Tensor& dz, int64_t steps, int64_t t_begin, 
 }
 
 // The forward's `packed` weight is either oneDNN's (an opaque mkldnn tensor, for
-// step_gemm) or, for the LSTM, lstm_panels' (a plain tensor).
+// step_gemm) or, for the LSTM and GRU, gate_panels' (a plain tensor).
 bool is_panels(const c10::optional<at::Tensor>& packed) {
   if (!packed.has_value() || packed->is_mkldnn()) return false;
 #if !defined(__AVX512F__)
-  TORCH_CHECK(false, "lstm_forward: gate panels need a build with AVX-512");
+  TORCH_CHECK(false, "gate panels need a build with AVX-512");
 #endif
   return true;
 }
@@ -1427,6 +1532,7 @@ bool gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, co
                  const c10::optional<at::Tensor>& packed, int64_t t_begin) {
   check_forward_range(xw, hs, t_begin);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &hs, &rz, &n, &hn}) check(*t, "gru_forward argument");
+  if (is_panels(packed)) return gru_forward_panels(xw, b_ih, *packed, b_hh, hs, rz, n, hn, mask, t_begin);
   WB_DISPATCH(xw, "gru_forward", return gru_forward_impl<scalar_t>(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, mask, packed, t_begin));
 }
 
@@ -1533,7 +1639,7 @@ std::vector<at::Tensor> lstm_inference(const at::Tensor& x, const at::Tensor& h0
   at::Tensor gates = at::empty({1, B, 4 * H}, x.options());
   const c10::optional<at::Tensor> bias = summed(b_ih, b_hh);
   const c10::optional<at::Tensor> packed =
-      panels ? c10::optional<at::Tensor>(lstm_panels({w_hh})) : c10::optional<at::Tensor>();
+      panels ? c10::optional<at::Tensor>(gate_panels({w_hh}, 4)) : c10::optional<at::Tensor>();
   const at::Tensor w_ih_t = w_ih.t();
   const int64_t steps_per_chunk = std::min(chunk_steps, std::max<int64_t>(T, 1));
   at::Tensor xw = pooled_empty({steps_per_chunk, B, 4 * H}, x);
@@ -1600,6 +1706,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_inference", &lstm_inference);
   m.def("gru_few_rows", &gru_few_rows);
   m.def("has_panels", &has_panels);
-  m.def("lstm_panels", &lstm_panels);
+  m.def("gate_panels", &gate_panels);
   m.def("column_panels", &column_panels);
 }
