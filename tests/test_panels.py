@@ -338,3 +338,92 @@ def test_gru_panel_forward_saves_what_backward_reads(module, split, lengths):
         results.append([hs, *saved])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+
+
+@pytest.fixture
+def rnn_panel_calls(module, monkeypatch):
+    """W_hh's shape for every call that packed the RNN's column panels."""
+    calls = []
+    original = fused._rnn_panels
+
+    def spy(w_hh, *args):
+        packed = original(w_hh, *args)
+        if packed is not None:
+            calls.append(tuple(w_hh.shape))
+        return packed
+
+    monkeypatch.setattr(fused, "_rnn_panels", spy)
+    monkeypatch.setattr(native, "fold_input_max_ratio", 0.0)  # the folded RNN keeps the ATen GEMM
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("hidden, batch", [(16, 6), (21, 13), (70, 7)], ids=lambda v: str(v))
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_rnn_panel_forward_matches_torch_nn(module, split, rnn_panel_calls, mode, hidden, batch, grad, lengths):
+    """The RNN's column panels hold 64 units (70 = 64 + 6: a ragged second panel): two
+    layers, both directions, an initial state; outputs, final states and gradients as
+    torch.nn's, however the work is split."""
+    steps, inputs = 6, 7
+    layer, reference = make_pair(mode, inputs, hidden, dtype=torch.float32, implementation="native",
+                                 num_layers=2, bidirectional=True)
+    x = torch.randn(steps, batch, inputs)
+    state = initial_state(mode, (4, batch, hidden), torch.float32, "cpu")
+    step_counts = torch.randint(1, steps + 1, (batch,)) if lengths else None
+    ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        output, final = layer(ours_in, state, lengths=step_counts)
+        if step_counts is None:
+            ref_output, ref_final = reference(ref_in, state)
+        else:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, step_counts, enforce_sorted=False)
+            ref_packed, ref_final = reference(packed, state)
+            ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_packed, total_length=steps)[0]
+    assert rnn_panel_calls == [(hidden, hidden)] * 4  # W_hh of every layer and direction
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(output, ref_output, **tol)
+    torch.testing.assert_close(final, ref_final, **tol)
+    if grad:
+        grads = torch.autograd.grad(loss_of(output, final), [ours_in, *layer.parameters(), state])
+        ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), state])
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_rnn_sigmoid_on_panels_matches_the_plain_gemm(module, rnn_panel_calls, monkeypatch):
+    """torch.nn has no sigmoid RNN; the panel path must match the ATen-GEMM path."""
+    import whiteboard
+
+    layer = whiteboard.RNN(7, 70, nonlinearity="sigmoid", implementation="native")
+    x = torch.randn(6, 9, 7)
+    with torch.no_grad():
+        ours = layer(x)[0]
+        monkeypatch.setattr(native, "panel_gemm", False)
+        plain = layer(x)[0]
+    assert rnn_panel_calls == [(70, 70)]
+    torch.testing.assert_close(ours, plain, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh", "bias_hh", "h0"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_values_on_the_rnn_panel_path_come_out_as_torch_nn_s(module, split, rnn_panel_calls, where, value):
+    steps, batch, inputs, hidden = 5, 9, 4, 70
+    layer, reference = make_pair("rnn_tanh", inputs, hidden, dtype=torch.float32, implementation="native")
+    x, h0 = torch.randn(steps, batch, inputs), torch.randn(1, batch, hidden)
+    with torch.no_grad():
+        if where == "input":
+            x[3, batch - 1, 1] = value
+        elif where == "h0":
+            h0[0, batch - 1, hidden - 1] = value  # in the ragged last panel
+        else:
+            for model in (layer, reference):
+                getattr(model, f"{where}_l0")[hidden - 1, ...] = value
+        ours, h_n = layer(x, h0)
+        theirs, ref_h = reference(x, h0)
+    assert rnn_panel_calls
+    if value != value:
+        assert torch.isnan(ours).any()
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(ours, theirs, equal_nan=True, **tol)
+    torch.testing.assert_close(h_n, ref_h, equal_nan=True, **tol)

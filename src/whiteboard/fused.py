@@ -308,6 +308,15 @@ def _backward_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | N
     return native.column_panels(w_hh.detach())
 
 
+def _rnn_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | None:
+    """W_hhᵀ (H, H) in the column panels the compiled RNN forward's per-step GEMM h W_hhᵀ
+    runs on (64 units a panel, the activation as the epilogue), or None where they do not
+    pay (see _panels_pay)."""
+    if not _panels_pay(w_hh.dtype, steps, batch, native):
+        return None
+    return native.column_panels(native.transposed(w_hh.detach().contiguous()))
+
+
 def _native_mask(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else mask.squeeze(-1).contiguous()  # (T, B) bool
 
@@ -329,7 +338,11 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
         if not native.rnn_forward_folded(x, bias, w_cat_t, hs, RNN_KINDS[nonlinearity], _native_mask(mask), packed):
             return None
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
-    w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, H); see module docstring
+    packed = _rnn_panels(w_hh, B, native, T)
+    if packed is not None:
+        w_hh_t = w_hh  # unused beside the panels
+    else:
+        w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, H); see module docstring
     if native is not None:
         for xw, begin in _projected_chunks(x, w_ih, native):
             if not native.rnn_forward(xw, bias, w_hh_t, hs, RNN_KINDS[nonlinearity], _native_mask(mask), packed, begin):

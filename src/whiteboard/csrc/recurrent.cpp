@@ -736,6 +736,8 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
   bias_sum.add_into(db);
 }
 
+enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };  // the RNN's nonlinearity
+
 // ------------------------------------------------------------------ LSTM gate panels
 
 // The LSTM forward's per-step GEMM, written here for float32 with AVX-512, with the gate
@@ -1177,11 +1179,77 @@ bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
   });
   return !saw_nonfinite.load();
 }
+// The RNN's activation of the 64 units of one column panel in one batch row: h = phi(y +
+// XW_t + b), the first `units` of them written. Returns nonzero where a pre-activation was
+// NaN or Inf.
+inline int32_t rnn_units64(const float* y, const float* xw, const float* bias, float* h_next, int64_t units,
+                           int64_t kind) {
+  __mmask16 bad = 0;
+  for (int64_t g = 0; g < 4; ++g) {
+    const int64_t left = units - 16 * g;
+    if (left <= 0) break;
+    const __mmask16 lanes = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(y + 16 * g),
+                                   _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, xw + 16 * g),
+                                                 _mm512_maskz_loadu_ps(lanes, bias + 16 * g)));
+    bad |= not_finite16(v) & lanes;
+    const __m512 h = kind == kTanh ? tanh16(v) : (kind == kRelu ? _mm512_max_ps(v, _mm512_setzero_ps()) : sigmoid16(v));
+    _mm512_mask_storeu_ps(h_next + 16 * g, lanes, h);
+  }
+  return static_cast<int32_t>(bad);
+}
+
+// rnn_forward_impl (not folded) with the per-step GEMM h W_hh^T on column_panels(W_hh^T)
+// and the activation as its epilogue; the arguments are otherwise rnn_forward_impl's.
+bool rnn_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& panels,
+                        at::Tensor& hs, int64_t kind, const c10::optional<at::Tensor>& mask, int64_t t_begin) {
+  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2), panel_count = panels.size(0);
+  TORCH_CHECK(xw.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.dim() == 3 &&
+                  panels.size(0) == (H + kPanelWidth - 1) / kPanelWidth && panels.size(1) == H &&
+                  panels.size(2) == kPanelWidth && panels.is_contiguous(),
+              "rnn_forward: panels must be column_panels of a float32 W_hh^T");
+  const at::Tensor b_all = bias_or_zeros(bias, H, xw);
+  const float* bb = b_all.data_ptr<float>();
+  const bool* m = mask_ptr(mask);
+  const float* w = panels.data_ptr<float>();
+  std::atomic<bool> saw_nonfinite{false};
+  over_row_blocks(B, panels, false, [&](int64_t r0, int64_t r1) {
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = t_begin + s;  // xw is indexed by s, the state buffer by t
+      const float* x = step_ptr<float>(xw, s);
+      const float* h_prev = step_ptr<float>(hs, t);
+      float* h_next = step_ptr<float>(hs, t + 1);
+      const bool* alive = m ? m + t * B : nullptr;
+      over_panel_chunks<4>(panel_count, r0, r1, w, H, [&](int64_t p, int64_t b0, int rows, const char* fetch,
+                                                          const char* fetch_end, int64_t lines_per_k) {
+        alignas(64) float y[kPanelRows * kPanelWidth];
+        const int64_t u0 = p * kPanelWidth, units = std::min(kPanelWidth, H - u0);
+        for (int64_t b = b0; b < b0 + rows; ++b)  // XW_t sits in L3 (see lstm_forward_panels)
+          for (int64_t g = 0; g < 4; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * H + u0 + 16 * g), _MM_HINT_T0);
+        panel_product_rows<4>(rows, h_prev + b0 * H, H, w + p * H * kPanelWidth, H, y, fetch, fetch_end, lines_per_k);
+        int32_t bad = 0;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t at_unit = (b0 + r) * H + u0;
+          if (alive != nullptr && !alive[b0 + r])  // finished sequence: carry the state
+            std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));
+          else
+            bad |= rnn_units64(y + r * kPanelWidth, x + at_unit, bb + u0, h_next + at_unit, units, kind);
+        }
+        if (bad) saw_nonfinite.store(true, std::memory_order_relaxed);
+      });
+    }
+  });
+  return !saw_nonfinite.load();
+}
 #else
 bool has_panels() { return false; }
 at::Tensor gate_panels(const std::vector<at::Tensor>&, int64_t) { TORCH_CHECK(false, "gate_panels: built without AVX-512"); }
 bool gru_forward_panels(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
                         const c10::optional<at::Tensor>&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                        const c10::optional<at::Tensor>&, int64_t) {
+  return false;
+}
+bool rnn_forward_panels(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, at::Tensor&, int64_t,
                         const c10::optional<at::Tensor>&, int64_t) {
   return false;
 }
@@ -1333,8 +1401,6 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
 }
 
 // ------------------------------------------------------------------ RNN
-
-enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };
 
 template <typename T>
 inline T derivative_from_output(T h, int64_t kind) {
@@ -1549,6 +1615,7 @@ bool rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, co
                  int64_t t_begin) {
   check_forward_range(xw, hs, t_begin);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &hs}) check(*t, "rnn_forward argument");
+  if (is_panels(packed)) return rnn_forward_panels(xw, bias, *packed, hs, kind, mask, t_begin);
   WB_DISPATCH(xw, "rnn_forward", return rnn_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, kind, mask, packed, t_begin));
 }
 
