@@ -455,6 +455,18 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("steps, largest", [(50, 16), (35, 12), (7, 3), (7, 7), (1, 4), (12, 4)])
+def test_time_chunks_are_as_even_as_their_count_allows(steps, largest):
+    """Chunks cover the steps in order, none over the limit, the fewest that fit, sizes
+    differing by at most one and the longest first (callers size their buffer by it)."""
+    chunks = fused._chunks(steps, 1, largest)
+    sizes = [end - begin for begin, end in chunks]
+    assert chunks[0][0] == 0 and chunks[-1][1] == steps
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert len(chunks) == -(-steps // largest) and max(sizes) <= largest
+    assert max(sizes) - min(sizes) <= 1 and sizes[0] == max(sizes)
+
+
 def test_pool_size_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("WHITEBOARD_POOL_MB", raising=False)
     assert native.pool_max_idle_bytes() == 1024 << 20

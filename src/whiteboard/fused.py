@@ -89,9 +89,15 @@ GRU_CHUNK_BYTES = 16 << 20
 
 def _chunks(steps: int, bytes_per_step: int, limit: int | None = None) -> list[tuple[int, int]]:
     """[begin, end) ranges covering 0..steps, each within ``limit`` bytes (CHUNK_BYTES by
-    default; at least one step)."""
-    size = max(1, min(steps, (CHUNK_BYTES if limit is None else limit) // max(1, bytes_per_step)))
-    return [(begin, min(steps, begin + size)) for begin in range(0, steps, size)]
+    default; at least one step), as even as the count allows: 50 steps of at most 16 are
+    13 + 13 + 12 + 12, not 16 + 16 + 16 + 2, whose last weight-gradient GEMMs (K = 2 x
+    batch) ran far from the GEMMs' peak."""
+    largest = max(1, min(steps, (CHUNK_BYTES if limit is None else limit) // max(1, bytes_per_step)))
+    count = -(-steps // largest)
+    # The longer chunks first: callers size their reused buffer by the first.
+    sizes = [steps // count + (1 if i < steps % count else 0) for i in range(count)]
+    bounds = [sum(sizes[:i]) for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _projected_chunks(x: Tensor, w_ih: Tensor, native, limit: int | None = None):
