@@ -57,3 +57,13 @@ def loss_of(output, state):
     for s in state_tensors(state):
         total = total + (s * torch.randn(s.shape, generator=gen, dtype=s.dtype).to(s.device)).sum()
     return total
+
+
+def torch_nn_run(reference, x, lengths, state=None):
+    """torch.nn's (output (T, B, D*H), final state) for x, as a packed sequence of those
+    lengths when given (padded back to T steps)."""
+    if lengths is None:
+        return reference(x, state)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    output, final = reference(packed, state)
+    return torch.nn.utils.rnn.pad_packed_sequence(output, total_length=x.shape[0])[0], final

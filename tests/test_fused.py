@@ -7,7 +7,7 @@ import torch
 from torch.autograd import gradcheck
 
 from whiteboard import fused, native
-from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors
+from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 
 T, B, I, H = 4, 2, 3, 5
 
@@ -35,16 +35,6 @@ def _backend(name):
     module = native.load()
     assert module is not None, f"the compiled loops must build here: {native._failed}"
     return module
-
-
-def _torch_nn_run(reference, x, lengths, state=None):
-    """torch.nn's (output (T, B, D*H), final state) for x, as a packed sequence of those
-    lengths when given (padded back to T steps)."""
-    if lengths is None:
-        return reference(x, state)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-    output, final = reference(packed, state)
-    return torch.nn.utils.rnn.pad_packed_sequence(output, total_length=x.shape[0])[0], final
 
 
 MASKS = {
@@ -396,7 +386,7 @@ def test_folded_input_matches_the_input_projection(mode, dtype, lengths, monkeyp
         folds = mode in ("lstm", "rnn_tanh", "rnn_relu") and ratio > 0
         assert len(calls) == (1 if folds else 0)
     ref_x = x.clone().requires_grad_()
-    ref_output, ref_state = _torch_nn_run(reference, ref_x, lengths)
+    ref_output, ref_state = torch_nn_run(reference, ref_x, lengths)
     ref_grads = torch.autograd.grad(loss_of(ref_output, ref_state), [ref_x, *reference.parameters()])
     tol = TOLERANCES[dtype]
     for output, states, grads in results:
@@ -443,7 +433,7 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
     ours_in, ref_in = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
     size = None if lengths is None else torch.tensor(lengths)
     output, final = layer(ours_in, state, lengths=size)
-    ref_output, ref_final = _torch_nn_run(reference, ref_in, lengths, state)
+    ref_output, ref_final = torch_nn_run(reference, ref_in, lengths, state)
     inputs_ours = ([ours_in] if input_grad else []) + list(layer.parameters()) + state_tensors(state)
     inputs_ref = ([ref_in] if input_grad else []) + list(reference.parameters()) + state_tensors(state)
     grads = torch.autograd.grad(loss_of(output, final), inputs_ours)
@@ -627,7 +617,7 @@ def test_passes_split_over_threads_match_torch_nn(mode, dtype, lengths, parallel
     state = initial_state(mode, (2, batch, hidden), dtype, "cpu")
     ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
     output, final = layer(ours_in, state, lengths=None if lengths is None else torch.tensor(lengths))
-    ref_output, ref_final = _torch_nn_run(reference, ref_in, lengths, state)
+    ref_output, ref_final = torch_nn_run(reference, ref_in, lengths, state)
     grads = torch.autograd.grad(loss_of(output, final), [ours_in, *layer.parameters(), *state_tensors(state)])
     ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), *state_tensors(state)])
     tol = TOLERANCES[dtype]
@@ -695,7 +685,7 @@ def test_forward_in_row_blocks_matches_torch_nn(mode, dtype, lengths, fold, grad
     ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
         output, final = layer(ours_in, state, lengths=None if lengths is None else torch.tensor(lengths))
-        ref_output, ref_final = _torch_nn_run(reference, ref_in, lengths, state)
+        ref_output, ref_final = torch_nn_run(reference, ref_in, lengths, state)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(output, ref_output, **tol)
     for a, b in zip(state_tensors(final), state_tensors(ref_final)):

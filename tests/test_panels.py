@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from whiteboard import fused, native
-from helpers import TOLERANCES, initial_state, loss_of, make_pair, state_tensors
+from helpers import TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 
 
 @pytest.fixture
@@ -113,15 +113,18 @@ def split(request, module):
 @pytest.fixture
 def panel_calls(module, monkeypatch):
     """The weights' shapes of every call that packed panels: from Python, or inside the
-    one-call inference (which packs W_hh when asked to)."""
+    one-call inference (which packs W_hh when asked to); the reverse sweep's and the RNN's
+    marked as such."""
     calls = []
-    original = fused._gate_panels
 
-    def spy(weights, *args):
-        packed = original(weights, *args)
-        if packed is not None:
-            calls.append(tuple(tuple(w.shape) for w in weights))
-        return packed
+    def spying(original, record):
+        def spy(*args):
+            packed = original(*args)
+            if packed is not None:
+                calls.append(record(*args))
+            return packed
+
+        return spy
 
     inference = module.lstm_inference
 
@@ -130,18 +133,45 @@ def panel_calls(module, monkeypatch):
             calls.append((tuple(w_hh.shape),))
         return inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, chunk_steps, panels)
 
-    backward = fused._backward_panels
-
-    def backward_spy(w_hh, *args):
-        packed = backward(w_hh, *args)
-        if packed is not None:
-            calls.append(("backward", tuple(w_hh.shape)))
-        return packed
-
-    monkeypatch.setattr(fused, "_gate_panels", spy)
-    monkeypatch.setattr(fused, "_backward_panels", backward_spy)
+    monkeypatch.setattr(fused, "_gate_panels",
+                        spying(fused._gate_panels, lambda weights, *_: tuple(tuple(w.shape) for w in weights)))
+    monkeypatch.setattr(fused, "_backward_panels", spying(fused._backward_panels, lambda w, *_: ("backward", tuple(w.shape))))
+    monkeypatch.setattr(fused, "_rnn_panels", spying(fused._rnn_panels, lambda w, *_: ("rnn", tuple(w.shape))))
     monkeypatch.setattr(module, "lstm_inference", inference_spy, raising=False)
     return calls
+
+
+class _TwoLayersBothWays:
+    """Ours and torch.nn's `mode` layer (2 layers, both directions, an initial state, 6 steps
+    of 7 inputs, ragged lengths when asked) run on the same input, forward only; then
+    check_outputs and check_gradients compare them."""
+
+    def __init__(self, mode, hidden, batch, grad, lengths, **kwargs):
+        steps, inputs = 6, 7
+        self.layer, self.reference = make_pair(mode, inputs, hidden, dtype=torch.float32, implementation="native",
+                                               num_layers=2, bidirectional=True, **kwargs)
+        x = torch.randn(steps, batch, inputs)
+        self.state = initial_state(mode, (4, batch, hidden), torch.float32, "cpu")
+        step_counts = torch.randint(1, steps + 1, (batch,)) if lengths else None
+        self.ours_in, self.ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            self.output, self.final = self.layer(self.ours_in, self.state, lengths=step_counts)
+            self.ref_output, self.ref_final = torch_nn_run(self.reference, self.ref_in, step_counts, self.state)
+
+    def check_outputs(self):
+        tol = TOLERANCES[torch.float32]
+        torch.testing.assert_close(self.output, self.ref_output, **tol)
+        for a, b in zip(state_tensors(self.final), state_tensors(self.ref_final)):
+            torch.testing.assert_close(a, b, **tol)
+
+    def check_gradients(self):
+        """Of the input, every parameter and the initial state."""
+        states = state_tensors(self.state)
+        grads = torch.autograd.grad(loss_of(self.output, self.final), [self.ours_in, *self.layer.parameters(), *states])
+        ref_grads = torch.autograd.grad(loss_of(self.ref_output, self.ref_final),
+                                        [self.ref_in, *self.reference.parameters(), *states])
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
 
 
 # (hidden, batch): whole and ragged last panels (21 = 16 + 5); whole and ragged chunks of
@@ -154,72 +184,22 @@ SIZES = [(16, 6), (21, 13), (5, 7), (40, 12)]
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 def test_panel_forward_matches_torch_nn(module, split, panel_calls, hidden, batch, fold, grad, lengths, monkeypatch):
-    """Two layers, both directions, with an initial state: outputs, final states and (when
-    training) every gradient as torch.nn's, however the work is split."""
+    """Outputs, final states and (when training) every gradient as torch.nn's, however the
+    work is split."""
     monkeypatch.setattr(native, "fold_input_max_ratio", fold)
     monkeypatch.setattr(native, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
-    steps, inputs = 6, 7
-    layer, reference = make_pair("lstm", inputs, hidden, dtype=torch.float32, implementation="native",
-                                 num_layers=2, bidirectional=True)
-    x = torch.randn(steps, batch, inputs)
-    state = initial_state("lstm", (4, batch, hidden), torch.float32, "cpu")
-    step_counts = torch.randint(1, steps + 1, (batch,)) if lengths else None
-    ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        output, final = layer(ours_in, state, lengths=step_counts)
-        if step_counts is None:
-            ref_output, ref_final = reference(ref_in, state)
-        else:
-            packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, step_counts, enforce_sorted=False)
-            ref_packed, ref_final = reference(packed, state)
-            ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_packed, total_length=steps)[0]
+    run = _TwoLayersBothWays("lstm", hidden, batch, grad, lengths)
     # every layer and direction packed its own panels: W_hh, or [W_ih, W_hh] when folded
+    inputs = 7
     first_k, upper_k = ((inputs, hidden), (2 * hidden, hidden)) if fold else ((hidden,), (hidden,))
     expected = [tuple((4 * hidden, k) for k in first_k)] * 2 + [tuple((4 * hidden, k) for k in upper_k)] * 2
     assert sorted(panel_calls, key=str) == sorted(expected, key=str)
-    tol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(output, ref_output, **tol)
-    for a, b in zip(state_tensors(final), state_tensors(ref_final)):
-        torch.testing.assert_close(a, b, **tol)
+    run.check_outputs()
     if grad:
-        wrt = [ours_in, *layer.parameters(), *state]
         panel_calls.clear()
-        grads = torch.autograd.grad(loss_of(output, final), wrt)
+        run.check_gradients()
         # every layer and direction ran its reverse sweep on W_hh in column panels
         assert panel_calls == [("backward", (4 * hidden, hidden))] * 4
-        ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), *state])
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, **tol)
-
-
-@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh", "bias", "h0", "c0"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_values_on_the_panel_path_come_out_as_torch_nn_s(module, split, panel_calls, where, value):
-    """The epilogue's finite check must see a NaN or Inf wherever it enters, in any thread's
-    share, and the call rerun on the torch loop."""
-    steps, batch, inputs, hidden = 5, 9, 4, 21
-    layer, reference = make_pair("lstm", inputs, hidden, dtype=torch.float32, implementation="native")
-    x = torch.randn(steps, batch, inputs)
-    h0, c0 = torch.randn(1, batch, hidden), torch.randn(1, batch, hidden)
-    with torch.no_grad():
-        if where == "input":
-            x[3, batch - 1, 1] = value  # the last row: the second thread's share
-        elif where == "h0":
-            h0[0, batch - 1, hidden - 1] = value  # in the ragged last panel
-        elif where == "c0":
-            c0[0, 2, 17] = value
-        else:
-            for model in (layer, reference):
-                getattr(model, f"{where}_l0" if where != "bias" else "bias_hh_l0")[4 * hidden - 1, ...] = value
-        ours, (h_n, c_n) = layer(x, (h0, c0))
-        theirs, (ref_h, ref_c) = reference(x, (h0, c0))
-    # c0 reaches no pre-activation: it is checked before the call, which then never packs
-    assert bool(panel_calls) == (where != "c0")
-    if value != value:  # NaN must come out; an Inf may saturate a gate into finite values, as in torch.nn
-        assert torch.isnan(ours).any()
-    tol = TOLERANCES[torch.float32]
-    for a, b in ((ours, theirs), (h_n, ref_h), (c_n, ref_c)):
-        torch.testing.assert_close(a, b, equal_nan=True, **tol)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 30, 3 * 8 * 4 * 21 * 4], ids=["one-chunk", "chunks-of-3-steps"])
@@ -264,59 +244,13 @@ def test_one_call_inference_is_taken_only_without_lengths_folding_or_float64(mod
 @pytest.mark.parametrize("bias", [True, False])
 def test_gru_panel_forward_matches_torch_nn(module, split, panel_calls, hidden, batch, grad, lengths, bias):
     """The GRU's panels hold 3 gates (8-row chunks: 13 rows are 8 + 5, 17 are 8 + 8 + 1):
-    two layers, both directions, an initial state; outputs, final states and gradients as
-    torch.nn's, however the work is split."""
-    steps, inputs = 6, 7
-    layer, reference = make_pair("gru", inputs, hidden, dtype=torch.float32, implementation="native",
-                                 num_layers=2, bidirectional=True, bias=bias)
-    x = torch.randn(steps, batch, inputs)
-    state = initial_state("gru", (4, batch, hidden), torch.float32, "cpu")
-    step_counts = torch.randint(1, steps + 1, (batch,)) if lengths else None
-    ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        output, final = layer(ours_in, state, lengths=step_counts)
-        if step_counts is None:
-            ref_output, ref_final = reference(ref_in, state)
-        else:
-            packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, step_counts, enforce_sorted=False)
-            ref_packed, ref_final = reference(packed, state)
-            ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_packed, total_length=steps)[0]
+    outputs, final states and gradients as torch.nn's, however the work is split."""
+    run = _TwoLayersBothWays("gru", hidden, batch, grad, lengths, bias=bias)
     # W_hh of every layer and direction, without grad (training keeps oneDNN's or MKL's GEMM)
     assert panel_calls == ([] if grad else [((3 * hidden, hidden),)] * 4)
-    tol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(output, ref_output, **tol)
-    torch.testing.assert_close(final, ref_final, **tol)
+    run.check_outputs()
     if grad:
-        grads = torch.autograd.grad(loss_of(output, final), [ours_in, *layer.parameters(), state])
-        ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), state])
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, **tol)
-
-
-@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_values_on_the_gru_panel_path_come_out_as_torch_nn_s(module, split, panel_calls, where, value):
-    """A NaN or Inf in any of the GRU's inputs, in the last row or the ragged last panel,
-    is seen by the epilogue's check and the call rerun on the torch loop."""
-    steps, batch, inputs, hidden = 5, 9, 4, 21
-    layer, reference = make_pair("gru", inputs, hidden, dtype=torch.float32, implementation="native")
-    x, h0 = torch.randn(steps, batch, inputs), torch.randn(1, batch, hidden)
-    with torch.no_grad():
-        if where == "input":
-            x[3, batch - 1, 1] = value
-        elif where == "h0":
-            h0[0, batch - 1, hidden - 1] = value
-        else:
-            for model in (layer, reference):  # the n gate's last unit: r * (W_hn h + b_hn) too
-                getattr(model, f"{where}_l0")[3 * hidden - 1, ...] = value
-        ours, h_n = layer(x, h0)
-        theirs, ref_h = reference(x, h0)
-    assert panel_calls
-    if value != value:
-        assert torch.isnan(ours).any()
-    tol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(ours, theirs, equal_nan=True, **tol)
-    torch.testing.assert_close(h_n, ref_h, equal_nan=True, **tol)
+        run.check_gradients()
 
 
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
@@ -340,90 +274,78 @@ def test_gru_panel_forward_saves_what_backward_reads(module, split, lengths):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
 
 
-@pytest.fixture
-def rnn_panel_calls(module, monkeypatch):
-    """W_hh's shape for every call that packed the RNN's column panels."""
-    calls = []
-    original = fused._rnn_panels
-
-    def spy(w_hh, *args):
-        packed = original(w_hh, *args)
-        if packed is not None:
-            calls.append(tuple(w_hh.shape))
-        return packed
-
-    monkeypatch.setattr(fused, "_rnn_panels", spy)
-    monkeypatch.setattr(native, "fold_input_max_ratio", 0.0)  # the folded RNN keeps the ATen GEMM
-    return calls
-
-
 @pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("hidden, batch", [(16, 6), (21, 13), (70, 7)], ids=lambda v: str(v))
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
-def test_rnn_panel_forward_matches_torch_nn(module, split, rnn_panel_calls, mode, hidden, batch, grad, lengths):
-    """The RNN's column panels hold 64 units (70 = 64 + 6: a ragged second panel): two
-    layers, both directions, an initial state; outputs, final states and gradients as
-    torch.nn's, however the work is split."""
-    steps, inputs = 6, 7
-    layer, reference = make_pair(mode, inputs, hidden, dtype=torch.float32, implementation="native",
-                                 num_layers=2, bidirectional=True)
-    x = torch.randn(steps, batch, inputs)
-    state = initial_state(mode, (4, batch, hidden), torch.float32, "cpu")
-    step_counts = torch.randint(1, steps + 1, (batch,)) if lengths else None
-    ours_in, ref_in = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        output, final = layer(ours_in, state, lengths=step_counts)
-        if step_counts is None:
-            ref_output, ref_final = reference(ref_in, state)
-        else:
-            packed = torch.nn.utils.rnn.pack_padded_sequence(ref_in, step_counts, enforce_sorted=False)
-            ref_packed, ref_final = reference(packed, state)
-            ref_output = torch.nn.utils.rnn.pad_packed_sequence(ref_packed, total_length=steps)[0]
-    assert rnn_panel_calls == [(hidden, hidden)] * 4  # W_hh of every layer and direction
-    tol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(output, ref_output, **tol)
-    torch.testing.assert_close(final, ref_final, **tol)
+def test_rnn_panel_forward_matches_torch_nn(module, split, panel_calls, mode, hidden, batch, grad, lengths,
+                                           monkeypatch):
+    """The RNN's column panels hold 64 units (70 = 64 + 6: a ragged second panel): outputs,
+    final states and gradients as torch.nn's, however the work is split."""
+    monkeypatch.setattr(native, "fold_input_max_ratio", 0.0)  # the folded RNN keeps the ATen GEMM
+    run = _TwoLayersBothWays(mode, hidden, batch, grad, lengths)
+    assert panel_calls == [("rnn", (hidden, hidden))] * 4  # W_hh of every layer and direction
+    run.check_outputs()
     if grad:
-        grads = torch.autograd.grad(loss_of(output, final), [ours_in, *layer.parameters(), state])
-        ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), [ref_in, *reference.parameters(), state])
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, **tol)
+        run.check_gradients()
 
 
-def test_rnn_sigmoid_on_panels_matches_the_plain_gemm(module, rnn_panel_calls, monkeypatch):
+def test_rnn_sigmoid_on_panels_matches_the_plain_gemm(module, panel_calls, monkeypatch):
     """torch.nn has no sigmoid RNN; the panel path must match the ATen-GEMM path."""
     import whiteboard
 
+    monkeypatch.setattr(native, "fold_input_max_ratio", 0.0)
     layer = whiteboard.RNN(7, 70, nonlinearity="sigmoid", implementation="native")
     x = torch.randn(6, 9, 7)
     with torch.no_grad():
         ours = layer(x)[0]
         monkeypatch.setattr(native, "panel_gemm", False)
         plain = layer(x)[0]
-    assert rnn_panel_calls == [(70, 70)]
+    assert panel_calls == [("rnn", (70, 70))]
     torch.testing.assert_close(ours, plain, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh", "bias_hh", "h0"])
+# Where a NaN or Inf goes in, per cell: the last row (the second thread's share), the
+# ragged last panel (21 units: 16 + 5; the RNN's 70: 64 + 6), the last gate's last unit of
+# each weight and bias (the GRU's n gate: r * (W_hn h + b_hn) too).
+NON_FINITE_SITES = {
+    "lstm": ["input", "weight_ih", "weight_hh", "bias_hh", "h0", "c0"],
+    "gru": ["input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0"],
+    "rnn_tanh": ["input", "weight_ih", "weight_hh", "bias_hh", "h0"],
+}
+
+
+@pytest.mark.parametrize("mode, where", [(mode, where) for mode, sites in NON_FINITE_SITES.items() for where in sites])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_values_on_the_rnn_panel_path_come_out_as_torch_nn_s(module, split, rnn_panel_calls, where, value):
-    steps, batch, inputs, hidden = 5, 9, 4, 70
-    layer, reference = make_pair("rnn_tanh", inputs, hidden, dtype=torch.float32, implementation="native")
-    x, h0 = torch.randn(steps, batch, inputs), torch.randn(1, batch, hidden)
+def test_non_finite_values_on_the_panel_path_come_out_as_torch_nn_s(module, split, panel_calls, mode, where, value,
+                                                                     monkeypatch):
+    """The epilogue's finite check must see a NaN or Inf wherever it enters, in any thread's
+    share, and the call rerun on the torch loop. (The LSTM here folds its 4 inputs into the
+    step's GEMM; the RNN, whose folded loop keeps the ATen GEMM, is kept from folding.)"""
+    steps, batch, inputs = 5, 9, 4
+    hidden = 70 if mode.startswith("rnn") else 21
+    if mode.startswith("rnn"):
+        monkeypatch.setattr(native, "fold_input_max_ratio", 0.0)
+    gates = {"lstm": 4, "gru": 3}.get(mode, 1)
+    layer, reference = make_pair(mode, inputs, hidden, dtype=torch.float32, implementation="native")
+    x, h0, c0 = torch.randn(steps, batch, inputs), torch.randn(1, batch, hidden), torch.randn(1, batch, hidden)
     with torch.no_grad():
         if where == "input":
             x[3, batch - 1, 1] = value
         elif where == "h0":
-            h0[0, batch - 1, hidden - 1] = value  # in the ragged last panel
+            h0[0, batch - 1, hidden - 1] = value
+        elif where == "c0":
+            c0[0, 2, 17] = value
         else:
             for model in (layer, reference):
-                getattr(model, f"{where}_l0")[hidden - 1, ...] = value
-        ours, h_n = layer(x, h0)
-        theirs, ref_h = reference(x, h0)
-    assert rnn_panel_calls
-    if value != value:
+                getattr(model, f"{where}_l0")[gates * hidden - 1, ...] = value
+        state = (h0, c0) if mode == "lstm" else h0
+        ours, final = layer(x, state)
+        theirs, ref_final = reference(x, state)
+    # c0 reaches no pre-activation: it is checked before the call, which then never packs
+    assert bool(panel_calls) == (where != "c0")
+    if value != value:  # NaN must come out; an Inf may saturate a gate into finite values, as in torch.nn
         assert torch.isnan(ours).any()
     tol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(ours, theirs, equal_nan=True, **tol)
-    torch.testing.assert_close(h_n, ref_h, equal_nan=True, **tol)
+    for a, b in zip([ours, *state_tensors(final)], [theirs, *state_tensors(ref_final)]):
+        torch.testing.assert_close(a, b, equal_nan=True, **tol)

@@ -888,6 +888,21 @@ void over_panel_chunks(int64_t panel_count, int64_t r0, int64_t r1, const float*
   });
 }
 
+// A panel GEMM's time loop: each thread's block of rows (over_row_blocks), and for each of
+// `steps` steps every (panel, row chunk) item of it (over_panel_chunks):
+// item(s, p, first_row, rows, prefetch, prefetch_end, lines_per_k).
+template <int G, typename F>
+void panel_time_loop(int64_t B, int64_t steps, const at::Tensor& panels, int64_t K, const F& item) {
+  const float* w = panels.data_ptr<float>();
+  over_row_blocks(B, panels, false, [&](int64_t r0, int64_t r1) {
+    for (int64_t s = 0; s < steps; ++s)
+      over_panel_chunks<G>(panels.size(0), r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
+                                                            const char* fetch_end, int64_t lines_per_k) {
+        item(s, p, b0, rows, fetch, fetch_end, lines_per_k);
+      });
+  });
+}
+
 // A (K, N) matrix (row stride N) in panels of 64 columns: (ceil(N / 64), K, 64), zeros past
 // N. For the LSTM backward's dh_{t-1} = dZ_t W_hh, W_hh (4H, H) packed once per call. Against
 // MKL's sgemm on the plain W_hh, in us per step on two threads (medians, interleaved): B 20,
@@ -1121,7 +1136,7 @@ inline int32_t gru_units16(const float* y, const float* xw, const float* bx, con
 bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, const at::Tensor& panels,
                         const c10::optional<at::Tensor>& b_hh, at::Tensor& hs, at::Tensor& rz, at::Tensor& n,
                         at::Tensor& hn, const c10::optional<at::Tensor>& mask, int64_t t_begin) {
-  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2), panel_count = panels.size(0);
+  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
   TORCH_CHECK(xw.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.dim() == 3 &&
                   panels.size(0) == (H + kPanelUnits - 1) / kPanelUnits && panels.size(1) == H &&
                   panels.size(2) == kGruPanelWidth && panels.is_contiguous(),
@@ -1132,50 +1147,53 @@ bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
   const float* bx = bias_x.data_ptr<float>();
   const float* bh = bias_h.data_ptr<float>();
   const float* w = panels.data_ptr<float>();
+  // Base pointers, taken once: each item below finds its step's rows from them.
+  const float* xw_data = xw.data_ptr<float>();
+  float* hs_data = hs.data_ptr<float>();
+  float* rz_data = rz.data_ptr<float>();
+  float* n_data = n.data_ptr<float>();
+  float* hn_data = hn.data_ptr<float>();
   std::atomic<bool> saw_nonfinite{false};
-  over_row_blocks(B, panels, false, [&](int64_t r0, int64_t r1) {
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t t = t_begin + s;  // xw is indexed by s, the state buffers by t
-      const float* x = step_ptr<float>(xw, s);
-      const float* h_prev = step_ptr<float>(hs, t);
-      float* h_next = step_ptr<float>(hs, t + 1);
-      float* rzp = step_ptr<float>(rz, keep ? t : 0);
-      float* np = step_ptr<float>(n, keep ? t : 0);
-      float* hnp = step_ptr<float>(hn, keep ? t : 0);
-      const bool* alive = m ? m + t * B : nullptr;
-      over_panel_chunks<3>(panel_count, r0, r1, w, H, [&](int64_t p, int64_t b0, int rows, const char* fetch,
-                                                          const char* fetch_end, int64_t lines_per_k) {
-        alignas(64) float y[kGruPanelRows * kGruPanelWidth];
-        const int64_t u0 = p * kPanelUnits, units = std::min(kPanelUnits, H - u0);
-        const __mmask16 lanes = static_cast<__mmask16>((1u << units) - 1);  // the panel's real units
-        for (int64_t b = b0; b < b0 + rows; ++b) {  // XW_t and the saved factors' lines (see lstm_forward_panels)
-          for (int64_t g = 0; g < 3; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * 3 * H + g * H + u0), _MM_HINT_T0);
-          if (keep) {
-            __builtin_prefetch(rzp + b * 2 * H + u0, 1);
-            __builtin_prefetch(rzp + b * 2 * H + H + u0, 1);
-            __builtin_prefetch(np + b * H + u0, 1);
-            __builtin_prefetch(hnp + b * H + u0, 1);
-          }
-        }
-        panel_product_rows<3>(rows, h_prev + b0 * H, H, w + p * H * kGruPanelWidth, H, y, fetch, fetch_end, lines_per_k);
-        int32_t bad = 0;
-        for (int r = 0; r < rows; ++r) {
-          const int64_t b = b0 + r;
-          const int64_t at_unit = b * H + u0;
-          if (alive != nullptr && !alive[b]) {  // finished sequence: carry the state; zero the saved
-            std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));  // factors, which its
-            std::memset(rzp + b * 2 * H + u0, 0, units * sizeof(float));             // zero gradient
-            std::memset(rzp + b * 2 * H + H + u0, 0, units * sizeof(float));         // multiplies
-            std::memset(np + at_unit, 0, units * sizeof(float));
-            std::memset(hnp + at_unit, 0, units * sizeof(float));
-            continue;
-          }
-          bad |= gru_units16(y + r * kGruPanelWidth, x + b * 3 * H + u0, bx + u0, bh + u0, h_prev + at_unit,
-                             h_next + at_unit, rzp + b * 2 * H + u0, np + at_unit, hnp + at_unit, lanes, H);
-        }
-        if (bad) saw_nonfinite.store(true, std::memory_order_relaxed);
-      });
+  panel_time_loop<3>(B, steps, panels, H, [&](int64_t s, int64_t p, int64_t b0, int rows, const char* fetch,
+                                              const char* fetch_end, int64_t lines_per_k) {
+    const int64_t t = t_begin + s;  // xw is indexed by s, the state buffers by t
+    const int64_t saved = keep ? t : 0;
+    const float* x = xw_data + s * B * 3 * H;
+    const float* h_prev = hs_data + t * B * H;
+    float* h_next = hs_data + (t + 1) * B * H;
+    float* rzp = rz_data + saved * B * 2 * H;
+    float* np = n_data + saved * B * H;
+    float* hnp = hn_data + saved * B * H;
+    const bool* alive = m ? m + t * B : nullptr;
+    alignas(64) float y[kGruPanelRows * kGruPanelWidth];
+    const int64_t u0 = p * kPanelUnits, units = std::min(kPanelUnits, H - u0);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << units) - 1);  // the panel's real units
+    for (int64_t b = b0; b < b0 + rows; ++b) {  // XW_t and the saved factors' lines (see lstm_forward_panels)
+      for (int64_t g = 0; g < 3; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * 3 * H + g * H + u0), _MM_HINT_T0);
+      if (keep) {
+        __builtin_prefetch(rzp + b * 2 * H + u0, 1);
+        __builtin_prefetch(rzp + b * 2 * H + H + u0, 1);
+        __builtin_prefetch(np + b * H + u0, 1);
+        __builtin_prefetch(hnp + b * H + u0, 1);
+      }
     }
+    panel_product_rows<3>(rows, h_prev + b0 * H, H, w + p * H * kGruPanelWidth, H, y, fetch, fetch_end, lines_per_k);
+    int32_t bad = 0;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t b = b0 + r;
+      const int64_t at_unit = b * H + u0;
+      if (alive != nullptr && !alive[b]) {  // finished sequence: carry the state; zero the saved
+        std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));  // factors, which its
+        std::memset(rzp + b * 2 * H + u0, 0, units * sizeof(float));             // zero gradient
+        std::memset(rzp + b * 2 * H + H + u0, 0, units * sizeof(float));         // multiplies
+        std::memset(np + at_unit, 0, units * sizeof(float));
+        std::memset(hnp + at_unit, 0, units * sizeof(float));
+        continue;
+      }
+      bad |= gru_units16(y + r * kGruPanelWidth, x + b * 3 * H + u0, bx + u0, bh + u0, h_prev + at_unit,
+                         h_next + at_unit, rzp + b * 2 * H + u0, np + at_unit, hnp + at_unit, lanes, H);
+    }
+    if (bad) saw_nonfinite.store(true, std::memory_order_relaxed);
   });
   return !saw_nonfinite.load();
 }
@@ -1203,7 +1221,7 @@ inline int32_t rnn_units64(const float* y, const float* xw, const float* bias, f
 // and the activation as its epilogue; the arguments are otherwise rnn_forward_impl's.
 bool rnn_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& panels,
                         at::Tensor& hs, int64_t kind, const c10::optional<at::Tensor>& mask, int64_t t_begin) {
-  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2), panel_count = panels.size(0);
+  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
   TORCH_CHECK(xw.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.dim() == 3 &&
                   panels.size(0) == (H + kPanelWidth - 1) / kPanelWidth && panels.size(1) == H &&
                   panels.size(2) == kPanelWidth && panels.is_contiguous(),
@@ -1212,32 +1230,30 @@ bool rnn_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
   const float* bb = b_all.data_ptr<float>();
   const bool* m = mask_ptr(mask);
   const float* w = panels.data_ptr<float>();
+  const float* xw_data = xw.data_ptr<float>();  // (each item finds its step's rows from these)
+  float* hs_data = hs.data_ptr<float>();
   std::atomic<bool> saw_nonfinite{false};
-  over_row_blocks(B, panels, false, [&](int64_t r0, int64_t r1) {
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t t = t_begin + s;  // xw is indexed by s, the state buffer by t
-      const float* x = step_ptr<float>(xw, s);
-      const float* h_prev = step_ptr<float>(hs, t);
-      float* h_next = step_ptr<float>(hs, t + 1);
-      const bool* alive = m ? m + t * B : nullptr;
-      over_panel_chunks<4>(panel_count, r0, r1, w, H, [&](int64_t p, int64_t b0, int rows, const char* fetch,
-                                                          const char* fetch_end, int64_t lines_per_k) {
-        alignas(64) float y[kPanelRows * kPanelWidth];
-        const int64_t u0 = p * kPanelWidth, units = std::min(kPanelWidth, H - u0);
-        for (int64_t b = b0; b < b0 + rows; ++b)  // XW_t sits in L3 (see lstm_forward_panels)
-          for (int64_t g = 0; g < 4; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * H + u0 + 16 * g), _MM_HINT_T0);
-        panel_product_rows<4>(rows, h_prev + b0 * H, H, w + p * H * kPanelWidth, H, y, fetch, fetch_end, lines_per_k);
-        int32_t bad = 0;
-        for (int r = 0; r < rows; ++r) {
-          const int64_t at_unit = (b0 + r) * H + u0;
-          if (alive != nullptr && !alive[b0 + r])  // finished sequence: carry the state
-            std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));
-          else
-            bad |= rnn_units64(y + r * kPanelWidth, x + at_unit, bb + u0, h_next + at_unit, units, kind);
-        }
-        if (bad) saw_nonfinite.store(true, std::memory_order_relaxed);
-      });
+  panel_time_loop<4>(B, steps, panels, H, [&](int64_t s, int64_t p, int64_t b0, int rows, const char* fetch,
+                                              const char* fetch_end, int64_t lines_per_k) {
+    const int64_t t = t_begin + s;  // xw is indexed by s, the state buffer by t
+    const float* x = xw_data + s * B * H;
+    const float* h_prev = hs_data + t * B * H;
+    float* h_next = hs_data + (t + 1) * B * H;
+    const bool* alive = m ? m + t * B : nullptr;
+    alignas(64) float y[kPanelRows * kPanelWidth];
+    const int64_t u0 = p * kPanelWidth, units = std::min(kPanelWidth, H - u0);
+    for (int64_t b = b0; b < b0 + rows; ++b)  // XW_t sits in L3 (see lstm_forward_panels)
+      for (int64_t g = 0; g < 4; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * H + u0 + 16 * g), _MM_HINT_T0);
+    panel_product_rows<4>(rows, h_prev + b0 * H, H, w + p * H * kPanelWidth, H, y, fetch, fetch_end, lines_per_k);
+    int32_t bad = 0;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t at_unit = (b0 + r) * H + u0;
+      if (alive != nullptr && !alive[b0 + r])  // finished sequence: carry the state
+        std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));
+      else
+        bad |= rnn_units64(y + r * kPanelWidth, x + at_unit, bb + u0, h_next + at_unit, units, kind);
     }
+    if (bad) saw_nonfinite.store(true, std::memory_order_relaxed);
   });
   return !saw_nonfinite.load();
 }
