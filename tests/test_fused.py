@@ -715,13 +715,12 @@ def test_a_nan_in_one_row_block_still_reruns_on_the_torch_loop(mode, row_blocks)
 @pytest.mark.parametrize("given_state", [True, False], ids=["state", "zeros"])
 def test_few_row_inference_in_one_call_matches_torch_nn(mode, dtype, shape, bias, given_state, monkeypatch):
     """Without grad, a few rows in all (generation) take one compiled call per layer and
-    direction (recurrent.cpp's *_few_rows, lstm_inference): outputs and final states as
-    torch.nn's."""
+    direction (recurrent.cpp's *_inference): outputs and final states as torch.nn's."""
     module = native.load()
     if module is None:
         pytest.skip("the compiled loops are not built here")
     calls = []
-    for name in ("rnn_few_rows", "lstm_inference", "gru_few_rows"):
+    for name in ("rnn_inference", "lstm_inference", "gru_inference"):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a), raising=False)
     steps, batch = shape

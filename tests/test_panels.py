@@ -126,18 +126,23 @@ def panel_calls(module, monkeypatch):
 
         return spy
 
-    inference = module.lstm_inference
+    def inference_spying(name, w_hh_at, record):
+        original = getattr(module, name)
 
-    def inference_spy(x, h0, c0, w_ih, w_hh, b_ih, b_hh, chunk_steps, panels):
-        if panels:
-            calls.append((tuple(w_hh.shape),))
-        return inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, chunk_steps, panels)
+        def spy(*args):
+            if args[-1]:  # packs its W_hh
+                calls.append(record(args[w_hh_at].shape))
+            return original(*args)
 
+        monkeypatch.setattr(module, name, spy, raising=False)
+
+    inference_spying("lstm_inference", 4, lambda shape: (tuple(shape),))
+    inference_spying("gru_inference", 3, lambda shape: (tuple(shape),))
+    inference_spying("rnn_inference", 3, lambda shape: ("rnn", tuple(shape)))
     monkeypatch.setattr(fused, "_gate_panels",
                         spying(fused._gate_panels, lambda weights, *_: tuple(tuple(w.shape) for w in weights)))
     monkeypatch.setattr(fused, "_backward_panels", spying(fused._backward_panels, lambda w, *_: ("backward", tuple(w.shape))))
     monkeypatch.setattr(fused, "_rnn_panels", spying(fused._rnn_panels, lambda w, *_: ("rnn", tuple(w.shape))))
-    monkeypatch.setattr(module, "lstm_inference", inference_spy, raising=False)
     return calls
 
 
@@ -202,40 +207,48 @@ def test_panel_forward_matches_torch_nn(module, split, panel_calls, hidden, batc
         assert panel_calls == [("backward", (4 * hidden, hidden))] * 4
 
 
-@pytest.mark.parametrize("chunk_bytes", [1 << 30, 3 * 8 * 4 * 21 * 4], ids=["one-chunk", "chunks-of-3-steps"])
+INFERENCE_CALLS = {"lstm": ("lstm_inference", 4), "gru": ("gru_inference", 3), "rnn_tanh": ("rnn_inference", 1),
+                   "rnn_relu": ("rnn_inference", 1)}
+
+
+@pytest.mark.parametrize("mode", list(INFERENCE_CALLS))
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-3-steps"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("given_state", [True, False], ids=["state", "zeros"])
-def test_one_call_inference_matches_torch_nn(module, split, chunk_bytes, bias, given_state, monkeypatch):
+def test_one_call_inference_matches_torch_nn(module, split, mode, chunked, bias, given_state, monkeypatch):
     """Without grad or lengths each layer and direction is one compiled call that projects
-    the input in chunks of steps and runs the panel GEMM (recurrent.cpp's lstm_inference)."""
-    monkeypatch.setattr(fused, "CHUNK_BYTES", chunk_bytes)
-    calls = []
-    original = module.lstm_inference
-    monkeypatch.setattr(module, "lstm_inference", lambda *a: calls.append(a[-2:]) or original(*a), raising=False)
+    the input in chunks of steps and runs the panel GEMM (recurrent.cpp's *_inference)."""
+    name, gates = INFERENCE_CALLS[mode]
     steps, batch, inputs, hidden = 8, 8, 30, 21
-    layer, reference = make_pair("lstm", inputs, hidden, dtype=torch.float32, num_layers=2, bidirectional=True,
+    if chunked:
+        monkeypatch.setattr(fused, "GRU_CHUNK_BYTES" if mode == "gru" else "CHUNK_BYTES", 3 * batch * gates * hidden * 4)
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(a[-2:]) or original(*a), raising=False)
+    layer, reference = make_pair(mode, inputs, hidden, dtype=torch.float32, num_layers=2, bidirectional=True,
                                  bias=bias)
     x = torch.randn(steps, batch, inputs)
-    state = initial_state("lstm", (4, batch, hidden), torch.float32, "cpu") if given_state else None
+    state = initial_state(mode, (4, batch, hidden), torch.float32, "cpu") if given_state else None
     with torch.no_grad():
         output, final = layer(x, state)
         ref_output, ref_final = reference(x, state)
-    chunk_steps = 3 if chunk_bytes < steps * batch * 4 * hidden * 4 else steps
-    assert calls == [(chunk_steps, True)] * 4  # 2 layers x 2 directions
+    assert calls == [(3 if chunked else steps, True)] * 4  # 2 layers x 2 directions
     tol = TOLERANCES[torch.float32]
     torch.testing.assert_close(output, ref_output, **tol)
     for a, b in zip(state_tensors(final), state_tensors(ref_final)):
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_one_call_inference_is_taken_only_without_lengths_folding_or_float64(module):
+@pytest.mark.parametrize("gates", [4, 3, 1], ids=["lstm", "gru", "rnn"])
+def test_one_call_inference_is_taken_only_without_lengths_folding_or_float64(module, gates):
     x = torch.randn(8, 8, 30)
-    assert fused.lstm_one_call(x, 21, None, module) == (8, True)
-    assert fused.lstm_one_call(x[:2, :4], 21, None, module) == (2, False)  # a few rows: no panels
-    assert fused.lstm_one_call(x, 21, torch.ones(8, 8, 1, dtype=torch.bool), module) is None  # lengths
-    assert fused.lstm_one_call(x, 200, None, module) is None  # 30 inputs, 200 units: folded
-    assert fused.lstm_one_call(x.double(), 21, None, module) is None
-    assert fused.lstm_one_call(x, 21, None, None) is None
+    assert fused.one_call(x, 21, gates, None, module) == (8, True)
+    assert fused.one_call(x[:2, :4], 21, gates, None, module) == (2, False)  # a few rows: no panels
+    assert fused.one_call(x, 21, gates, torch.ones(8, 8, 1, dtype=torch.bool), module) is None  # lengths
+    # 30 inputs, 200 units: the LSTM and RNN fold their input there; the GRU never does
+    assert (fused.one_call(x, 200, gates, None, module) is None) == (gates != 3)
+    assert fused.one_call(x.double(), 21, gates, None, module) is None
+    assert fused.one_call(x, 21, gates, None, None) is None
 
 
 @pytest.mark.parametrize("hidden, batch", [(16, 8), (21, 13), (5, 7), (40, 17)], ids=lambda v: str(v))

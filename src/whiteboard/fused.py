@@ -245,27 +245,23 @@ def _folds_input(x: Tensor, hidden_size: int, native) -> bool:
             and steps * batch > native_module.transpose_max_rows)
 
 
-def few_rows(x: Tensor, mask: Tensor | None, native) -> bool:
-    """Whether a call without grad takes the compiled one-call path for a few rows in all
-    (generation; recurrent.cpp's ``*_few_rows``): steps x batch at most
-    ``native.transpose_max_rows``, no lengths. Those calls would neither fold the input
-    nor copy W_hhᵀ, and one call replaces some fifteen ATen calls from Python."""
-    return native is not None and mask is None and x.shape[0] * x.shape[1] <= native_module.transpose_max_rows
-
-
-def lstm_one_call(x: Tensor, hidden_size: int, mask: Tensor | None, native) -> tuple[int, bool] | None:
-    """Where an LSTM direction without grad runs as one compiled call (recurrent.cpp's
-    ``lstm_inference``), its (steps per input-projection chunk, whether W_hh goes into gate
-    panels); else None. That is a few rows in all (generation, see ``few_rows``) and every
-    call the panel GEMM takes on a projected (not folded) input, without lengths."""
+def one_call(x: Tensor, hidden_size: int, gates: int, mask: Tensor | None, native) -> tuple[int, bool] | None:
+    """Where a layer's direction without grad runs as one compiled call (recurrent.cpp's
+    ``rnn_inference``, ``lstm_inference``, ``gru_inference``; ``gates`` 1, 4 or 3): its
+    (steps per input-projection chunk, whether W_hh goes into panels); else None. That is
+    a few rows in all (generation: steps x batch at most ``native.transpose_max_rows``,
+    where W_hh is neither copied nor packed) and every call the panel GEMM takes on a
+    projected input (not folded: the GRU never folds), without lengths. One call replaces
+    some fifteen ATen calls from Python per layer."""
     if native is None or mask is not None:
         return None
     steps, batch, _ = x.shape
     if steps * batch <= native_module.transpose_max_rows:
         return steps, False
-    if not _panels_pay(x.dtype, steps, batch, native) or _folds_input(x, hidden_size, native):
+    if not _panels_pay(x.dtype, steps, batch, native) or (gates != 3 and _folds_input(x, hidden_size, native)):
         return None
-    return _chunks(steps, batch * 4 * hidden_size * x.element_size())[0][1], True
+    limit = GRU_CHUNK_BYTES if gates == 3 else CHUNK_BYTES
+    return _chunks(steps, batch * gates * hidden_size * x.element_size(), limit)[0][1], True
 
 
 def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor, Tensor | None]:

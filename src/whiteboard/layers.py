@@ -485,8 +485,10 @@ class RNN(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n = fused.FusedRNN.apply(x, initial[0], *weights, mask, self.nonlinearity, native)
             return out, [h_n]
-        if fused.few_rows(x, mask, native):
-            result = native.rnn_few_rows(x, initial[0], *weights, fused.RNN_KINDS[self.nonlinearity])
+        call = fused.one_call(x, initial[0].shape[-1], 1, mask, native)
+        if call is not None:
+            result = native.rnn_inference(x.contiguous(), initial[0], *weights, fused.RNN_KINDS[self.nonlinearity],
+                                          *call)
             if result:
                 return result[0], [result[1]]
             native = None  # a NaN or Inf: the torch loop propagates it as torch.nn does
@@ -539,9 +541,9 @@ class LSTM(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n, c_n = fused.FusedLSTM.apply(x, initial[0], initial[1], *weights, mask, native)
             return out, [h_n, c_n]
-        one_call = fused.lstm_one_call(x, initial[0].shape[-1], mask, native)
-        if one_call is not None:
-            result = native.lstm_inference(x.contiguous(), initial[0], initial[1], *weights, *one_call)
+        call = fused.one_call(x, initial[0].shape[-1], 4, mask, native)
+        if call is not None:
+            result = native.lstm_inference(x.contiguous(), initial[0], initial[1], *weights, *call)
             if result:
                 return result[0], [result[1], result[2]]
             native = None  # a NaN or Inf: the torch loop propagates it as torch.nn does
@@ -578,8 +580,9 @@ class GRU(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n = fused.FusedGRU.apply(x, initial[0], *weights, mask, native)
             return out, [h_n]
-        if fused.few_rows(x, mask, native):
-            result = native.gru_few_rows(x, initial[0], *weights)
+        call = fused.one_call(x, initial[0].shape[-1], 3, mask, native)
+        if call is not None:
+            result = native.gru_inference(x.contiguous(), initial[0], *weights, *call)
             if result:
                 return result[0], [result[1]]
             native = None  # a NaN or Inf: the torch loop propagates it as torch.nn does

@@ -1659,19 +1659,40 @@ void rnn_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tenso
 // runs on W_hh^T as a view (whiteboard.fused only sends calls that would not copy it
 // anyway). Returns the output (T, B, H) and the final state(s), or nothing where a value
 // was not finite: the caller then reruns the call on the torch loop.
-struct FewRows {
-  at::Tensor xw, hs;
-};
+// What every one-call inference shares (lstm_inference, gru_inference, rnn_inference): a
+// layer's direction without grad in one call from Python, where the same work took about
+// fifteen ATen calls and 150 us per layer (8 % of an LSTM inference call at config (a),
+// 23 % of an RNN's).
 
-FewRows few_rows_start(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, int64_t H) {
+// A pooled (T + 1, B, H) state buffer holding h0 at step 0. (From the pool, as fused.py's
+// buffers: with fresh pages for the two 27 MB state buffers at config (d) the LSTM's call
+// was 4 % slower than the Python path; from the pool, 1 % faster.)
+at::Tensor state_buffer(const at::Tensor& x, const at::Tensor& h0, int64_t H) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU (T, B, I) tensor");
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == x.size(1) && h0.size(1) == H, "h0 must be (B, H)");
-  const int64_t T = x.size(0), B = x.size(1);
-  FewRows out;
-  out.xw = at::mm(x.view({T * B, x.size(2)}), w_ih.t()).view({T, B, w_ih.size(0)});  // biases: in the pass
-  out.hs = at::empty({T + 1, B, H}, x.options());
-  out.hs.select(0, 0).copy_(h0);
-  return out;
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == x.size(1) && h0.size(1) == H, "initial states must be (B, H)");
+  at::Tensor states = pooled_empty({x.size(0) + 1, x.size(1), H}, x);
+  states.select(0, 0).copy_(h0);
+  return states;
+}
+
+// x W_ih^T in chunks of at most `chunk_steps` steps, into one reused buffer, each handed to
+// run(chunk, first_step) as soon as it is computed (the biases are added in the loops).
+// False as soon as a run returns false (a NaN or Inf met).
+template <typename F>
+bool over_projected_chunks(const at::Tensor& x, const at::Tensor& w_ih, int64_t chunk_steps, const F& run) {
+  TORCH_CHECK(chunk_steps >= 1, "chunk_steps must be >= 1");
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), width = w_ih.size(0);
+  const at::Tensor w_ih_t = w_ih.t();
+  const int64_t steps_per_chunk = std::min(chunk_steps, std::max<int64_t>(T, 1));
+  at::Tensor xw = pooled_empty({steps_per_chunk, B, width}, x);
+  for (int64_t begin = 0; begin < T; begin += steps_per_chunk) {
+    const int64_t steps = std::min(steps_per_chunk, T - begin);
+    at::Tensor chunk = xw.narrow(0, 0, steps);
+    at::Tensor rows = chunk.view({steps * B, width});
+    at::mm_out(rows, x.narrow(0, begin, steps).view({steps * B, I}), w_ih_t);
+    if (!run(chunk, begin)) return false;
+  }
+  return true;
 }
 
 // b_ih + b_hh, or the one given, or none.
@@ -1680,85 +1701,77 @@ c10::optional<at::Tensor> summed(const c10::optional<at::Tensor>& a, const c10::
   return a.has_value() ? a : b;
 }
 
-std::vector<at::Tensor> rnn_few_rows(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-                                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-                                     const c10::optional<at::Tensor>& b_hh, int64_t kind) {
+// An RNN layer's direction without grad: W_hh^T in column panels when `panels` (float32,
+// AVX-512), else the GEMM on W_hh^T as a transposed view (a few rows in all: copying W_hh^T
+// would cost more than all the steps). Returns (output, h_n), or nothing where a NaN or Inf
+// was met (the caller reruns on the torch loop).
+std::vector<at::Tensor> rnn_inference(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                      const c10::optional<at::Tensor>& b_hh, int64_t kind, int64_t chunk_steps,
+                                      bool panels) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = x.size(0), H = w_hh.size(1);
-  FewRows rows = few_rows_start(x, h0, w_ih, H);
+  at::Tensor hs = state_buffer(x, h0, H);
   const c10::optional<at::Tensor> bias = summed(b_ih, b_hh);
-  bool finite = false;
-  WB_DISPATCH(x, "rnn_few_rows",
-              finite = rnn_forward_impl<scalar_t, false>(rows.xw, bias, w_hh.t(), rows.hs, kind, c10::nullopt,
-                                                         c10::nullopt, 0));
+  const at::Tensor packed = panels ? column_panels(transposed(w_hh.contiguous())) : at::Tensor();
+  const bool finite = over_projected_chunks(x, w_ih, chunk_steps, [&](const at::Tensor& xw, int64_t begin) {
+    if (panels) return rnn_forward_panels(xw, bias, packed, hs, kind, c10::nullopt, begin);
+    bool ok = false;
+    WB_DISPATCH(x, "rnn_inference",
+                ok = rnn_forward_impl<scalar_t, false>(xw, bias, w_hh.t(), hs, kind, c10::nullopt, c10::nullopt, begin));
+    return ok;
+  });
   if (!finite) return {};
-  return {rows.hs.narrow(0, 1, T), rows.hs.select(0, T)};
+  return {hs.narrow(0, 1, T), hs.select(0, T)};
 }
 
-// An LSTM layer's direction without grad in one call: the input projection in chunks of
-// `chunk_steps` steps (one reused buffer), W_hh as gate panels when `panels` (float32,
-// AVX-512) or as a transposed view (few rows: copying W_hh^T would cost more than all the
-// steps), and the time loop. From Python the same work took about fifteen ATen calls and
-// 150 us per layer: 8 % of an inference call at config (a). Empty where a NaN or Inf was
-// met (the caller reruns on the torch loop).
+// The same for an LSTM layer's direction (W_hh in gate panels); returns (output, h_n, c_n).
 std::vector<at::Tensor> lstm_inference(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                        const at::Tensor& w_ih, const at::Tensor& w_hh,
                                        const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
                                        int64_t chunk_steps, bool panels) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU (T, B, I) tensor");
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H && c0.sizes() == h0.sizes(),
-              "h0 and c0 must be (B, H)");
-  TORCH_CHECK(chunk_steps >= 1, "chunk_steps must be >= 1");
+  const int64_t T = x.size(0), B = x.size(1), H = w_hh.size(1);
   // c0 reaches no pre-activation, so the passes' finite check cannot see it.
   if (!all_finite({c0})) return {};
-  // From the pool, as fused.py's buffers: with fresh pages for the two 27 MB state buffers
-  // at config (d) this call was 4 % slower than the Python path; from the pool, 1 % faster.
-  at::Tensor hs = pooled_empty({T + 1, B, H}, x);
-  at::Tensor cs = pooled_empty({T + 1, B, H}, x);
-  hs.select(0, 0).copy_(h0);
-  cs.select(0, 0).copy_(c0);
+  at::Tensor hs = state_buffer(x, h0, H);
+  at::Tensor cs = state_buffer(x, c0, H);
   at::Tensor gates = at::empty({1, B, 4 * H}, x.options());
   const c10::optional<at::Tensor> bias = summed(b_ih, b_hh);
-  const c10::optional<at::Tensor> packed =
-      panels ? c10::optional<at::Tensor>(gate_panels({w_hh}, 4)) : c10::optional<at::Tensor>();
-  const at::Tensor w_ih_t = w_ih.t();
-  const int64_t steps_per_chunk = std::min(chunk_steps, std::max<int64_t>(T, 1));
-  at::Tensor xw = pooled_empty({steps_per_chunk, B, 4 * H}, x);
-  for (int64_t begin = 0; begin < T; begin += steps_per_chunk) {
-    const int64_t steps = std::min(steps_per_chunk, T - begin);
-    at::Tensor chunk = xw.narrow(0, 0, steps);
-    at::Tensor rows = chunk.view({steps * B, 4 * H});
-    at::mm_out(rows, x.narrow(0, begin, steps).view({steps * B, I}), w_ih_t);
-    bool finite = false;
-    if (packed.has_value()) {
-      finite = lstm_forward_panels<false>(chunk, bias, *packed, hs, cs, gates, c10::nullopt, begin);
-    } else {
-      WB_DISPATCH(x, "lstm_inference",
-                  finite = lstm_forward_impl<scalar_t, false>(chunk, bias, w_hh.t(), hs, cs, gates, c10::nullopt,
-                                                              c10::nullopt, begin));
-    }
-    if (!finite) return {};
-  }
+  const at::Tensor packed = panels ? gate_panels({w_hh}, 4) : at::Tensor();
+  const bool finite = over_projected_chunks(x, w_ih, chunk_steps, [&](const at::Tensor& xw, int64_t begin) {
+    if (panels) return lstm_forward_panels<false>(xw, bias, packed, hs, cs, gates, c10::nullopt, begin);
+    bool ok = false;
+    WB_DISPATCH(x, "lstm_inference",
+                ok = lstm_forward_impl<scalar_t, false>(xw, bias, w_hh.t(), hs, cs, gates, c10::nullopt,
+                                                        c10::nullopt, begin));
+    return ok;
+  });
+  if (!finite) return {};
   return {hs.narrow(0, 1, T), hs.select(0, T), cs.select(0, T)};
 }
 
-std::vector<at::Tensor> gru_few_rows(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-                                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-                                     const c10::optional<at::Tensor>& b_hh) {
+// The same for a GRU layer's direction (W_hh in gate panels); returns (output, h_n).
+std::vector<at::Tensor> gru_inference(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                      const c10::optional<at::Tensor>& b_hh, int64_t chunk_steps, bool panels) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = x.size(0), B = x.size(1), H = w_hh.size(1);
-  FewRows rows = few_rows_start(x, h0, w_ih, H);
-  at::Tensor rz = at::empty({1, B, 2 * H}, x.options());
+  at::Tensor hs = state_buffer(x, h0, H);
+  at::Tensor rz = at::empty({1, B, 2 * H}, x.options());  // one step's factors: nothing runs backward
   at::Tensor n = at::empty({1, B, H}, x.options());
   at::Tensor hn = at::empty({1, B, H}, x.options());
-  bool finite = false;
-  WB_DISPATCH(x, "gru_few_rows",
-              finite = gru_forward_impl<scalar_t>(rows.xw, b_ih, w_hh.t(), b_hh, rows.hs, rz, n, hn, c10::nullopt,
-                                                  c10::nullopt, 0));
+  const at::Tensor packed = panels ? gate_panels({w_hh}, 3) : at::Tensor();
+  const bool finite = over_projected_chunks(x, w_ih, chunk_steps, [&](const at::Tensor& xw, int64_t begin) {
+    if (panels) return gru_forward_panels(xw, b_ih, packed, b_hh, hs, rz, n, hn, c10::nullopt, begin);
+    bool ok = false;
+    WB_DISPATCH(x, "gru_inference",
+                ok = gru_forward_impl<scalar_t>(xw, b_ih, w_hh.t(), b_hh, hs, rz, n, hn, c10::nullopt, c10::nullopt,
+                                                begin));
+    return ok;
+  });
   if (!finite) return {};
-  return {rows.hs.narrow(0, 1, T), rows.hs.select(0, T)};
+  return {hs.narrow(0, 1, T), hs.select(0, T)};
 }
 
 }  // namespace
@@ -1785,9 +1798,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_row_blocks_max_weight_bytes", &set_row_blocks_max_weight_bytes);
   m.def("row_blocks_max_weight_bytes", &row_blocks_max_weight_bytes);
   m.def("row_block_count", &row_block_count);
-  m.def("rnn_few_rows", &rnn_few_rows);
+  m.def("rnn_inference", &rnn_inference);
   m.def("lstm_inference", &lstm_inference);
-  m.def("gru_few_rows", &gru_few_rows);
+  m.def("gru_inference", &gru_inference);
   m.def("has_panels", &has_panels);
   m.def("gate_panels", &gate_panels);
   m.def("column_panels", &column_panels);
