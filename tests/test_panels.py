@@ -287,17 +287,23 @@ def test_gru_panel_forward_saves_what_backward_reads(module, split, lengths):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("fold", [0.0, 2.0], ids=["projected", "folded"])  # 2: the upper layer (2H in) folds too
 @pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("hidden, batch", [(16, 6), (21, 13), (70, 7)], ids=lambda v: str(v))
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
-def test_rnn_panel_forward_matches_torch_nn(module, split, panel_calls, mode, hidden, batch, grad, lengths,
+def test_rnn_panel_forward_matches_torch_nn(module, split, panel_calls, mode, fold, hidden, batch, grad, lengths,
                                            monkeypatch):
-    """The RNN's column panels hold 64 units (70 = 64 + 6: a ragged second panel): outputs,
-    final states and gradients as torch.nn's, however the work is split."""
-    monkeypatch.setattr(native, "fold_input_max_ratio", 0.0)  # the folded RNN keeps the ATen GEMM
+    """The RNN's column panels hold 64 units (70 = 64 + 6: a ragged second panel), of W_hhᵀ
+    or, folded, of [W_ih, W_hh]ᵀ: outputs, final states and gradients as torch.nn's,
+    however the work is split."""
+    monkeypatch.setattr(native, "fold_input_max_ratio", fold)
     run = _TwoLayersBothWays(mode, hidden, batch, grad, lengths)
-    assert panel_calls == [("rnn", (hidden, hidden))] * 4  # W_hh of every layer and direction
+    if fold:  # [W_ih, W_hh] of every layer and direction: 7 inputs below, 2H above
+        expected = [("rnn", (hidden, 7 + hidden))] * 2 + [("rnn", (hidden, 3 * hidden))] * 2
+    else:
+        expected = [("rnn", (hidden, hidden))] * 4  # W_hh of every layer and direction
+    assert sorted(panel_calls) == sorted(expected)
     run.check_outputs()
     if grad:
         run.check_gradients()
@@ -333,12 +339,10 @@ NON_FINITE_SITES = {
 def test_non_finite_values_on_the_panel_path_come_out_as_torch_nn_s(module, split, panel_calls, mode, where, value,
                                                                      monkeypatch):
     """The epilogue's finite check must see a NaN or Inf wherever it enters, in any thread's
-    share, and the call rerun on the torch loop. (The LSTM here folds its 4 inputs into the
-    step's GEMM; the RNN, whose folded loop keeps the ATen GEMM, is kept from folding.)"""
+    share, and the call rerun on the torch loop. (The LSTM and RNN here fold their 4 inputs
+    into the step's GEMM; the GRU never folds.)"""
     steps, batch, inputs = 5, 9, 4
     hidden = 70 if mode.startswith("rnn") else 21
-    if mode.startswith("rnn"):
-        monkeypatch.setattr(native, "fold_input_max_ratio", 0.0)
     gates = {"lstm": 4, "gru": 3}.get(mode, 1)
     layer, reference = make_pair(mode, inputs, hidden, dtype=torch.float32, implementation="native")
     x, h0, c0 = torch.randn(steps, batch, inputs), torch.randn(1, batch, hidden), torch.randn(1, batch, hidden)

@@ -311,9 +311,9 @@ def _backward_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | N
 
 
 def _rnn_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | None:
-    """W_hhᵀ (H, H) in the column panels the compiled RNN forward's per-step GEMM h W_hhᵀ
-    runs on (64 units a panel, the activation as the epilogue), or None where they do not
-    pay (see _panels_pay)."""
+    """W_hhᵀ ((H, H), or [W_ih, W_hh]ᵀ when the input is folded) in the column panels the
+    compiled RNN forward's per-step GEMM runs on (64 units a panel, the activation as the
+    epilogue), or None where they do not pay (see _panels_pay)."""
     if not _panels_pay(w_hh.dtype, steps, batch, native):
         return None
     return native.column_panels(native.transposed(w_hh.detach().contiguous()))
@@ -336,7 +336,12 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
     hs = _empty((T + 1,) + h0.shape, x, native)  # (T+1, B, H)
     hs[0] = h0
     if _folds_input(x, h0.shape[-1], native):
-        w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, H)
+        w_cat = torch.cat((w_ih, w_hh), 1)  # (H, I+H)
+        packed = _rnn_panels(w_cat, B, native, T)
+        if packed is not None:
+            w_cat_t = w_cat  # unused beside the panels
+        else:
+            w_cat_t, packed = _step_weights(w_cat, B, native, T)  # (I+H, H)
         if not native.rnn_forward_folded(x, bias, w_cat_t, hs, RNN_KINDS[nonlinearity], _native_mask(mask), packed):
             return None
         return hs, (hs[1:] if mask is None else hs[1:] * mask)

@@ -890,17 +890,26 @@ void over_panel_chunks(int64_t panel_count, int64_t r0, int64_t r1, const float*
 
 // A panel GEMM's time loop: each thread's block of rows (over_row_blocks), and for each of
 // `steps` steps every (panel, row chunk) item of it (over_panel_chunks):
-// item(s, p, first_row, rows, prefetch, prefetch_end, lines_per_k).
-template <int G, typename F>
-void panel_time_loop(int64_t B, int64_t steps, const at::Tensor& panels, int64_t K, const F& item) {
+// item(s, p, first_row, rows, prefetch, prefetch_end, lines_per_k); then, once all of a
+// step's items are done, after_step(s, r0, r1) for the block's rows [r0, r1).
+template <int G, typename F, typename After>
+void panel_time_loop(int64_t B, int64_t steps, const at::Tensor& panels, int64_t K, const F& item,
+                     const After& after_step) {
   const float* w = panels.data_ptr<float>();
   over_row_blocks(B, panels, false, [&](int64_t r0, int64_t r1) {
-    for (int64_t s = 0; s < steps; ++s)
+    for (int64_t s = 0; s < steps; ++s) {
       over_panel_chunks<G>(panels.size(0), r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
                                                             const char* fetch_end, int64_t lines_per_k) {
         item(s, p, b0, rows, fetch, fetch_end, lines_per_k);
       });
+      after_step(s, r0, r1);
+    }
   });
+}
+
+template <int G, typename F>
+void panel_time_loop(int64_t B, int64_t steps, const at::Tensor& panels, int64_t K, const F& item) {
+  panel_time_loop<G>(B, steps, panels, K, item, [](int64_t, int64_t, int64_t) {});
 }
 
 // A (K, N) matrix (row stride N) in panels of 64 columns: (ceil(N / 64), K, 64), zeros past
@@ -1198,8 +1207,8 @@ bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
   return !saw_nonfinite.load();
 }
 // The RNN's activation of the 64 units of one column panel in one batch row: h = phi(y +
-// XW_t + b), the first `units` of them written. Returns nonzero where a pre-activation was
-// NaN or Inf.
+// XW_t + b) (no XW_t when folded: xw null), the first `units` of them written. Returns
+// nonzero where a pre-activation was NaN or Inf.
 inline int32_t rnn_units64(const float* y, const float* xw, const float* bias, float* h_next, int64_t units,
                            int64_t kind) {
   __mmask16 bad = 0;
@@ -1207,9 +1216,9 @@ inline int32_t rnn_units64(const float* y, const float* xw, const float* bias, f
     const int64_t left = units - 16 * g;
     if (left <= 0) break;
     const __mmask16 lanes = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 xw_g = xw != nullptr ? _mm512_maskz_loadu_ps(lanes, xw + 16 * g) : _mm512_setzero_ps();
     const __m512 v = _mm512_add_ps(_mm512_loadu_ps(y + 16 * g),
-                                   _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, xw + 16 * g),
-                                                 _mm512_maskz_loadu_ps(lanes, bias + 16 * g)));
+                                   _mm512_add_ps(xw_g, _mm512_maskz_loadu_ps(lanes, bias + 16 * g)));
     bad |= not_finite16(v) & lanes;
     const __m512 h = kind == kTanh ? tanh16(v) : (kind == kRelu ? _mm512_max_ps(v, _mm512_setzero_ps()) : sigmoid16(v));
     _mm512_mask_storeu_ps(h_next + 16 * g, lanes, h);
@@ -1217,43 +1226,64 @@ inline int32_t rnn_units64(const float* y, const float* xw, const float* bias, f
   return static_cast<int32_t>(bad);
 }
 
-// rnn_forward_impl (not folded) with the per-step GEMM h W_hh^T on column_panels(W_hh^T)
-// and the activation as its epilogue; the arguments are otherwise rnn_forward_impl's.
-bool rnn_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& panels,
+// rnn_forward_impl with the per-step GEMM on column panels: of W_hh^T, or when kFolded of
+// [W_ih, W_hh]^T with `input` x and [x_t, h_t] rows (two buffers taking turns, as in
+// lstm_forward_panels); the activation is the epilogue. The arguments are otherwise
+// rnn_forward_impl's.
+template <bool kFolded>
+bool rnn_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& panels,
                         at::Tensor& hs, int64_t kind, const c10::optional<at::Tensor>& mask, int64_t t_begin) {
-  const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
-  TORCH_CHECK(xw.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.dim() == 3 &&
-                  panels.size(0) == (H + kPanelWidth - 1) / kPanelWidth && panels.size(1) == H &&
+  const int64_t steps = input.size(0), B = input.size(1), H = hs.size(2), I = input.size(2);
+  const int64_t K = kFolded ? I + H : H;
+  TORCH_CHECK(input.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.dim() == 3 &&
+                  panels.size(0) == (H + kPanelWidth - 1) / kPanelWidth && panels.size(1) == K &&
                   panels.size(2) == kPanelWidth && panels.is_contiguous(),
-              "rnn_forward: panels must be column_panels of a float32 W_hh^T");
-  const at::Tensor b_all = bias_or_zeros(bias, H, xw);
+              "rnn_forward: panels must be column_panels of the step's float32 weight, transposed");
+  const at::Tensor b_all = bias_or_zeros(bias, H, input);
   const float* bb = b_all.data_ptr<float>();
   const bool* m = mask_ptr(mask);
   const float* w = panels.data_ptr<float>();
-  const float* xw_data = xw.data_ptr<float>();  // (each item finds its step's rows from these)
+  const float* in_data = input.data_ptr<float>();  // (each item finds its step's rows from these)
   float* hs_data = hs.data_ptr<float>();
+  at::Tensor xh;
+  float* xh_buffers[2] = {nullptr, nullptr};
+  if constexpr (kFolded) {
+    xh = at::empty({2, B, I + H}, input.options());
+    xh.select(0, 0).copy_(folded_rows<float>(input, step_view(hs, t_begin)));
+    xh_buffers[0] = xh.data_ptr<float>();
+    xh_buffers[1] = xh_buffers[0] + B * (I + H);
+  }
   std::atomic<bool> saw_nonfinite{false};
-  panel_time_loop<4>(B, steps, panels, H, [&](int64_t s, int64_t p, int64_t b0, int rows, const char* fetch,
+  panel_time_loop<4>(B, steps, panels, K, [&](int64_t s, int64_t p, int64_t b0, int rows, const char* fetch,
                                               const char* fetch_end, int64_t lines_per_k) {
-    const int64_t t = t_begin + s;  // xw is indexed by s, the state buffer by t
-    const float* x = xw_data + s * B * H;
+    const int64_t t = t_begin + s;  // input is indexed by s, the state buffer by t
+    const float* x = kFolded ? nullptr : in_data + s * B * H;
     const float* h_prev = hs_data + t * B * H;
     float* h_next = hs_data + (t + 1) * B * H;
+    const float* a = kFolded ? xh_buffers[s % 2] : h_prev;
+    float* xh_next = kFolded ? xh_buffers[(s + 1) % 2] : nullptr;
     const bool* alive = m ? m + t * B : nullptr;
     alignas(64) float y[kPanelRows * kPanelWidth];
     const int64_t u0 = p * kPanelWidth, units = std::min(kPanelWidth, H - u0);
-    for (int64_t b = b0; b < b0 + rows; ++b)  // XW_t sits in L3 (see lstm_forward_panels)
-      for (int64_t g = 0; g < 4; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * H + u0 + 16 * g), _MM_HINT_T0);
-    panel_product_rows<4>(rows, h_prev + b0 * H, H, w + p * H * kPanelWidth, H, y, fetch, fetch_end, lines_per_k);
+    if constexpr (!kFolded)
+      for (int64_t b = b0; b < b0 + rows; ++b)  // XW_t sits in L3 (see lstm_forward_panels)
+        for (int64_t g = 0; g < 4; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * H + u0 + 16 * g), _MM_HINT_T0);
+    panel_product_rows<4>(rows, a + b0 * K, K, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k);
     int32_t bad = 0;
     for (int r = 0; r < rows; ++r) {
       const int64_t at_unit = (b0 + r) * H + u0;
       if (alive != nullptr && !alive[b0 + r])  // finished sequence: carry the state
         std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));
       else
-        bad |= rnn_units64(y + r * kPanelWidth, x + at_unit, bb + u0, h_next + at_unit, units, kind);
+        bad |= rnn_units64(y + r * kPanelWidth, kFolded ? nullptr : x + at_unit, bb + u0, h_next + at_unit, units, kind);
+      if constexpr (kFolded) std::memcpy(xh_next + (b0 + r) * (I + H) + I + u0, h_next + at_unit, units * sizeof(float));
     }
     if (bad) saw_nonfinite.store(true, std::memory_order_relaxed);
+  }, [&](int64_t s, int64_t r0, int64_t r1) {
+    if constexpr (kFolded) {  // x_{s+1} beside h_{s+1} in the buffer the next step reads
+      if (s + 1 < steps)
+        copy_rows(xh_buffers[(s + 1) % 2] + r0 * (I + H), I + H, in_data + (s + 1) * B * I + r0 * I, I, r1 - r0, I);
+    }
   });
   return !saw_nonfinite.load();
 }
@@ -1265,6 +1295,7 @@ bool gru_forward_panels(const at::Tensor&, const c10::optional<at::Tensor>&, con
                         const c10::optional<at::Tensor>&, int64_t) {
   return false;
 }
+template <bool kFolded>
 bool rnn_forward_panels(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, at::Tensor&, int64_t,
                         const c10::optional<at::Tensor>&, int64_t) {
   return false;
@@ -1631,7 +1662,7 @@ bool rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, co
                  int64_t t_begin) {
   check_forward_range(xw, hs, t_begin);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xw, &hs}) check(*t, "rnn_forward argument");
-  if (is_panels(packed)) return rnn_forward_panels(xw, bias, *packed, hs, kind, mask, t_begin);
+  if (is_panels(packed)) return rnn_forward_panels<false>(xw, bias, *packed, hs, kind, mask, t_begin);
   WB_DISPATCH(xw, "rnn_forward", return rnn_forward_impl<scalar_t, false>(xw, bias, w_hh_t, hs, kind, mask, packed, t_begin));
 }
 
@@ -1639,6 +1670,7 @@ bool rnn_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bi
                         at::Tensor hs, int64_t kind, const c10::optional<at::Tensor>& mask,
                         const c10::optional<at::Tensor>& packed) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &hs}) check(*t, "rnn_forward_folded argument");
+  if (is_panels(packed)) return rnn_forward_panels<true>(x, bias, *packed, hs, kind, mask, 0);
   WB_DISPATCH(x, "rnn_forward_folded", return rnn_forward_impl<scalar_t, true>(x, bias, w_cat_t, hs, kind, mask, packed, 0));
 }
 
@@ -1715,7 +1747,7 @@ std::vector<at::Tensor> rnn_inference(const at::Tensor& x, const at::Tensor& h0,
   const c10::optional<at::Tensor> bias = summed(b_ih, b_hh);
   const at::Tensor packed = panels ? column_panels(transposed(w_hh.contiguous())) : at::Tensor();
   const bool finite = over_projected_chunks(x, w_ih, chunk_steps, [&](const at::Tensor& xw, int64_t begin) {
-    if (panels) return rnn_forward_panels(xw, bias, packed, hs, kind, c10::nullopt, begin);
+    if (panels) return rnn_forward_panels<false>(xw, bias, packed, hs, kind, c10::nullopt, begin);
     bool ok = false;
     WB_DISPATCH(x, "rnn_inference",
                 ok = rnn_forward_impl<scalar_t, false>(xw, bias, w_hh.t(), hs, kind, c10::nullopt, c10::nullopt, begin));
