@@ -4,17 +4,18 @@
 // projection for all steps, the weight gradients after the reverse sweep, allocation of
 // every buffer. This file does only what must happen once per time step:
 //
-//   forward:  Z_t = XW_t + h_{t-1} W_hh^T      (at::mm_out: torch's own BLAS; or, for
-//             gate math and state update        float32 with AVX-512, our panel GEMM with
-//                                               the gate math as its epilogue, below)
+//   forward:  Z_t = XW_t + h_{t-1} W_hh^T      (at::mm_out: torch's own BLAS)
+//             gate math and state update       (one pass over B x H, below)
+//             -- or, float32 with AVX-512, both at once: our panel GEMM with the gate
+//                math as its epilogue (see "gate panels" below)
 //   backward: dZ_t from dh_t, dc_t             (one pass over B x H, below)
 //             dh_{t-1} = dZ_t W_hh             (at::mm_out / at::addmm_out, or panels)
 //
 // Why: from Python each small op costs 5-15 us of dispatch, which dominates at the sizes
 // recurrent nets run at; here the loop costs one GEMM plus one pass per step. The ATen
 // GEMMs use the BLAS torch was built with; every parallel region here runs on torch's
-// threads. The panel GEMM (see "gate panels" below) exists because at batch-sized M those
-// BLAS calls reach ~60 % of the FMA peak on the AVX-512 machines measured, ours 80-85 %.
+// threads. The panel GEMM exists because at batch-sized M those BLAS calls reach ~60 % of
+// the FMA peak on the AVX-512 machine measured (benchmarks/README.md), ours 80-85 %.
 //
 // The pointwise passes evaluate sigmoid/tanh with branch-free approximations for float
 // (sigmoid from Cephes' expf, ~1 ulp; tanh a rational function, ~2 ulp) so the compiler
