@@ -422,9 +422,11 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
     layer, reference = make_pair(mode, inputs, hidden, dtype=torch.float64, implementation="native", num_layers=2)
     gates = {"lstm": 4, "gru": 3}.get(mode, 1)
     widest = max(gates, 4 if mode == "gru" else gates)  # the GRU's backward buffer holds 4H per row
-    limit = "GRU_CHUNK_BYTES" if mode == "gru" else "CHUNK_BYTES"
-    monkeypatch.setattr(fused, limit, chunk_steps * batch * widest * hidden * 8)
-    assert len(fused._chunks(steps, batch * widest * hidden * 8, getattr(fused, limit))) == -(-steps // chunk_steps)
+    # the LSTM's reverse sweep has a limit of its own
+    limits = {"gru": ["GRU_CHUNK_BYTES"], "lstm": ["CHUNK_BYTES", "LSTM_SWEEP_CHUNK_BYTES"]}.get(mode, ["CHUNK_BYTES"])
+    for limit in limits:
+        monkeypatch.setattr(fused, limit, chunk_steps * batch * widest * hidden * 8)
+        assert len(fused._chunks(steps, batch * widest * hidden * 8, getattr(fused, limit))) == -(-steps // chunk_steps)
     sizes = []
     original = fused._chunks
     monkeypatch.setattr(fused, "_chunks", lambda *a: sizes.append(len(r := original(*a))) or r)
@@ -439,6 +441,8 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
     grads = torch.autograd.grad(loss_of(output, final), inputs_ours)
     ref_grads = torch.autograd.grad(loss_of(ref_output, ref_final), inputs_ref)
     assert max(sizes) == -(-steps // chunk_steps)  # the cell's own limit was used (backward: widest)
+    if mode == "lstm":  # both layers' forward and reverse sweep walked the chunks
+        assert sizes == [-(-steps // chunk_steps)] * 4
     tol = TOLERANCES[torch.float64]
     torch.testing.assert_close(output, ref_output, **tol)
     for a, b in zip(state_tensors(final) + list(grads), state_tensors(ref_final) + list(ref_grads)):

@@ -110,6 +110,16 @@ def split(request, module):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["lines-near", "lines-spread"])
+def epilogue_lines(request, module):
+    """How the LSTM forward's epilogue requests its cache lines: all before the chunk's K
+    loop (small steps), or a few at a time during it (recurrent.cpp's spread_lines)."""
+    limit = module.spread_lines_min_step_bytes()
+    module.set_spread_lines_min_step_bytes(0 if request.param == "lines-spread" else 1 << 40)
+    yield request.param
+    module.set_spread_lines_min_step_bytes(limit)
+
+
 @pytest.fixture
 def panel_calls(module, monkeypatch):
     """The weights' shapes of every call that packed panels: from Python, or inside the
@@ -188,7 +198,8 @@ SIZES = [(16, 6), (21, 13), (5, 7), (40, 12)]
 @pytest.mark.parametrize("fold", [0.0, 2.0], ids=["projected", "folded"])  # 2: the upper layer (2H in) folds too
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
-def test_panel_forward_matches_torch_nn(module, split, panel_calls, hidden, batch, fold, grad, lengths, monkeypatch):
+def test_panel_forward_matches_torch_nn(module, split, epilogue_lines, panel_calls, hidden, batch, fold, grad, lengths,
+                                        monkeypatch):
     """Outputs, final states and (when training) every gradient as torch.nn's, however the
     work is split."""
     monkeypatch.setattr(native, "fold_input_max_ratio", fold)
@@ -215,7 +226,8 @@ INFERENCE_CALLS = {"lstm": ("lstm_inference", 4), "gru": ("gru_inference", 3), "
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-3-steps"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("given_state", [True, False], ids=["state", "zeros"])
-def test_one_call_inference_matches_torch_nn(module, split, mode, chunked, bias, given_state, monkeypatch):
+def test_one_call_inference_matches_torch_nn(module, split, epilogue_lines, mode, chunked, bias, given_state,
+                                             monkeypatch):
     """Without grad or lengths each layer and direction is one compiled call that projects
     the input in chunks of steps and runs the panel GEMM (recurrent.cpp's *_inference)."""
     name, gates = INFERENCE_CALLS[mode]
