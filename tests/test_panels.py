@@ -110,14 +110,21 @@ def split(request, module):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["lines-near", "lines-spread"])
-def epilogue_lines(request, module):
-    """How the LSTM forward's epilogue requests its cache lines: all before the chunk's K
-    loop (small steps), or a few at a time during it (recurrent.cpp's spread_lines)."""
-    limit = module.spread_lines_min_step_bytes()
-    module.set_spread_lines_min_step_bytes(0 if request.param == "lines-spread" else 1 << 40)
+@pytest.fixture(params=["small-step-paths", "large-step-paths"])
+def step_size_paths(request, module):
+    """The ways taken only for large steps, off or on at every size: the LSTM forward's
+    epilogue requesting its cache lines a few at a time during the K loop (recurrent.cpp's
+    spread_lines), and the reverse sweep's column-panel GEMM walking K in blocks (of 24
+    here: several, the last ragged, for 4H = 84; column_panel_product_blocked)."""
+    saved = module.spread_lines_min_step_bytes(), module.column_blocks_min_bytes(), module.column_k_block()
+    large = request.param == "large-step-paths"
+    module.set_spread_lines_min_step_bytes(0 if large else 1 << 40)
+    module.set_column_blocks_min_bytes(0 if large else 1 << 40)
+    module.set_column_k_block(24)
     yield request.param
-    module.set_spread_lines_min_step_bytes(limit)
+    module.set_spread_lines_min_step_bytes(saved[0])
+    module.set_column_blocks_min_bytes(saved[1])
+    module.set_column_k_block(saved[2])
 
 
 @pytest.fixture
@@ -198,7 +205,7 @@ SIZES = [(16, 6), (21, 13), (5, 7), (40, 12)]
 @pytest.mark.parametrize("fold", [0.0, 2.0], ids=["projected", "folded"])  # 2: the upper layer (2H in) folds too
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
-def test_panel_forward_matches_torch_nn(module, split, epilogue_lines, panel_calls, hidden, batch, fold, grad, lengths,
+def test_panel_forward_matches_torch_nn(module, split, step_size_paths, panel_calls, hidden, batch, fold, grad, lengths,
                                         monkeypatch):
     """Outputs, final states and (when training) every gradient as torch.nn's, however the
     work is split."""
@@ -226,7 +233,7 @@ INFERENCE_CALLS = {"lstm": ("lstm_inference", 4), "gru": ("gru_inference", 3), "
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-3-steps"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("given_state", [True, False], ids=["state", "zeros"])
-def test_one_call_inference_matches_torch_nn(module, split, epilogue_lines, mode, chunked, bias, given_state,
+def test_one_call_inference_matches_torch_nn(module, split, step_size_paths, mode, chunked, bias, given_state,
                                              monkeypatch):
     """Without grad or lengths each layer and direction is one compiled call that projects
     the input in chunks of steps and runs the panel GEMM (recurrent.cpp's *_inference)."""

@@ -756,6 +756,21 @@ bool spread_lines(int64_t step_bytes) { return step_bytes >= g_spread_lines_min_
 void set_spread_lines_min_step_bytes(int64_t bytes) { g_spread_lines_min_step_bytes.store(bytes); }
 int64_t spread_lines_min_step_bytes() { return g_spread_lines_min_step_bytes.load(); }
 
+// Where the rows of the LSTM reverse sweep's dZ_t W_hh (B x 4H floats) take at least this
+// many bytes, its column-panel GEMM walks K in blocks (column_panel_product_blocked). At
+// config (d) (2 MB) the sweep alone took 186 -> 169 ms (interleaved medians); at (c)
+// (512 kB) it was even, at batch 20 with 650 units 13 % slower (its 11 panels split 6 / 5
+// over two threads, where (panel, row chunk) items split evenly).
+std::atomic<int64_t> g_column_blocks_min_bytes{1 << 20};
+void set_column_blocks_min_bytes(int64_t bytes) { g_column_blocks_min_bytes.store(bytes); }
+int64_t column_blocks_min_bytes() { return g_column_blocks_min_bytes.load(std::memory_order_relaxed); }
+std::atomic<int64_t> g_column_k_block{512};
+void set_column_k_block(int64_t k) {
+  TORCH_CHECK(k > 0, "set_column_k_block: a positive block size");
+  g_column_k_block.store(k);
+}
+int64_t column_k_block() { return g_column_k_block.load(std::memory_order_relaxed); }
+
 // The LSTM forward's per-step GEMM, written here for float32 with AVX-512, with the gate
 // math as its epilogue. W (4H, K) is packed once per call into panels of 16 units: panel p
 // holds, for every k, the 64 weights of units 16p..16p+15 in gate order i|f|g|o, so one
@@ -992,6 +1007,71 @@ at::Tensor column_panels(const at::Tensor& matrix) {
   return packed;
 }
 
+// y (R, 64) (+)= A (R rows, kc, row stride lda) x a (kc, 64) block of a column panel.
+template <int R>
+inline void panel_block_product(const float* a, int64_t lda, const float* block, int64_t kc, float* y,
+                                bool accumulate) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < 4; ++g)
+      acc[r][g] = accumulate ? _mm512_load_ps(y + r * kPanelWidth + 16 * g) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* wk = block + k * kPanelWidth;
+    __m512 v[4];
+    for (int g = 0; g < 4; ++g) v[g] = _mm512_load_ps(wk + 16 * g);
+    for (int r = 0; r < R; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r * lda + k]);
+      for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_fmadd_ps(ar, v[g], acc[r][g]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < 4; ++g) _mm512_store_ps(y + r * kPanelWidth + 16 * g, acc[r][g]);
+}
+
+// column_panel_product where its rows (A) are too large to stay in L2 beside a panel: each
+// thread takes whole panels and walks K in blocks of column_k_block() (512; 1024 and 2048
+// were as fast at config (d), 256 3 % slower), all its panels per block, so a block of A
+// is read from L3 once and then from L2 by every panel, where panel by panel all of A came
+// from L3 again for each. The partial sums wait in a per-thread buffer.
+void column_panel_product_blocked(const float* a, int64_t lda, int64_t r0, int64_t r1, const at::Tensor& panels,
+                                  float* out, int64_t ldo, int64_t n) {
+  const int64_t kc = column_k_block();
+  const int64_t K = panels.size(1), rows_total = r1 - r0;
+  const float* w = panels.data_ptr<float>();
+  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
+    const int64_t mine = end - begin;
+    float* y = static_cast<float*>(std::aligned_alloc(64, mine * rows_total * kPanelWidth * sizeof(float)));
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t k_size = std::min(kc, K - k0);
+      for (int64_t p = begin; p < end; ++p) {
+        const float* block = w + (p * K + k0) * kPanelWidth;
+        float* yp = y + (p - begin) * rows_total * kPanelWidth;
+        for (int64_t b0 = r0; b0 < r1; b0 += kPanelRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, r1 - b0));
+          const float* ab = a + b0 * lda + k0;
+          float* yb = yp + (b0 - r0) * kPanelWidth;
+          const bool acc = k0 > 0;
+          switch (rows) {
+            case 6: panel_block_product<6>(ab, lda, block, k_size, yb, acc); break;
+            case 5: panel_block_product<5>(ab, lda, block, k_size, yb, acc); break;
+            case 4: panel_block_product<4>(ab, lda, block, k_size, yb, acc); break;
+            case 3: panel_block_product<3>(ab, lda, block, k_size, yb, acc); break;
+            case 2: panel_block_product<2>(ab, lda, block, k_size, yb, acc); break;
+            default: panel_block_product<1>(ab, lda, block, k_size, yb, acc); break;
+          }
+        }
+      }
+    }
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t columns = std::min(kPanelWidth, n - p * kPanelWidth);
+      const float* yp = y + (p - begin) * rows_total * kPanelWidth;
+      for (int64_t r = 0; r < rows_total; ++r)
+        std::memcpy(out + (r0 + r) * ldo + p * kPanelWidth, yp + r * kPanelWidth, columns * sizeof(float));
+    }
+    std::free(y);
+  });
+}
+
 void column_panel_product(const float* a, int64_t lda, int64_t r0, int64_t r1, const at::Tensor& panels, float* out,
                           int64_t ldo, int64_t n) {
   const int64_t K = panels.size(1);
@@ -999,6 +1079,8 @@ void column_panel_product(const float* a, int64_t lda, int64_t r0, int64_t r1, c
                   panels.size(2) == kPanelWidth && panels.is_contiguous(),
               "column panels of a (K, ", n, ") float32 matrix expected");
   const float* w = panels.data_ptr<float>();
+  if (K > column_k_block() && (r1 - r0) * K * static_cast<int64_t>(sizeof(float)) >= column_blocks_min_bytes())
+    return column_panel_product_blocked(a, lda, r0, r1, panels, out, ldo, n);
   over_panel_chunks<4>(panels.size(0), r0, r1, w, K, [&](int64_t p, int64_t b0, int rows, const char* fetch,
                                                          const char* fetch_end, int64_t lines_per_k) {
     alignas(64) float y[kPanelRows * kPanelWidth];
@@ -1905,6 +1987,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_panels", &has_panels);
   m.def("gate_panels", &gate_panels);
   m.def("column_panels", &column_panels);
+  m.def("set_column_blocks_min_bytes", &set_column_blocks_min_bytes);
+  m.def("column_blocks_min_bytes", &column_blocks_min_bytes);
+  m.def("set_column_k_block", &set_column_k_block);
+  m.def("column_k_block", &column_k_block);
   m.def("set_spread_lines_min_step_bytes", &set_spread_lines_min_step_bytes);
   m.def("spread_lines_min_step_bytes", &spread_lines_min_step_bytes);
 }
