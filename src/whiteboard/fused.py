@@ -138,11 +138,13 @@ class _WeightGrads:
     """dX, dW_ih, dW_hh from pre-activation gradients dZ (steps, B, G·H) as large GEMMs over
     all steps x B rows, for all steps at once or a chunk of steps at a time."""
 
-    def __init__(self, x: Tensor, h_prev: Tensor, w_ih: Tensor, hidden: int, needs: tuple):
+    def __init__(self, x: Tensor, h_prev: Tensor, w_ih: Tensor, hidden: int, needs: tuple, native=None):
+        # From the compiled path's pool where there is one (see _empty): 58 MB of fresh
+        # pages per step at config (d) otherwise.
         self.x, self.h_prev, self.w_ih, self.needs = x, h_prev, w_ih, needs
-        self.dx = x.new_empty(x.shape) if needs[0] else None  # (T, B, I)
-        self.dw_ih = x.new_empty(w_ih.shape) if needs[1] else None  # (G·H, I)
-        self.dw_hh = x.new_empty((w_ih.shape[0], hidden)) if needs[2] else None  # (G·H, H)
+        self.dx = _empty(x.shape, x, native) if needs[0] else None  # (T, B, I)
+        self.dw_ih = _empty(w_ih.shape, x, native) if needs[1] else None  # (G·H, I)
+        self.dw_hh = _empty((w_ih.shape[0], hidden), x, native) if needs[2] else None  # (G·H, H)
         self.beta = 0  # the first chunk overwrites (beta 0 ignores what new_empty left there)
 
     def add(self, dz: Tensor, begin: int, end: int, hidden_blocks=None) -> None:
@@ -396,7 +398,7 @@ class FusedRNN(torch.autograd.Function):
             db = d_out.new_zeros(H)  # summed in the sweep
             w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
             needs = ctx.needs_input_grad
-            grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]))
+            grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]), native)
             for begin, end in chunks:
                 dz = dz_buffer[: end - begin]
                 native.rnn_backward(d_out, hs, w_hh, dh, dz, db, RNN_KINDS[ctx.nonlinearity], native_mask,
@@ -513,7 +515,7 @@ class FusedLSTM(torch.autograd.Function):
             w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
             db = gates.new_zeros(H4)  # summed in the sweep
             needs = ctx.needs_input_grad
-            grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[3], needs[4]))
+            grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[3], needs[4]), native)
             panels = _backward_panels(w_hh, B, native, T)
             for begin, end in chunks:
                 dz = dz_buffer[: end - begin]
@@ -633,7 +635,7 @@ class FusedGRU(torch.autograd.Function):
             w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
             db = x.new_zeros(4 * H)  # [b_ir, b_iz, b_in | b_hn] summed in the sweep
             needs = ctx.needs_input_grad
-            grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]))
+            grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]), native)
             for begin, end in chunks:
                 steps = end - begin
                 dz_x = buffer.view(-1)[: steps * B * 3 * H].view(steps, B, 3 * H)

@@ -810,7 +810,7 @@ at::Tensor gate_panels(const std::vector<at::Tensor>& weights, int64_t gates) {
     K += w.size(1);
   }
   const int64_t panels = (H + kPanelUnits - 1) / kPanelUnits;
-  at::Tensor packed = at::empty({panels, K, width}, weights[0].options());
+  at::Tensor packed = pooled_empty({panels, K, width}, weights[0]);  // (pooled: no page faults per call)
   float* out = packed.data_ptr<float>();
   std::vector<at::Tensor> plain;
   for (const at::Tensor& w : weights) plain.push_back(w.contiguous());
@@ -991,7 +991,7 @@ at::Tensor column_panels(const at::Tensor& matrix) {
               "column_panels: a float32 CPU matrix");
   const at::Tensor w = matrix.contiguous();
   const int64_t K = w.size(0), N = w.size(1), panels = (N + kPanelWidth - 1) / kPanelWidth;
-  at::Tensor packed = at::empty({panels, K, kPanelWidth}, w.options());
+  at::Tensor packed = pooled_empty({panels, K, kPanelWidth}, w);
   const float* src = w.data_ptr<float>();
   float* out = packed.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
