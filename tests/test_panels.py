@@ -112,9 +112,9 @@ def split(request, module):
 
 @pytest.fixture(params=["small-step-paths", "large-step-paths"])
 def step_size_paths(request, module):
-    """The ways taken only for large steps, off or on at every size: the LSTM forward's
-    epilogue requesting its cache lines a few at a time during the K loop (recurrent.cpp's
-    spread_lines), and the reverse sweep's column-panel GEMM walking K in blocks (of 24
+    """The ways taken only for large steps, off or on at every size: the LSTM and GRU
+    forward's epilogue requesting its cache lines a few at a time during the K loop
+    (recurrent.cpp's spread_lines; the GRU's in training), and the LSTM reverse sweep's column-panel GEMM walking K in blocks (of 24
     here: several, the last ragged, for 4H = 84; column_panel_product_blocked)."""
     saved = module.spread_lines_min_step_bytes(), module.column_blocks_min_bytes(), module.column_k_block()
     large = request.param == "large-step-paths"
@@ -274,21 +274,22 @@ def test_one_call_inference_is_taken_only_without_lengths_folding_or_float64(mod
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gru_panel_forward_matches_torch_nn(module, split, panel_calls, hidden, batch, grad, lengths, bias):
+def test_gru_panel_forward_matches_torch_nn(module, split, step_size_paths, panel_calls, hidden, batch, grad, lengths,
+                                            bias):
     """The GRU's panels hold 3 gates (8-row chunks: 13 rows are 8 + 5, 17 are 8 + 8 + 1):
     outputs, final states and gradients as torch.nn's, however the work is split."""
     run = _TwoLayersBothWays("gru", hidden, batch, grad, lengths, bias=bias)
-    # W_hh of every layer and direction, without grad (training keeps oneDNN's or MKL's GEMM)
-    assert panel_calls == ([] if grad else [((3 * hidden, hidden),)] * 4)
+    # W_hh of every layer and direction, with grad or without
+    assert panel_calls == [((3 * hidden, hidden),)] * 4
     run.check_outputs()
     if grad:
         run.check_gradients()
 
 
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
-def test_gru_panel_forward_saves_what_backward_reads(module, split, lengths):
-    """The GRU layers take panels without grad only, but the compiled forward also saves
-    r|z, n and W_hn h + b_hn for backward on them: those must equal the plain path's."""
+def test_gru_panel_forward_saves_what_backward_reads(module, split, step_size_paths, lengths):
+    """The compiled GRU forward on panels saves r|z, n and W_hn h + b_hn for backward: those
+    must equal the plain path's, whichever way the epilogue requests its lines."""
     steps, batch, hidden = 5, 13, 21
     xw = torch.randn(steps, batch, 3 * hidden)
     w_hh = torch.randn(3 * hidden, hidden) * 0.3

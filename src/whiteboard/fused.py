@@ -570,12 +570,12 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
-    # Panels for inference only: in training they won at batch 20 (2 x 200: 0.44 -> 0.42 of
-    # torch.nn's step; 2 x 650: 0.66 -> 0.61) but lost 2-3 % at (c) and (d): there the
-    # forward alone went from 49.9 to 52.6 ms, its epilogue storing r|z, n and W_hn h for
-    # backward in 64-byte pieces across four large buffers; without grad, where those go to
-    # a one-step scratch, they won everywhere (see benchmarks/README.md).
-    packed = None if keep else _gate_panels((w_hh,), 3, B, native, T)
+    # Panels in training too since the epilogue's line requests are spread over the K loop
+    # for large steps (recurrent.cpp's spread_lines): its stores of r|z, n and W_hn h for
+    # backward, in 64-byte pieces across four large buffers, had made the forward lose 2-3 %
+    # at (c) and (d). Training step against torch.nn's, MKL -> panels, in one process:
+    # (a) 0.422 -> 0.407, (b) 0.639 -> 0.560, (c) 0.656 -> 0.628, (d) 0.901 -> 0.903.
+    packed = _gate_panels((w_hh,), 3, B, native, T)
     if packed is not None:
         w_hh_t = w_hh  # unused beside the panels
     else:

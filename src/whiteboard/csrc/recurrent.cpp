@@ -1314,6 +1314,10 @@ bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
   float* n_data = n.data_ptr<float>();
   float* hn_data = hn.data_ptr<float>();
   std::atomic<bool> saw_nonfinite{false};
+  // Spread requests (see spread_lines) for training only: without grad the factors go to a
+  // one-step scratch that stays in cache (GRU (d) inference measured 0.850 against 0.872 of
+  // torch.nn's with the requests spread, within noise but no gain).
+  const bool spread = keep && spread_lines(B * 3 * H * static_cast<int64_t>(sizeof(float)));
   panel_time_loop<3>(B, steps, panels, H, [&](int64_t s, int64_t p, int64_t b0, int rows, const char* fetch,
                                               const char* fetch_end, int64_t lines_per_k) {
     const int64_t t = t_begin + s;  // xw is indexed by s, the state buffers by t
@@ -1328,7 +1332,20 @@ bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
     alignas(64) float y[kGruPanelRows * kGruPanelWidth];
     const int64_t u0 = p * kPanelUnits, units = std::min(kPanelUnits, H - u0);
     const __mmask16 lanes = static_cast<__mmask16>((1u << units) - 1);  // the panel's real units
-    for (int64_t b = b0; b < b0 + rows; ++b) {  // XW_t and the saved factors' lines (see lstm_forward_panels)
+    EpilogueLines early;  // XW_t and the saved factors' lines (see lstm_forward_panels)
+    for (int64_t b = b0; b < b0 + rows; ++b) {
+      if (spread) {
+        for (int64_t g = 0; g < 3; ++g) early.read(x + b * 3 * H + g * H + u0);
+        early.read(h_prev + b * H + u0);
+        if (keep) {
+          early.write(rzp + b * 2 * H + u0);
+          early.write(rzp + b * 2 * H + H + u0);
+          early.write(np + b * H + u0);
+          early.write(hnp + b * H + u0);
+        }
+        early.write(h_next + b * H + u0);
+        continue;
+      }
       for (int64_t g = 0; g < 3; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * 3 * H + g * H + u0), _MM_HINT_T0);
       if (keep) {
         __builtin_prefetch(rzp + b * 2 * H + u0, 1);
@@ -1337,7 +1354,8 @@ bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
         __builtin_prefetch(hnp + b * H + u0, 1);
       }
     }
-    panel_product_rows<3>(rows, h_prev + b0 * H, H, w + p * H * kGruPanelWidth, H, y, fetch, fetch_end, lines_per_k);
+    panel_product_rows<3>(rows, h_prev + b0 * H, H, w + p * H * kGruPanelWidth, H, y, fetch, fetch_end, lines_per_k,
+                          &early);
     int32_t bad = 0;
     for (int r = 0; r < rows; ++r) {
       const int64_t b = b0 + r;
