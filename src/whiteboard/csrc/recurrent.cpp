@@ -839,14 +839,23 @@ at::Tensor gate_panels(const std::vector<at::Tensor>& weights, int64_t gates) {
 }
 
 // The cache lines an item's epilogue will read (XW_t, c_{t-1}) or write (the saved gates,
-// c_t, h_t), requested a few at a time while its K loop runs (see panel_product).
+// c_t, h_t). Spread (see spread_lines): kept, and requested a few at a time while the
+// item's K loop runs (panel_product); otherwise requested at once, as they are named.
 struct EpilogueLines {
   static constexpr int kMax = 96;
+  explicit EpilogueLines(bool spread_them) : spread(spread_them) {}
+  const bool spread;
   const char* line[kMax];
   bool written[kMax];
   int count = 0;
-  void read(const void* p) { add(p, false); }
-  void write(const void* p) { add(p, true); }
+  void read(const void* p) {
+    if (!spread) return _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+    add(p, false);
+  }
+  void write(const void* p) {
+    if (!spread) return __builtin_prefetch(p, 1);
+    add(p, true);
+  }
 
  private:
   void add(const void* p, bool w) {
@@ -1220,18 +1229,13 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
         // The epilogue's lines: XW_t (written by the input projection long before), the
         // saved activations' fresh lines, and c_{t-1}, c_t, h_t. Requested now, they arrive
         // while the chunk's FMAs run instead of stalling its epilogue (see spread_lines).
-        EpilogueLines early;
+        EpilogueLines early(spread);
         for (int64_t b = b0; b < b0 + rows; ++b) {
           for (int64_t g = 0; g < 4; ++g) {
-            if (spread) {
-              if constexpr (!kFolded) early.read(step.xw + b * 4 * H + g * H + u0);
-              if (keep) early.write(step.gates + b * 4 * H + g * H + u0);
-            } else {
-              if constexpr (!kFolded) _mm_prefetch(reinterpret_cast<const char*>(step.xw + b * 4 * H + g * H + u0), _MM_HINT_T0);
-              if (keep) __builtin_prefetch(step.gates + b * 4 * H + g * H + u0, 1);
-            }
+            if constexpr (!kFolded) early.read(step.xw + b * 4 * H + g * H + u0);
+            if (keep) early.write(step.gates + b * 4 * H + g * H + u0);
           }
-          if (spread) {
+          if (spread) {  // (requested up front, the state lines gained nothing)
             early.read(step.c_prev + b * H + u0);
             early.write(step.c_next + b * H + u0);
             early.write(step.h_next + b * H + u0);
@@ -1332,26 +1336,18 @@ bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
     alignas(64) float y[kGruPanelRows * kGruPanelWidth];
     const int64_t u0 = p * kPanelUnits, units = std::min(kPanelUnits, H - u0);
     const __mmask16 lanes = static_cast<__mmask16>((1u << units) - 1);  // the panel's real units
-    EpilogueLines early;  // XW_t and the saved factors' lines (see lstm_forward_panels)
+    EpilogueLines early(spread);  // XW_t and the saved factors' lines (see lstm_forward_panels)
     for (int64_t b = b0; b < b0 + rows; ++b) {
-      if (spread) {
-        for (int64_t g = 0; g < 3; ++g) early.read(x + b * 3 * H + g * H + u0);
-        early.read(h_prev + b * H + u0);
-        if (keep) {
-          early.write(rzp + b * 2 * H + u0);
-          early.write(rzp + b * 2 * H + H + u0);
-          early.write(np + b * H + u0);
-          early.write(hnp + b * H + u0);
-        }
-        early.write(h_next + b * H + u0);
-        continue;
-      }
-      for (int64_t g = 0; g < 3; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * 3 * H + g * H + u0), _MM_HINT_T0);
+      for (int64_t g = 0; g < 3; ++g) early.read(x + b * 3 * H + g * H + u0);
       if (keep) {
-        __builtin_prefetch(rzp + b * 2 * H + u0, 1);
-        __builtin_prefetch(rzp + b * 2 * H + H + u0, 1);
-        __builtin_prefetch(np + b * H + u0, 1);
-        __builtin_prefetch(hnp + b * H + u0, 1);
+        early.write(rzp + b * 2 * H + u0);
+        early.write(rzp + b * 2 * H + H + u0);
+        early.write(np + b * H + u0);
+        early.write(hnp + b * H + u0);
+      }
+      if (spread) {  // the states' lines, as the LSTM's
+        early.read(h_prev + b * H + u0);
+        early.write(h_next + b * H + u0);
       }
     }
     panel_product_rows<3>(rows, h_prev + b0 * H, H, w + p * H * kGruPanelWidth, H, y, fetch, fetch_end, lines_per_k,
