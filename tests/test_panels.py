@@ -1,6 +1,6 @@
 """The LSTM and GRU forward's own per-step GEMM: W packed into panels of 16 units, an
-AVX-512 microkernel with the gate math as its epilogue (recurrent.cpp's gate_panels), and
-the LSTM reverse sweep's dZ_t W_hh on W_hh in column panels. Float32 on CPUs with AVX-512
+AVX-512 microkernel with the gate math as its epilogue (recurrent.cpp's gate_panels), the
+RNN forward's on column panels, and every reverse sweep's dZ_t W_hh on W_hh in column panels. Float32 on CPUs with AVX-512
 only; elsewhere the layers use oneDNN's or MKL's GEMM, which the rest of the suite covers."""
 
 import pytest
@@ -114,8 +114,9 @@ def split(request, module):
 def step_size_paths(request, module):
     """The ways taken only for large steps, off or on at every size: the LSTM and GRU
     forward's epilogue requesting its cache lines a few at a time during the K loop
-    (recurrent.cpp's spread_lines; the GRU's in training), and the LSTM reverse sweep's column-panel GEMM walking K in blocks (of 24
-    here: several, the last ragged, for 4H = 84; column_panel_product_blocked)."""
+    (recurrent.cpp's spread_lines; the GRU's in training), and the reverse sweeps'
+    column-panel GEMM walking K in blocks (of 24 here: several, the last ragged, for the
+    LSTM's 4H = 84, the GRU's 3H = 63, the RNN's H = 70; column_panel_product_blocked)."""
     saved = module.spread_lines_min_step_bytes(), module.column_blocks_min_bytes(), module.column_k_block()
     large = request.param == "large-step-paths"
     module.set_spread_lines_min_step_bytes(0 if large else 1 << 40)
@@ -275,15 +276,19 @@ def test_one_call_inference_is_taken_only_without_lengths_folding_or_float64(mod
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gru_panel_forward_matches_torch_nn(module, split, step_size_paths, panel_calls, hidden, batch, grad, lengths,
-                                            bias):
+                                            bias, monkeypatch):
     """The GRU's panels hold 3 gates (8-row chunks: 13 rows are 8 + 5, 17 are 8 + 8 + 1):
-    outputs, final states and gradients as torch.nn's, however the work is split."""
+    outputs, final states and gradients as torch.nn's, however the work is split; the
+    reverse sweep's dZ_h W_hh (the direct path dh z added after it) on column panels."""
+    monkeypatch.setattr(native, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
     run = _TwoLayersBothWays("gru", hidden, batch, grad, lengths, bias=bias)
     # W_hh of every layer and direction, with grad or without
     assert panel_calls == [((3 * hidden, hidden),)] * 4
     run.check_outputs()
     if grad:
+        panel_calls.clear()
         run.check_gradients()
+        assert panel_calls == [("backward", (3 * hidden, hidden))] * 4
 
 
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
@@ -312,12 +317,13 @@ def test_gru_panel_forward_saves_what_backward_reads(module, split, step_size_pa
 @pytest.mark.parametrize("hidden, batch", [(16, 6), (21, 13), (70, 7)], ids=lambda v: str(v))
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
-def test_rnn_panel_forward_matches_torch_nn(module, split, panel_calls, mode, fold, hidden, batch, grad, lengths,
-                                           monkeypatch):
+def test_rnn_panel_forward_matches_torch_nn(module, split, step_size_paths, panel_calls, mode, fold, hidden, batch,
+                                           grad, lengths, monkeypatch):
     """The RNN's column panels hold 64 units (70 = 64 + 6: a ragged second panel), of W_hhᵀ
-    or, folded, of [W_ih, W_hh]ᵀ: outputs, final states and gradients as torch.nn's,
-    however the work is split."""
+    or, folded, of [W_ih, W_hh]ᵀ, and the reverse sweep's of W_hh: outputs, final states
+    and gradients as torch.nn's, however the work is split."""
     monkeypatch.setattr(native, "fold_input_max_ratio", fold)
+    monkeypatch.setattr(native, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
     run = _TwoLayersBothWays(mode, hidden, batch, grad, lengths)
     if fold:  # [W_ih, W_hh] of every layer and direction: 7 inputs below, 2H above
         expected = [("rnn", (hidden, 7 + hidden))] * 2 + [("rnn", (hidden, 3 * hidden))] * 2
@@ -326,7 +332,9 @@ def test_rnn_panel_forward_matches_torch_nn(module, split, panel_calls, mode, fo
     assert sorted(panel_calls) == sorted(expected)
     run.check_outputs()
     if grad:
+        panel_calls.clear()
         run.check_gradients()
+        assert panel_calls == [("backward", (hidden, hidden))] * 4
 
 
 def test_rnn_sigmoid_on_panels_matches_the_plain_gemm(module, panel_calls, monkeypatch):

@@ -307,9 +307,9 @@ def _gate_panels(weights: tuple[Tensor, ...], gates: int, batch: int, native, st
 
 
 def _backward_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | None:
-    """W_hh (4H, H) in the column panels of the compiled backward's per-step GEMM dZ_t W_hh,
-    or None (MKL's sgemm) where they do not pay (see _panels_pay and
-    ``backward_panels_min_batch`` in whiteboard.native)."""
+    """W_hh (G·H, H) in the column panels of the compiled reverse sweep's per-step GEMM
+    dZ_t W_hh (LSTM, GRU and RNN alike), or None (MKL's sgemm) where they do not pay (see
+    _panels_pay and ``backward_panels_min_batch`` in whiteboard.native)."""
     if not _panels_pay(w_hh.dtype, steps, batch, native):
         return None
     fits_row_blocks = w_hh.numel() * w_hh.element_size() <= native.row_blocks_max_weight_bytes()
@@ -393,16 +393,17 @@ class FusedRNN(torch.autograd.Function):
         dh = _state_grad(d_hn, hs[0])
         d_out = _output_grad(d_out, hs[1:])
         if native is not None:
-            H = hs.shape[-1]
+            B, H = hs.shape[1], hs.shape[2]
             dz_buffer, chunks = _sweep_chunks(T, H, d_out, native)  # (steps, B, H)
             db = d_out.new_zeros(H)  # summed in the sweep
             w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
             needs = ctx.needs_input_grad
             grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]), native)
+            panels = _backward_panels(w_hh, B, native, T)
             for begin, end in chunks:
                 dz = dz_buffer[: end - begin]
                 native.rnn_backward(d_out, hs, w_hh, dh, dz, db, RNN_KINDS[ctx.nonlinearity], native_mask,
-                                        begin, end)
+                                    begin, end, panels)
                 grads.add(dz, begin, end)
             return _rnn_grads(ctx, grads.result(), dh, db)
         deriv = _rnn_derivative(hs[1:], ctx.nonlinearity)  # (T, B, H)
@@ -636,11 +637,12 @@ class FusedGRU(torch.autograd.Function):
             db = x.new_zeros(4 * H)  # [b_ir, b_iz, b_in | b_hn] summed in the sweep
             needs = ctx.needs_input_grad
             grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]), native)
+            panels = _backward_panels(w_hh, B, native, T)
             for begin, end in chunks:
                 steps = end - begin
                 dz_x = buffer.view(-1)[: steps * B * 3 * H].view(steps, B, 3 * H)
                 dn_h = buffer.view(-1)[steps * B * 3 * H : steps * B * 4 * H].view(steps, B, H)
-                native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, native_mask, begin, end)
+                native.gru_backward(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, native_mask, begin, end, panels)
                 rows = dz_x.view(steps * B, 3 * H)
                 grads.add(dz_x, begin, end, [(slice(0, 2 * H), rows[:, : 2 * H]), (slice(2 * H, None), dn_h.view(-1, H))])
             dx, dw_ih, dw_hh = grads.result()

@@ -660,6 +660,24 @@ bool lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
 void column_panel_product(const float* a, int64_t lda, int64_t r0, int64_t r1, const at::Tensor& panels, float* out,
                           int64_t ldo, int64_t n);
 
+// The reverse sweeps' per-step product, rows [r0, r1) of (B, H) out = dZ_t (row stride
+// lda) x W_hh (lda x H), on W_hh in column panels where the caller packed them (float32,
+// AVX-512): true where it ran, false where the caller runs MKL's sgemm on the plain W_hh.
+// (oneDNN's packed weights, which win in the forward over MKL, were no faster for this
+// long-K, short-N shape once packing W_hh^T, and transposing it first, is counted: 20-30 %
+// slower at batch 20.)
+template <typename T>
+bool column_panel_step(const T* dz_t, int64_t lda, int64_t r0, int64_t r1, const c10::optional<at::Tensor>& panels,
+                       T* out, int64_t H) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (panels.has_value()) {
+      column_panel_product(dz_t, lda, r0, r1, *panels, out, H, H);
+      return true;
+    }
+  }
+  return false;
+}
+
 template <typename T>
 void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& w_hh,
                         at::Tensor& dh, at::Tensor& dc, at::Tensor& dz, at::Tensor& db,
@@ -719,18 +737,8 @@ void lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& gates, const 
           dcb[j] = alive * flush(dc_t * f) + (T(1) - alive) * dcb[j];
         }
       });
-      // (B, 4H) x (4H, H): on W_hh in column panels (float32, AVX-512), else MKL's sgemm on
-      // the plain W_hh. (oneDNN's packed weights, which win in the forward over MKL, were no
-      // faster for this long-K, short-N shape once packing W_hh^T, and transposing it
-      // first, is counted: 20-30 % slower at batch 20.)
-      bool done = false;
-      if constexpr (std::is_same_v<T, float>) {
-        if (panels.has_value()) {
-          column_panel_product(dzt, 4 * H, r0, r1, *panels, dh_prev.data_ptr<float>(), H, H);
-          done = true;
-        }
-      }
-      if (!done) {
+      // (B, 4H) x (4H, H)
+      if (!column_panel_step<T>(dzt, 4 * H, r0, r1, panels, dh_prev.data_ptr<T>(), H)) {
         at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
         at::mm_out(dh_prev_rows, row_block(dzt, r0, r1, 4 * H, dz), w_hh);
       }
@@ -756,11 +764,13 @@ bool spread_lines(int64_t step_bytes) { return step_bytes >= g_spread_lines_min_
 void set_spread_lines_min_step_bytes(int64_t bytes) { g_spread_lines_min_step_bytes.store(bytes); }
 int64_t spread_lines_min_step_bytes() { return g_spread_lines_min_step_bytes.load(); }
 
-// Where the rows of the LSTM reverse sweep's dZ_t W_hh (B x 4H floats) take at least this
-// many bytes, its column-panel GEMM walks K in blocks (column_panel_product_blocked). At
-// config (d) (2 MB) the sweep alone took 186 -> 169 ms (interleaved medians); at (c)
+// Where the rows of a reverse sweep's dZ_t W_hh (B x G·H floats) take at least this many
+// bytes, its column-panel GEMM walks K in blocks (column_panel_product_blocked). At config
+// (d) (2 MB) the LSTM's sweep alone took 186 -> 169 ms (interleaved medians); at (c)
 // (512 kB) it was even, at batch 20 with 650 units 13 % slower (its 11 panels split 6 / 5
-// over two threads, where (panel, row chunk) items split evenly).
+// over two threads, where (panel, row chunk) items split evenly). The GRU's (d) (1.5 MB)
+// is blocked too; 128 kB instead, which blocks the RNN's (d) and both at (c), was within
+// noise of this (seventh session).
 std::atomic<int64_t> g_column_blocks_min_bytes{1 << 20};
 void set_column_blocks_min_bytes(int64_t bytes) { g_column_blocks_min_bytes.store(bytes); }
 int64_t column_blocks_min_bytes() { return g_column_blocks_min_bytes.load(std::memory_order_relaxed); }
@@ -992,7 +1002,7 @@ void panel_time_loop(int64_t B, int64_t steps, const at::Tensor& panels, int64_t
 }
 
 // A (K, N) matrix (row stride N) in panels of 64 columns: (ceil(N / 64), K, 64), zeros past
-// N. For the LSTM backward's dh_{t-1} = dZ_t W_hh, W_hh (4H, H) packed once per call. Against
+// N. For the reverse sweeps' dh_{t-1} = dZ_t W_hh, W_hh (G·H, H) packed once per call. Against
 // MKL's sgemm on the plain W_hh, in us per step on two threads (medians, interleaved): B 20,
 // H 200: 23 / 38; B 20, H 650: 281 / 308; B 64, H 512: 391 / 452; B 128, H 1024: 3305 / 3239.
 at::Tensor column_panels(const at::Tensor& matrix) {
@@ -1546,7 +1556,7 @@ template <typename T>
 void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
                        const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dz_x,
                        at::Tensor& dn_h, at::Tensor& db, const c10::optional<at::Tensor>& mask,
-                       int64_t t_begin, int64_t t_end) {
+                       int64_t t_begin, int64_t t_end, const c10::optional<at::Tensor>& panels) {
   // The gradient of the hidden projection W_hh h + b_hh equals dz_x in its r and z blocks
   // and differs only in the n block (d_n * r): that block alone is kept for all steps
   // (dn_h, T x B x H), the full (B, 3H) row lives in a one-step scratch for the GEMM.
@@ -1604,9 +1614,20 @@ void gru_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
           acc[3 * H + j] += d_hn;
         }
       });
-      at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
-      at::addmm_out(dh_prev_rows, row_block(dir, r0, r1, H, direct), row_block(dhh, r0, r1, 3 * H, dz_h), w_hh);  // dh z + dZ_h W_hh
-      take_alive_rows<T>(dh, dh_prev, mt, r0, r1);
+      // dh_{t-1} = dh_t z + dZ_h W_hh, (B, 3H) x (3H, H)
+      if (column_panel_step<T>(dhh, 3 * H, r0, r1, panels, dh_prev.data_ptr<T>(), H)) {
+        T* const dh_out = dhp;
+        const T* const product = dh_prev.data_ptr<T>();
+        for_rows_in(r0, r1, H, [=](int64_t b) {
+          if (mt != nullptr && !mt[b]) return;  // a finished sequence carries its gradient
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) dh_out[b * H + j] = product[b * H + j] + dir[b * H + j];
+        });
+      } else {
+        at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
+        at::addmm_out(dh_prev_rows, row_block(dir, r0, r1, H, direct), row_block(dhh, r0, r1, 3 * H, dz_h), w_hh);
+        take_alive_rows<T>(dh, dh_prev, mt, r0, r1);
+      }
     }
   });
   bias_sum.add_into(db);
@@ -1695,7 +1716,7 @@ bool rnn_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>& 
 template <typename T>
 void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor& dh,
                        at::Tensor& dz, at::Tensor& db, int64_t kind, const c10::optional<at::Tensor>& mask,
-                       int64_t t_begin, int64_t t_end) {
+                       int64_t t_begin, int64_t t_end, const c10::optional<at::Tensor>& panels) {
   // Steps t_end - 1 down to t_begin; dz holds those steps only (dz[t - t_begin]).
   const int64_t B = d_out.size(1), H = d_out.size(2);
   const bool* m = mask_ptr(mask);
@@ -1724,8 +1745,11 @@ void rnn_backward_impl(const at::Tensor& d_out, const at::Tensor& hs, const at::
           acc[j] += d;
         }
       });
-      at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
-      at::mm_out(dh_prev_rows, row_block(dzt, r0, r1, H, dz), w_hh);
+      // (B, H) x (H, H)
+      if (!column_panel_step<T>(dzt, H, r0, r1, panels, dh_prev.data_ptr<T>(), H)) {
+        at::Tensor dh_prev_rows = row_block(dh_prev.data_ptr<T>(), r0, r1, H, dh_prev);
+        at::mm_out(dh_prev_rows, row_block(dzt, r0, r1, H, dz), w_hh);
+      }
       take_alive_rows<T>(dh, dh_prev, mt, r0, r1);
     }
   });
@@ -1816,10 +1840,12 @@ bool gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& b_ih, co
 
 void gru_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& rz, const at::Tensor& n,
                   const at::Tensor& hn, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz_x, at::Tensor dn_h,
-                  at::Tensor db, const c10::optional<at::Tensor>& mask, int64_t t_begin, int64_t t_end) {
+                  at::Tensor db, const c10::optional<at::Tensor>& mask, int64_t t_begin, int64_t t_end,
+                  const c10::optional<at::Tensor>& panels) {
   check_backward_range(dz_x, n.size(0), t_begin, t_end);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &rz, &n, &hn, &w_hh, &dh, &dz_x, &dn_h}) check(*t, "gru_backward argument");
-  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, mask, t_begin, t_end));
+  TORCH_CHECK(!panels.has_value() || n.scalar_type() == at::kFloat, "gru_backward: column panels are float32");
+  WB_DISPATCH(n, "gru_backward", gru_backward_impl<scalar_t>(d_out, hs, rz, n, hn, w_hh, dh, dz_x, dn_h, db, mask, t_begin, t_end, panels));
 }
 
 bool rnn_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& bias, const at::Tensor& w_hh_t, at::Tensor hs,
@@ -1840,10 +1866,12 @@ bool rnn_forward_folded(const at::Tensor& x, const c10::optional<at::Tensor>& bi
 }
 
 void rnn_backward(const at::Tensor& d_out, const at::Tensor& hs, const at::Tensor& w_hh, at::Tensor dh, at::Tensor dz,
-                  at::Tensor db, int64_t kind, const c10::optional<at::Tensor>& mask, int64_t t_begin, int64_t t_end) {
+                  at::Tensor db, int64_t kind, const c10::optional<at::Tensor>& mask, int64_t t_begin, int64_t t_end,
+                  const c10::optional<at::Tensor>& panels) {
   check_backward_range(dz, d_out.size(0), t_begin, t_end);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d_out, &hs, &w_hh, &dh, &dz}) check(*t, "rnn_backward argument");
-  WB_DISPATCH(hs, "rnn_backward", rnn_backward_impl<scalar_t>(d_out, hs, w_hh, dh, dz, db, kind, mask, t_begin, t_end));
+  TORCH_CHECK(!panels.has_value() || hs.scalar_type() == at::kFloat, "rnn_backward: column panels are float32");
+  WB_DISPATCH(hs, "rnn_backward", rnn_backward_impl<scalar_t>(d_out, hs, w_hh, dh, dz, db, kind, mask, t_begin, t_end, panels));
 }
 
 // ------------------------------------------------------------------ few-row inference
