@@ -14,6 +14,14 @@ torch.nn step in the same process. ``floor / torch.nn`` is the best ratio that a
 implementation doing the same float32 arithmetic through torch's GEMMs can reach: the
 pointwise gate math, the memory traffic and the per-step overhead all come on top.
 
+whiteboard's own per-step kernels (recurrent.cpp's panels) beat MKL's small GEMMs, so for
+them that is not a floor. The ``peak`` columns are: the same products' FLOPs at the best
+rate MKL reaches on any of a few large and in-cache shapes in this process (``--peak``
+shows it), the step's whole time at that rate. No float32 kernel here does much better
+than that rate (MKL's large GEMMs run at ~93 % of the FMA units' peak), so ``peak floor /
+torch.nn`` is about the best ratio reachable at all, with every product and all the
+gate math at the machine's best GEMM rate.
+
     python benchmarks/gemm_floor.py --rounds 5
 """
 
@@ -62,6 +70,35 @@ def _big_gemm_ms(m: int, k: int, n: int, rounds: int) -> float:
     return _median_ms(lambda: torch.mm(a, b), rounds)
 
 
+#: Shapes (m, k, n) the best GEMM rate is taken over: large, and in a core's cache.
+PEAK_SHAPES = [(6400, 1024, 1024), (2048, 2048, 2048), (1024, 1024, 1024), (512, 512, 512), (256, 256, 256)]
+
+
+def peak_gflops(rounds: int) -> float:
+    """The best float32 GEMM rate MKL reaches here, GFLOP/s (medians per shape)."""
+    best = 0.0
+    for m, k, n in PEAK_SHAPES:
+        a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+        repeats = max(1, int(2e9 // (2 * m * k * n)))  # ~2 GFLOP a round
+        ms = _median_ms(lambda: torch.mm(a, b, out=out), rounds, repeats)
+        best = max(best, 2 * m * k * n / ms / 1e6)
+    return best
+
+
+def flops(cell: str, config: str) -> tuple[float, float]:
+    """GFLOP of the products above: (training step, inference)."""
+    layers, inp, hidden, batch, steps = CONFIGS[config]
+    gh = GATES[cell] * hidden
+    rows = steps * batch
+    train = infer = 0.0
+    for layer in range(layers):
+        layer_in = inp if layer == 0 else hidden
+        forward = 2 * rows * gh * (layer_in + hidden)
+        infer += forward
+        train += forward + 2 * rows * gh * (hidden + 2 * layer_in + hidden)  # dh, dX, dW_ih, dW_hh
+    return train / 1e9, infer / 1e9
+
+
 def floor_ms(cell: str, config: str, rounds: int) -> tuple[float, float]:
     layers, inp, hidden, batch, steps = CONFIGS[config]
     gh = GATES[cell] * hidden
@@ -96,16 +133,21 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    peak = peak_gflops(args.rounds)
     print(f"# torch {torch.__version__}, {platform.machine()}, threads {torch.get_num_threads()}, "
-          f"medians of {args.rounds} rounds")
-    print_table_header("cell", "config", "train: GEMM floor ms", "torch.nn ms", "**floor / torch.nn**",
-                       "infer: GEMM floor ms", "torch.nn ms", "**floor / torch.nn**")
+          f"medians of {args.rounds} rounds; best GEMM rate (peak) {peak:.0f} GFLOP/s")
+    print_table_header("cell", "config", "train: GEMM floor ms", "peak floor ms", "torch.nn ms",
+                       "**floor / torch.nn**", "**peak floor / torch.nn**", "infer: GEMM floor ms", "peak floor ms",
+                       "torch.nn ms", "**floor / torch.nn**", "**peak floor / torch.nn**")
     for cell, config in selected(args):
         floor_train, floor_infer = floor_ms(cell, config, args.rounds)
         torch_train, torch_infer = torch_ms(cell, config, args.rounds)
-        print_table_row(cell, f"{config} {CONFIGS[config]}", f"{floor_train:.2f}", f"{torch_train:.2f}",
-                        f"**{floor_train / torch_train:.2f}**", f"{floor_infer:.2f}", f"{torch_infer:.2f}",
-                        f"**{floor_infer / torch_infer:.2f}**")
+        peak_train, peak_infer = (gflop / peak * 1e3 for gflop in flops(cell, config))
+        print_table_row(cell, f"{config} {CONFIGS[config]}", f"{floor_train:.2f}", f"{peak_train:.2f}",
+                        f"{torch_train:.2f}", f"**{floor_train / torch_train:.2f}**",
+                        f"**{peak_train / torch_train:.2f}**", f"{floor_infer:.2f}", f"{peak_infer:.2f}",
+                        f"{torch_infer:.2f}", f"**{floor_infer / torch_infer:.2f}**",
+                        f"**{peak_infer / torch_infer:.2f}**")
 
 
 if __name__ == "__main__":

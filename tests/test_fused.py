@@ -461,6 +461,19 @@ def test_time_chunks_are_as_even_as_their_count_allows(steps, largest):
     assert max(sizes) - min(sizes) <= 1 and sizes[0] == max(sizes)
 
 
+def test_time_chunks_of_large_steps_keep_enough_rows_for_the_gemms():
+    """Steps of LARGE_STEP_BYTES or more: no more chunks than leave MIN_CHUNK_ROWS rows
+    each (config (d)'s GRU: 16 MB chunks of 2 MB steps at batch 128 would be 7 of 7-8
+    steps); smaller steps, or no batch given, keep the byte limit alone."""
+    large = fused.LARGE_STEP_BYTES
+    assert fused.MIN_CHUNK_ROWS == 2048
+    assert fused._chunks(50, 2 * large, 16 * large, 128) == [(0, 17), (17, 34), (34, 50)]
+    assert len(fused._chunks(50, 2 * large, 16 * large)) == 7  # no batch: the byte limit
+    assert len(fused._chunks(50, large // 2, 4 * large, 128)) == 7  # small steps: the byte limit
+    assert fused._chunks(10, large, 2 * large, 100) == [(0, 10)]  # 1,000 rows in all: one chunk
+    assert len(fused._chunks(50, 2 * large, 64 * large, 128)) == 2  # the byte limit already leaves more rows
+
+
 def test_pool_size_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("WHITEBOARD_POOL_MB", raising=False)
     assert native.pool_max_idle_bytes() == 1024 << 20
