@@ -754,9 +754,110 @@ def test_few_row_inference_in_one_call_matches_torch_nn(mode, dtype, shape, bias
         torch.testing.assert_close(a, b, **tol)
 
 
+def _spy_calls(module, monkeypatch, names):
+    """Record the name of every call to `names` of the compiled module (then run it)."""
+    calls = []
+    for name in names:
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a), raising=False)
+    return calls
+
+
+LAYER_CALLS = ("rnn_inference", "lstm_inference", "gru_inference")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 8), (2, 3), (3, None)], ids=["one-token", "32-rows", "6-rows", "unbatched"])
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("given_state", [True, False], ids=["state", "zeros"])
+def test_few_row_inference_of_a_stack_is_one_call_matching_torch_nn(mode, dtype, shape, layers, bias, given_state,
+                                                                    monkeypatch):
+    """Without grad, a few rows in all through a one-directional stack (generation): every
+    layer in one compiled call (recurrent.cpp's stack_inference), each layer on the output
+    of the one below; outputs and final states as torch.nn's. (The RNN's relu checks that
+    the nonlinearity reaches the call.)"""
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled loops are not built here")
+    calls = _spy_calls(module, monkeypatch, ("stack_inference",) + LAYER_CALLS)
+    steps, batch = shape
+    layer, reference = make_pair(mode, I, H, dtype=dtype, num_layers=layers, bias=bias, dropout=0.3 if layers > 1 else 0)
+    layer.eval(), reference.eval()  # dropout between layers is off in eval mode: the one call is taken
+    x = torch.randn((steps, I) if batch is None else (steps, batch, I), dtype=dtype)
+    state_shape = (layers, H) if batch is None else (layers, batch, H)
+    state = initial_state(mode, state_shape, dtype, "cpu") if given_state else None
+    with torch.no_grad():
+        output, final = layer(x, state)
+        ref_output, ref_final = reference(x, state)
+    assert calls == ["stack_inference"]  # it calls no layer's *_inference from Python
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(output, ref_output, **tol)
+    assert len(state_tensors(final)) == len(state_tensors(ref_final))
+    for a, b in zip(state_tensors(final), state_tensors(ref_final)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_stack_in_one_call_also_for_batch_first_and_a_sigmoid_rnn(monkeypatch):
+    import whiteboard
+
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled loops are not built here")
+    x = torch.randn(2, 3, I)  # (B, T, I)
+    for make in (lambda: whiteboard.GRU(I, H, num_layers=2, batch_first=True),
+                 lambda: whiteboard.RNN(I, H, num_layers=2, nonlinearity="sigmoid")):
+        layer = make()
+        with torch.no_grad():
+            layer.implementation = "fused"
+            expected, expected_final = layer(x)
+            layer.implementation = "auto"
+            calls = _spy_calls(module, monkeypatch, ("stack_inference",))
+            output, final = layer(x)
+        assert calls == ["stack_inference"]
+        torch.testing.assert_close(output, expected, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(final, expected_final, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("case", ["grad", "lengths", "bidirectional", "dropout-in-training", "rows-over-the-limit",
+                                  "fused", "layernorm"])
+def test_stack_in_one_call_only_where_the_layers_would_each_make_one_call(case, monkeypatch):
+    """The stack call is for what one call per layer would do anyway: not with grad (the
+    autograd path), lengths, two directions, dropout between layers to apply, more than a
+    few rows, another implementation asked for, or a cell without compiled loops."""
+    import whiteboard
+
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled loops are not built here")
+    calls = _spy_calls(module, monkeypatch, ("stack_inference",))
+    kwargs = {"bidirectional": case == "bidirectional", "dropout": 0.5 if case == "dropout-in-training" else 0.0}
+    cls = whiteboard.LayerNormLSTM if case == "layernorm" else whiteboard.GRU
+    layer = cls(I, H, num_layers=2, implementation="fused" if case == "fused" else "auto", **kwargs)
+    steps = 40 if case == "rows-over-the-limit" else 1  # 40 x 1 rows: over native.transpose_max_rows
+    x = torch.randn(steps, 1, I, requires_grad=case == "grad")
+    lengths = torch.tensor([steps]) if case == "lengths" else None
+    with torch.set_grad_enabled(case == "grad"):
+        layer(x, lengths=lengths)
+    assert calls == []
+    layer.eval()
+    if case not in ("grad", "lengths", "bidirectional", "rows-over-the-limit", "fused", "layernorm"):
+        with torch.no_grad():
+            layer(x)  # the same layer in eval mode: no dropout to apply
+        assert calls == ["stack_inference"]
+
+
 @pytest.mark.parametrize("mode, where", _value_sites("input", "h0", "c0", "weight_ih", "bias"))
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_few_row_inference_with_non_finite_values_matches_torch_nn(mode, where, value):
+def test_few_row_inference_with_non_finite_values_matches_torch_nn(mode, where, value, monkeypatch):
+    """The stack call meets the NaN or Inf in its first layer and returns nothing; the
+    layers then run one by one, the first on the torch loop."""
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled loops are not built here")
+    calls = _spy_calls(module, monkeypatch, ("stack_inference",) + LAYER_CALLS)
     layer, reference = make_pair(mode, I, H, dtype=torch.float32, num_layers=2)
     x = torch.randn(1, 2, I)
     state = [s.detach() for s in state_tensors(initial_state(mode, (2, 2, H), torch.float32, "cpu"))]
@@ -774,5 +875,6 @@ def test_few_row_inference_with_non_finite_values_matches_torch_nn(mode, where, 
         ours, theirs = layer(x, hx), reference(x, hx)
     for a, b in zip([ours[0], *state_tensors(ours[1])], [theirs[0], *state_tensors(theirs[1])]):
         torch.testing.assert_close(a, b, equal_nan=True, **TOLERANCES[torch.float32])
+    assert calls[0] == "stack_inference" and len(calls) == 3  # then each layer's own call
     if value != value:  # a NaN always reaches the output (an Inf may saturate a gate)
         assert torch.isnan(theirs[0]).any()

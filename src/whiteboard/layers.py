@@ -90,6 +90,8 @@ class _RecurrentBase(nn.Module):
 
     mode: str
     gate_count: int
+    #: recurrent.cpp's stack_inference cell (0 RNN, 1 LSTM, 2 GRU); None: no such call.
+    stack_cell: int | None = None
 
     def __init__(
         self,
@@ -253,9 +255,12 @@ class _RecurrentBase(nn.Module):
         states = self._initial_states(hx, B, x, unbatched)
         mask = self._mask(lengths, T, B, x.device)
 
-        outputs, finals, trace_steps = self._stack(x, states, mask, lengths, trace)
-
-        finals = [torch.stack(f, 0) for f in finals]  # each (L*D, B, H)
+        stacked = None if trace or mask is not None else self._stack_in_one_call(x, states)
+        if stacked is not None:
+            outputs, finals, trace_steps = stacked[0], stacked[1:], None
+        else:
+            outputs, finals, trace_steps = self._stack(x, states, mask, lengths, trace)
+            finals = [torch.stack(f, 0) for f in finals]  # each (L*D, B, H)
         if packed:
             output = self._repack(outputs, input)
         elif unbatched:
@@ -330,6 +335,26 @@ class _RecurrentBase(nn.Module):
         steps = torch.arange(T, device=device).unsqueeze(1).expand(T, B)
         lengths = torch.as_tensor(lengths, device=device).unsqueeze(0)
         return torch.where(steps < lengths, lengths - 1 - steps, steps)
+
+    def _stack_in_one_call(self, x: Tensor, states: list[Tensor]) -> list[Tensor] | None:
+        """All layers in one compiled call (recurrent.cpp's stack_inference) where a call
+        without grad covers a few rows in all (generation: one token at a time, where the
+        per-layer Python cost about as much as the layers' compiled calls), one direction,
+        no dropout between layers to apply: [output, h_n (, c_n)]. Else, or where a NaN or
+        Inf was met, None: the layers run one by one."""
+        T, B = x.shape[0], x.shape[1]
+        if (self.stack_cell is None or self.bidirectional or self._zoneout is not None
+                or T * B > native.transpose_max_rows or (self.dropout > 0 and self.training and self.num_layers > 1)
+                or self.implementation in ("reference", "fused")):
+            return None
+        compiled = self._native_for(x)
+        if compiled is None:
+            return None
+        weights = [w for layer in range(self.num_layers) for w in self.layer_weights(layer, 0)]
+        if torch.is_grad_enabled() and _any_requires_grad(x, states, weights):
+            return None
+        kind = fused.RNN_KINDS[self.nonlinearity] if self.mode == "RNN" else 0
+        return compiled.stack_inference(self.stack_cell, x.contiguous(), states, weights, kind) or None
 
     def _stack(self, x: Tensor, states: list[Tensor], mask, lengths, trace: bool):
         T, B = x.shape[0], x.shape[1]
@@ -467,6 +492,7 @@ class RNN(_RecurrentBase):
 
     mode = "RNN"
     gate_count = 1
+    stack_cell = 0
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh", *args, **kwargs):
         if nonlinearity not in cells.NONLINEARITIES:
@@ -528,6 +554,7 @@ class LSTM(_RecurrentBase):
 
     mode = "LSTM"
     gate_count = 4
+    stack_cell = 1
 
     def __init__(self, *args, proj_size: int = 0, **kwargs):
         if proj_size:
@@ -572,6 +599,7 @@ class GRU(_RecurrentBase):
 
     mode = "GRU"
     gate_count = 3
+    stack_cell = 2
 
     def _step(self, x_t, state, weights):
         return cells.gru_step(x_t, state[0], *weights)
@@ -612,6 +640,7 @@ class LayerNormLSTM(LSTM):
     """
 
     eps = cells.LAYER_NORM_EPS
+    stack_cell = None  # no compiled loop
 
     def _extra_parameter_sizes(self) -> dict[str, int]:
         H = self.hidden_size
