@@ -85,14 +85,18 @@ def peak_gflops(rounds: int) -> float:
     return best
 
 
+def _layers(cell: str, config: str):
+    """Per layer: (its input size I_l, H, G·H, batch, steps)."""
+    layers, inp, hidden, batch, steps = CONFIGS[config]
+    for layer in range(layers):
+        yield (inp if layer == 0 else hidden), hidden, GATES[cell] * hidden, batch, steps
+
+
 def flops(cell: str, config: str) -> tuple[float, float]:
     """GFLOP of the products above: (training step, inference)."""
-    layers, inp, hidden, batch, steps = CONFIGS[config]
-    gh = GATES[cell] * hidden
-    rows = steps * batch
     train = infer = 0.0
-    for layer in range(layers):
-        layer_in = inp if layer == 0 else hidden
+    for layer_in, hidden, gh, batch, steps in _layers(cell, config):
+        rows = steps * batch
         forward = 2 * rows * gh * (layer_in + hidden)
         infer += forward
         train += forward + 2 * rows * gh * (hidden + 2 * layer_in + hidden)  # dh, dX, dW_ih, dW_hh
@@ -100,12 +104,9 @@ def flops(cell: str, config: str) -> tuple[float, float]:
 
 
 def floor_ms(cell: str, config: str, rounds: int) -> tuple[float, float]:
-    layers, inp, hidden, batch, steps = CONFIGS[config]
-    gh = GATES[cell] * hidden
-    rows = steps * batch
     train = infer = 0.0
-    for layer in range(layers):
-        layer_in = inp if layer == 0 else hidden
+    for layer_in, hidden, gh, batch, steps in _layers(cell, config):
+        rows = steps * batch
         forward = _big_gemm_ms(rows, layer_in, gh, rounds) + _step_gemm_ms(batch, hidden, gh, steps, rounds)
         backward = (
             _step_gemm_ms(batch, gh, hidden, steps, rounds)  # dh_{t-1} = dZ_t W_hh
