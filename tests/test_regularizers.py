@@ -112,3 +112,24 @@ def test_activation_regularizers():
     assert activation_regularization(out, 2.0) == pytest.approx(2.0 * (1 + 4 + 9 + 4) / 4)
     assert temporal_activation_regularization(out, 1.0) == pytest.approx((4 + 0) / 2)
     assert temporal_activation_regularization(out[:1], 1.0) == 0
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
+def test_a_weight_replaced_by_a_plain_tensor_is_used_awd_style(grad):
+    """The original AWD-LSTM WeightDrop deletes the Parameter and sets a plain (dropped)
+    tensor under the same name before each call: the layer must read that tensor."""
+    layer = whiteboard.LSTM(4, 6, num_layers=2)
+    reference = whiteboard.LSTM(4, 6, num_layers=2, implementation="reference")
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 1, 4)  # a few steps: W_hh acts from the second on
+    with torch.no_grad():
+        reference.weight_hh_l1.mul_(0.5)
+        expected, _ = reference(x)
+        unchanged, _ = layer(x)
+    raw = layer.weight_hh_l1
+    del layer._parameters["weight_hh_l1"]
+    layer.weight_hh_l1 = raw.detach() * 0.5  # a plain tensor attribute now
+    with torch.set_grad_enabled(grad):
+        output, _ = layer(x)
+    torch.testing.assert_close(output, expected)
+    assert not torch.allclose(output, unchanged)
