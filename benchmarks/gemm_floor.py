@@ -34,7 +34,7 @@ import time
 import torch
 
 from recurrent_speed import (CELLS, CONFIGS, _infer_step, _train_step, print_table_header, print_table_row,
-                             selected, selection_parser)
+                             selected, selection_parser, settle_malloc)
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
@@ -133,6 +133,7 @@ def main(argv=None) -> None:
     parser = selection_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
+    settle_malloc()
     torch.manual_seed(0)
     peak = peak_gflops(args.rounds)
     print(f"# torch {torch.__version__}, {platform.machine()}, threads {torch.get_num_threads()}, "

@@ -18,6 +18,8 @@ from torch import nn
 from whiteboard.config import ModelConfig
 from whiteboard.model import LanguageModel
 
+from recurrent_speed import settle_malloc
+
 
 def build(vocab: int, hidden: int, layers: int, backend: str) -> LanguageModel:
     model = LanguageModel(vocab, ModelConfig(cell="lstm", embedding_size=hidden, hidden_size=hidden, num_layers=layers))
@@ -38,6 +40,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10, help="training steps per round")
     args = parser.parse_args(argv)
+    settle_malloc()
     torch.manual_seed(0)
     models = {name: build(args.vocab, args.hidden, args.layers, name) for name in ("ours", "torch")}
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.1) for name, m in models.items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import platform
 import statistics
 import time
@@ -37,6 +38,17 @@ CELLS = {
     "gru": (whiteboard.GRU, torch.nn.GRU),
     "rnn": (whiteboard.RNN, torch.nn.RNN),
 }
+
+
+def settle_malloc() -> None:
+    """Put glibc's allocator in the state of a process that has run for a while. glibc
+    serves each allocation above its mmap threshold (128 kB at start) with a fresh mmap,
+    page-faulted on every call, and raises the threshold to the size of the first such
+    chunk freed (up to 32 MB). A training process has long since freed one; a benchmark's
+    fresh process had not, and torch.nn's LSTM training step at config (a) took 21-25 ms
+    there against 15-16.5 after one 30 MB tensor was freed (three processes each)."""
+    chunk = torch.empty(30 << 18)  # 30 MB of float32
+    del chunk
 
 
 def _sync(device: torch.device) -> None:
@@ -70,7 +82,16 @@ def _spread(values: list[float]) -> float:
     return q[2] - q[0]
 
 
-def bench(cell: str, config: str, device: torch.device, rounds: int, repeats: int, warmup: int, implementation: str):
+def _repeats_for(fns, device, repeats: int, min_window: float) -> int:
+    """At least ``repeats`` steps a timed round, and enough that the faster side's round
+    lasts ``min_window`` seconds: at config (g) three calls of 0.35 ms were a 1 ms window,
+    and its inference ratio swung 0.91-1.03 between runs of the same code."""
+    fastest = min(_time(fn, device, 1) for fn in fns.values())
+    return max(repeats, math.ceil(min_window / max(fastest, 1e-9)))
+
+
+def bench(cell: str, config: str, device: torch.device, rounds: int, repeats: int, warmup: int, implementation: str,
+          min_window: float = 0.0):
     layers, inp, hidden, batch, steps = CONFIGS[config]
     ours_cls, torch_cls = CELLS[cell]
     reference = torch_cls(inp, hidden, num_layers=layers).to(device)
@@ -87,11 +108,12 @@ def bench(cell: str, config: str, device: torch.device, rounds: int, repeats: in
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
+        steps_per_round = _repeats_for(fns, device, repeats, min_window)
         times = {"ours": [], "torch": []}
         for r in range(rounds):
             order = ("ours", "torch") if r % 2 == 0 else ("torch", "ours")
             for name in order:
-                times[name].append(_time(fns[name], device, repeats))
+                times[name].append(_time(fns[name], device, steps_per_round))
         ours_med = statistics.median(times["ours"])
         torch_med = statistics.median(times["torch"])
         results[kind] = (ours_med, _spread(times["ours"]), torch_med, _spread(times["torch"]), ours_med / torch_med)
@@ -129,19 +151,24 @@ def main(argv=None) -> None:
     parser = selection_parser(__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="steps timed together in one round")
+    parser.add_argument("--repeats", type=int, default=3, help="steps timed together in one round (at least)")
+    parser.add_argument("--min-window-ms", type=float, default=20.0,
+                        help="more steps a round where a step is short, so that a round lasts this long")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--implementation", default="auto", choices=["auto", "native", "fused", "reference"])
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    settle_malloc()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
-          f"rounds {args.rounds} x {args.repeats} steps, implementation {args.implementation}")
+          f"rounds {args.rounds} x {args.repeats} steps (more where that is under {args.min_window_ms:g} ms), "
+          f"implementation {args.implementation}")
     print_table_header("cell", "config (L, I, H, B, T)", "train ours ms", "train torch.nn ms", "train ratio",
                        "infer ours ms", "infer torch.nn ms", "infer ratio")
     for cell, config in selected(args):
-        r = bench(cell, config, device, args.rounds, args.repeats, args.warmup, args.implementation)
+        r = bench(cell, config, device, args.rounds, args.repeats, args.warmup, args.implementation,
+                  args.min_window_ms / 1e3)
         tr, inf = r["train"], r["infer"]
         fmt = lambda med, spread: f"{med * 1e3:.2f} ± {spread * 1e3:.2f}"  # noqa: E731
         print_table_row(cell, f"{config} {CONFIGS[config]}", fmt(tr[0], tr[1]), fmt(tr[2], tr[3]), f"**{tr[4]:.2f}**",
