@@ -1165,6 +1165,34 @@ inline __mmask16 not_finite16(__m512 v) {
   return _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), exponent), exponent);
 }
 
+// The panel epilogues' walk over a chunk's rows b0 .. b0 + rows - 1, once the panel's
+// product is in registers' reach, for the LSTM, GRU and RNN forward alike: carry(b,
+// at_unit) for a row whose sequence has finished (alive[b] false), else live(r, b,
+// at_unit), which returns nonzero where a pre-activation was NaN or Inf; then after(b,
+// at_unit) for every row (the folded loops copy h_t beside x_{t+1} there). at_unit is the
+// row's first unit of the panel in a (B, H) state, b * H + u0. Marks `nonfinite` where
+// any pre-activation was not finite.
+struct NoRowEnd {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <typename Carry, typename Live, typename After = NoRowEnd>
+inline void epilogue_rows(int rows, int64_t b0, int64_t H, int64_t u0, const bool* alive,
+                          std::atomic<bool>& nonfinite, const Carry& carry, const Live& live,
+                          const After& after = After()) {
+  int32_t bad = 0;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t b = b0 + r;
+    const int64_t at_unit = b * H + u0;
+    if (alive != nullptr && !alive[b])
+      carry(b, at_unit);
+    else
+      bad |= live(r, b, at_unit);
+    after(b, at_unit);
+  }
+  if (bad) nonfinite.store(true, std::memory_order_relaxed);
+}
+
 // lstm_cells for the units of one panel in one batch row: y holds the panel's GEMM output
 // (i|f|g|o, 16 floats each); every other gate block is H apart. Only `lanes` are read and
 // written. Returns nonzero where a pre-activation was NaN or Inf.
@@ -1253,27 +1281,26 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
         }
         panel_product_rows<4>(rows, a + b0 * lda, lda, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k,
                               &early);
-        int32_t bad = 0;
-        for (int r = 0; r < rows; ++r) {
-          const int64_t b = b0 + r;
-          const int64_t at_unit = b * H + u0;
-          if (step.alive != nullptr && !step.alive[b]) {  // finished sequence: carry the state (its gates are never used)
-            std::memcpy(step.c_next + at_unit, step.c_prev + at_unit, n * sizeof(float));
-            std::memcpy(step.h_next + at_unit, step.h_prev + at_unit, n * sizeof(float));
-          } else {
-            const float* yb = y + r * kPanelWidth;
-            const float* xb = kFolded ? nullptr : step.xw + b * 4 * H + u0;
-            float* zb = step.gates + b * 4 * H + u0;
-            const float* cp = step.c_prev + at_unit;
-            float* cn = step.c_next + at_unit;
-            float* hn = step.h_next + at_unit;
-            const float* bu = bb + u0;
-            bad |= keep ? lstm_units16<kFolded, true>(yb, xb, bu, zb, cp, cn, hn, lanes, H)
-                        : lstm_units16<kFolded, false>(yb, xb, bu, zb, cp, cn, hn, lanes, H);
-          }
-          if constexpr (kFolded) std::memcpy(xh_next + b * (I + H) + I + u0, step.h_next + at_unit, n * sizeof(float));
-        }
-        if (bad) nonfinite->store(true, std::memory_order_relaxed);
+        epilogue_rows(
+            rows, b0, H, u0, step.alive, *nonfinite,
+            [&](int64_t, int64_t at_unit) {  // finished sequence: carry the state (its gates are never used)
+              std::memcpy(step.c_next + at_unit, step.c_prev + at_unit, n * sizeof(float));
+              std::memcpy(step.h_next + at_unit, step.h_prev + at_unit, n * sizeof(float));
+            },
+            [&](int r, int64_t b, int64_t at_unit) {
+              const float* yb = y + r * kPanelWidth;
+              const float* xb = kFolded ? nullptr : step.xw + b * 4 * H + u0;
+              float* zb = step.gates + b * 4 * H + u0;
+              const float* cp = step.c_prev + at_unit;
+              float* cn = step.c_next + at_unit;
+              float* hn = step.h_next + at_unit;
+              const float* bu = bb + u0;
+              return keep ? lstm_units16<kFolded, true>(yb, xb, bu, zb, cp, cn, hn, lanes, H)
+                          : lstm_units16<kFolded, false>(yb, xb, bu, zb, cp, cn, hn, lanes, H);
+            },
+            [&](int64_t b, int64_t at_unit) {
+              if constexpr (kFolded) std::memcpy(xh_next + b * (I + H) + I + u0, step.h_next + at_unit, n * sizeof(float));
+            });
       });
       if constexpr (kFolded) {
         if (s + 1 < steps) copy_rows(xh_next + r0 * (I + H), I + H, step_ptr<float>(input, s + 1) + r0 * I, I, r1 - r0, I);
@@ -1362,22 +1389,19 @@ bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
     }
     panel_product_rows<3>(rows, h_prev + b0 * H, H, w + p * H * kGruPanelWidth, H, y, fetch, fetch_end, lines_per_k,
                           &early);
-    int32_t bad = 0;
-    for (int r = 0; r < rows; ++r) {
-      const int64_t b = b0 + r;
-      const int64_t at_unit = b * H + u0;
-      if (alive != nullptr && !alive[b]) {  // finished sequence: carry the state; zero the saved
-        std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));  // factors, which its
-        std::memset(rzp + b * 2 * H + u0, 0, units * sizeof(float));             // zero gradient
-        std::memset(rzp + b * 2 * H + H + u0, 0, units * sizeof(float));         // multiplies
-        std::memset(np + at_unit, 0, units * sizeof(float));
-        std::memset(hnp + at_unit, 0, units * sizeof(float));
-        continue;
-      }
-      bad |= gru_units16(y + r * kGruPanelWidth, x + b * 3 * H + u0, bx + u0, bh + u0, h_prev + at_unit,
-                         h_next + at_unit, rzp + b * 2 * H + u0, np + at_unit, hnp + at_unit, lanes, H);
-    }
-    if (bad) saw_nonfinite.store(true, std::memory_order_relaxed);
+    epilogue_rows(
+        rows, b0, H, u0, alive, saw_nonfinite,
+        [&](int64_t b, int64_t at_unit) {  // finished sequence: carry the state; zero the saved
+          std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));  // factors, which its
+          std::memset(rzp + b * 2 * H + u0, 0, units * sizeof(float));             // zero gradient
+          std::memset(rzp + b * 2 * H + H + u0, 0, units * sizeof(float));         // multiplies
+          std::memset(np + at_unit, 0, units * sizeof(float));
+          std::memset(hnp + at_unit, 0, units * sizeof(float));
+        },
+        [&](int r, int64_t b, int64_t at_unit) {
+          return gru_units16(y + r * kGruPanelWidth, x + b * 3 * H + u0, bx + u0, bh + u0, h_prev + at_unit,
+                             h_next + at_unit, rzp + b * 2 * H + u0, np + at_unit, hnp + at_unit, lanes, H);
+        });
   });
   return !saw_nonfinite.load();
 }
@@ -1444,16 +1468,17 @@ bool rnn_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor>
       for (int64_t b = b0; b < b0 + rows; ++b)  // XW_t sits in L3 (see lstm_forward_panels)
         for (int64_t g = 0; g < 4; ++g) _mm_prefetch(reinterpret_cast<const char*>(x + b * H + u0 + 16 * g), _MM_HINT_T0);
     panel_product_rows<4>(rows, a + b0 * K, K, w + p * K * kPanelWidth, K, y, fetch, fetch_end, lines_per_k);
-    int32_t bad = 0;
-    for (int r = 0; r < rows; ++r) {
-      const int64_t at_unit = (b0 + r) * H + u0;
-      if (alive != nullptr && !alive[b0 + r])  // finished sequence: carry the state
-        std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));
-      else
-        bad |= rnn_units64(y + r * kPanelWidth, kFolded ? nullptr : x + at_unit, bb + u0, h_next + at_unit, units, kind);
-      if constexpr (kFolded) std::memcpy(xh_next + (b0 + r) * (I + H) + I + u0, h_next + at_unit, units * sizeof(float));
-    }
-    if (bad) saw_nonfinite.store(true, std::memory_order_relaxed);
+    epilogue_rows(
+        rows, b0, H, u0, alive, saw_nonfinite,
+        [&](int64_t, int64_t at_unit) {  // finished sequence: carry the state
+          std::memcpy(h_next + at_unit, h_prev + at_unit, units * sizeof(float));
+        },
+        [&](int r, int64_t, int64_t at_unit) {
+          return rnn_units64(y + r * kPanelWidth, kFolded ? nullptr : x + at_unit, bb + u0, h_next + at_unit, units, kind);
+        },
+        [&](int64_t b, int64_t at_unit) {
+          if constexpr (kFolded) std::memcpy(xh_next + b * (I + H) + I + u0, h_next + at_unit, units * sizeof(float));
+        });
   }, [&](int64_t s, int64_t r0, int64_t r1) {
     if constexpr (kFolded) {  // x_{s+1} beside h_{s+1} in the buffer the next step reads
       if (s + 1 < steps)
