@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import whiteboard
+
 from helpers import MODES, TOLERANCES, initial_state, tolerance, loss_of, make_pair, state_tensors
 
 T, B, I, H = 5, 3, 4, 6
@@ -160,3 +162,35 @@ def test_dropout_matches_torch_nn_under_the_same_random_stream(mode):
     torch.manual_seed(11)
     out_ref = reference(x)[0]
     torch.testing.assert_close(out_ours, out_ref, **TOLERANCES[torch.float32])
+
+
+CONFIGURATIONS = [
+    dict(),
+    dict(num_layers=3, bias=False),
+    dict(num_layers=2, bidirectional=True, batch_first=True, dropout=0.25),
+    dict(bidirectional=True, bias=False),
+]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("config", CONFIGURATIONS, ids=str)
+def test_the_attributes_torch_nn_code_reads_are_torch_nn_s(mode, config):
+    ours, reference = make_pair(mode, I, H, **config)
+    assert ours.proj_size == reference.proj_size == 0
+    assert ours._flat_weights_names == reference._flat_weights_names
+    assert [[w.shape for w in ws] for ws in ours.all_weights] == [[w.shape for w in ws] for ws in reference.all_weights]
+    by_name = dict(ours.named_parameters())
+    flat = [w for ws in ours.all_weights for w in ws]
+    assert all(w is by_name[name] for w, name in zip(flat, ours._flat_weights_names))
+    assert [w is by_name[name] for w, name in zip(ours._flat_weights, ours._flat_weights_names)] == [True] * len(flat)
+    for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional"):
+        assert getattr(ours, name) == getattr(reference, name), name
+    if mode != "rnn_relu":
+        assert repr(ours) == repr(reference)
+
+
+def test_the_rnn_prints_a_nonlinearity_other_than_tanh():
+    # torch.nn.RNN prints none (its RNNCell prints one other than tanh, as we do).
+    assert repr(whiteboard.RNN(4, 6, nonlinearity="relu", num_layers=2)) == \
+        "RNN(4, 6, num_layers=2, nonlinearity='relu')"
+    assert repr(whiteboard.RNN(4, 6, nonlinearity="tanh")) == repr(torch.nn.RNN(4, 6)) == "RNN(4, 6)"

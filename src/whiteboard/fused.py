@@ -32,14 +32,24 @@ The compiled loops (:mod:`whiteboard.native`, CPU float32/float64) differ from t
 
 Optional ``mask`` (T, B, 1, bool) marks valid steps of variable-length sequences: where
 it is False the state is carried unchanged and the output is zero, as torch.nn does for
-packed sequences. Double backward is not supported (``once_differentiable``).
+packed sequences.
+
+Where the written-out sweeps cannot serve, each backward recomputes the forward with
+:func:`reference_sequence` (the loop over :mod:`whiteboard.cells`) and lets autograd
+differentiate it: under ``create_graph=True`` (double backward: gradient penalties,
+``gradgradcheck``) and for batched gradients (``torch.func.vmap``, ``gradcheck``'s
+``check_batched_grad``), which neither the ``out=`` buffers of the torch sweep nor the
+compiled calls can take part in.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from . import cells
 
 # The build and its tuning knobs; the functions below call the compiled module itself
 # `native` (None for the torch loop), hence the longer name.
@@ -54,6 +64,7 @@ __all__ = [
     "lstm_sequence",
     "gru_sequence",
     "layernorm_lstm_sequence",
+    "reference_sequence",
 ]
 
 
@@ -71,7 +82,7 @@ def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
     out = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
-    return out.view(T, B, -1)
+    return out.view(T, B, w_ih.shape[0])  # not -1: a batch of 0 rows leaves it undetermined
 
 
 #: The compiled path walks the time axis in chunks whose per-step buffers (the input
@@ -165,13 +176,15 @@ class _WeightGrads:
     def add(self, dz: Tensor, begin: int, end: int, hidden_blocks=None) -> None:
         """dz: steps [begin, end). hidden_blocks: [(rows of dW_hh, dZ_h block (rows, k))] where
         the hidden projection's gradient is not dz itself (the GRU's n block)."""
-        rows = dz.reshape(-1, dz.shape[-1])  # ((end-begin)·B, G·H)
+        # Sizes spelled out, not -1: a batch of 0 rows leaves -1 undetermined.
+        count = (end - begin) * dz.shape[1]
+        rows = dz.reshape(count, dz.shape[-1])  # ((end-begin)·B, G·H)
         if self.needs[0]:
-            torch.mm(rows, self.w_ih, out=self.dx[begin:end].view(rows.shape[0], -1))
+            torch.mm(rows, self.w_ih, out=self.dx[begin:end].view(count, self.x.shape[-1]))
         if self.needs[1]:
-            self.dw_ih.addmm_(rows.t(), self.x[begin:end].reshape(rows.shape[0], -1), beta=self.beta)
+            self.dw_ih.addmm_(rows.t(), self.x[begin:end].reshape(count, self.x.shape[-1]), beta=self.beta)
         if self.needs[2]:
-            h_prev = self.h_prev[begin:end].reshape(rows.shape[0], -1)
+            h_prev = self.h_prev[begin:end].reshape(count, self.h_prev.shape[-1])
             for target, block in hidden_blocks or [(slice(None), rows)]:
                 self.dw_hh[target].addmm_(block.t(), h_prev, beta=self.beta)
         self.beta = 1
@@ -185,6 +198,72 @@ def _weight_grads(dz: Tensor, x: Tensor, h_prev: Tensor, w_ih: Tensor, needs: tu
     grads = _WeightGrads(x, h_prev, w_ih, h_prev.shape[-1], needs)
     grads.add(dz, 0, x.shape[0])
     return grads.result()
+
+
+def reference_sequence(step, x: Tensor, initial: list[Tensor], weights, mask: Tensor | None):
+    """The time loop over one of :mod:`whiteboard.cells`' steps, in ordinary torch ops that
+    autograd differentiates to any order and that vmap batches: (output (T, B, H), final
+    states). ``initial`` is [h0] or [h0, c0]; a masked step (``mask`` (T, B, 1) False)
+    carries the state and outputs zero, as the Functions do."""
+    state = list(initial)
+    outputs = []
+    for t in range(x.shape[0]):
+        step_result = step(x[t], *state, *weights)
+        new = [step_result.hidden] if len(state) == 1 else [step_result.hidden, step_result.cell]
+        if mask is None:
+            state = new
+            outputs.append(new[0])
+        else:
+            state = [torch.where(mask[t], n, old) for n, old in zip(new, state)]
+            outputs.append(new[0] * mask[t])
+    return torch.stack(outputs, 0), state  # (T, B, H)
+
+
+def needs_autograd_backward(grads) -> bool:
+    """Whether a backward must be made of differentiable, batchable ops: under
+    ``create_graph=True`` (autograd runs a backward with grad mode on only then) or when
+    an incoming gradient is batched by vmap (``torch.func.vmap``, ``gradcheck``'s
+    ``check_batched_grad``: such a tensor has no storage for the compiled calls)."""
+    return torch.is_grad_enabled() or any(g is not None and _is_batched(g) for g in grads)
+
+
+def _is_batched(t: Tensor) -> bool:
+    # autograd's is_grads_batched (gradcheck) uses the legacy batching; torch.func the other.
+    functorch = torch._C._functorch
+    return functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t)
+
+
+def autograd_backward(ctx, inputs: tuple, grads, run) -> tuple:
+    """The gradients of a Function's tensor ``inputs`` (its forward's arguments, in order)
+    by recomputing its outputs with ``run(*inputs)`` (a :func:`reference_sequence`) and
+    letting autograd differentiate them. Under create_graph the recomputation starts from
+    the saved inputs themselves, so the gradients it returns are differentiable again."""
+    needs = ctx.needs_input_grad
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and needs[i]]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaves = list(inputs)
+        if not create_graph:
+            for i in wanted:
+                leaves[i] = inputs[i].detach().requires_grad_()
+        outputs = run(*leaves)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+        found = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
+                                    create_graph=create_graph, allow_unused=True)
+    result = [None] * len(needs)
+    for i, grad in zip(wanted, found):
+        result[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    return tuple(result)
+
+
+def _flat_reference(step, state_count: int):
+    """run(x, *states, *weights, mask) for :func:`autograd_backward`: the reference loop's
+    (output, final states...), in the order the Functions return them."""
+    def run(x, *rest):
+        states, weights, mask = rest[:state_count], rest[state_count:-1], rest[-1]
+        output, finals = reference_sequence(step, x, list(states), weights, mask)
+        return (output, *finals)
+    return run
 
 
 # --------------------------------------------------------------------------- RNN
@@ -396,13 +475,16 @@ class FusedRNN(torch.autograd.Function):
         ctx.native = native
         ctx.nonlinearity = nonlinearity
         ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, w_ih, w_hh, hs, mask)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, mask, hs)
         return out, hs[-1].clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_hn):
-        x, w_ih, w_hh, hs, mask = ctx.saved_tensors
+        x, h0, w_ih, w_hh, b_ih, b_hh, mask, hs = ctx.saved_tensors
+        if needs_autograd_backward((d_out, d_hn)):
+            step = partial(cells.rnn_step, nonlinearity=ctx.nonlinearity)
+            return autograd_backward(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh, mask), (d_out, d_hn),
+                                     _flat_reference(step, 1))
         T = x.shape[0]
         native = backward_native(ctx, d_out, d_hn)
         dh = _state_grad(d_hn, hs[0])
@@ -511,13 +593,15 @@ class FusedLSTM(torch.autograd.Function):
         (hs, cs, gates, out), native = run_sequence(lstm_sequence, native, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, True)
         ctx.native = native
         ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, w_ih, w_hh, hs, cs, gates, mask)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, hs, cs, gates)
         return out, hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
-        x, w_ih, w_hh, hs, cs, gates, mask = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, hs, cs, gates = ctx.saved_tensors
+        if needs_autograd_backward((d_out, d_hn, d_cn)):
+            return autograd_backward(ctx, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask), (d_out, d_hn, d_cn),
+                                     _flat_reference(cells.lstm_step, 2))
         T, B, H4 = gates.shape
         H = H4 // 4
         native = backward_native(ctx, d_out, d_hn, d_cn)
@@ -633,13 +717,15 @@ class FusedGRU(torch.autograd.Function):
         (hs, rz, n, hn, out), native = run_sequence(gru_sequence, native, x, h0, w_ih, w_hh, b_ih, b_hh, mask, True)
         ctx.native = native
         ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, w_ih, w_hh, hs, rz, n, hn, mask)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, mask, hs, rz, n, hn)
         return out, hs[-1].clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_hn):
-        x, w_ih, w_hh, hs, rz, n, hn, mask = ctx.saved_tensors
+        x, h0, w_ih, w_hh, b_ih, b_hh, mask, hs, rz, n, hn = ctx.saved_tensors
+        if needs_autograd_backward((d_out, d_hn)):
+            return autograd_backward(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh, mask), (d_out, d_hn),
+                                     _flat_reference(cells.gru_step, 1))
         T, B, H = n.shape
         native = backward_native(ctx, d_out, d_hn)
         if native is not None:
@@ -780,13 +866,17 @@ class FusedLayerNormLSTM(torch.autograd.Function):
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, True, eps
         )
         ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, w_ih, w_hh, gain_ih, gain_hh, gain_cell, hs, cs, mask, *saved)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask,
+                              hs, cs, *saved)
         return out, hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
-        x, w_ih, w_hh, gain_ih, gain_hh, gain_cell, hs, cs, mask, *saved = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, hs, cs, *saved = \
+            ctx.saved_tensors
+        if needs_autograd_backward((d_out, d_hn, d_cn)):
+            inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask)
+            return autograd_backward(ctx, inputs, (d_out, d_hn, d_cn), _flat_reference(cells.layernorm_lstm_step, 2))
         xw_hat, rstd_ih, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y = saved
         T, B, H4 = gates.shape
         i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
@@ -807,16 +897,16 @@ class FusedLayerNormLSTM(torch.autograd.Function):
             torch.mul(dh_t, dy_from_dh[t], out=d_y[t])
             dc_t = _normalize_backward(d_y[t] * gain_cell, c_hat[t], rstd_c[t])
             dc_t += dc if m is None else dc * m
-            dz_t = dz[t].view(B, 4, -1)
+            dz_t = dz[t].view(B, 4, H4 // 4)
             torch.mul(dc_t.unsqueeze(1), k[t], out=dz_t[:, :3])
             torch.mul(dh_t, k_o[t], out=dz_t[:, 3])
             d_hw[t] = _normalize_backward(dz[t] * gain_hh, hw_hat[t], rstd_hh[t])
             dh_prev = torch.mm(d_hw[t], w_hh)  # (B, H)
             dh, dc = _carry(m, dh_prev, dh), _carry(m, dc_t * f[t], dc)
         needs = ctx.needs_input_grad
-        rows = lambda t: t.reshape(T * B, -1)  # noqa: E731
+        rows = lambda t: t.reshape(T * B, t.shape[-1])  # noqa: E731
         d_xw = _normalize_backward(dz * gain_ih, xw_hat, rstd_ih)  # (T, B, 4H)
-        dx = torch.mm(rows(d_xw), w_ih).view(T, B, -1) if needs[0] else None
+        dx = torch.mm(rows(d_xw), w_ih).view(T, B, w_ih.shape[1]) if needs[0] else None
         dw_ih = torch.mm(rows(d_xw).t(), rows(x)) if needs[3] else None
         dw_hh = torch.mm(rows(d_hw).t(), rows(hs[:-1])) if needs[4] else None
         db = dz.sum((0, 1)) if ctx.has_bias and (needs[5] or needs[6]) else None

@@ -24,6 +24,7 @@ with G = 1 (RNN), 4 (LSTM: i|f|g|o) or 3 (GRU: r|z|n), D = 2 if bidirectional el
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -108,11 +109,7 @@ class _RecurrentBase(nn.Module):
         implementation: str = "auto",
     ) -> None:
         super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        _check_constructor_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"dropout={dropout} has no effect with num_layers=1: dropout is applied "
@@ -126,6 +123,7 @@ class _RecurrentBase(nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
+        self.proj_size = 0  # torch.nn's attribute; projections (LSTMP) are not supported
         self.implementation = implementation
         # Set for the duration of one call by whiteboard.regularizers.WeightDrop / Zoneout.
         self._weight_overrides: dict[str, Tensor] | None = None
@@ -133,15 +131,21 @@ class _RecurrentBase(nn.Module):
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
         gate_rows = self.gate_count * hidden_size
+        # torch.nn's lists of parameter names: per layer and direction, and all in order.
+        self._all_weights: list[list[str]] = []
+        self._flat_weights_names: list[str] = []
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else hidden_size * directions
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                self.register_parameter(f"weight_ih{suffix}", nn.Parameter(torch.empty(gate_rows, layer_input, **factory)))
-                self.register_parameter(f"weight_hh{suffix}", nn.Parameter(torch.empty(gate_rows, hidden_size, **factory)))
+                shapes = {"weight_ih": (gate_rows, layer_input), "weight_hh": (gate_rows, hidden_size)}
                 if bias:
-                    self.register_parameter(f"bias_ih{suffix}", nn.Parameter(torch.empty(gate_rows, **factory)))
-                    self.register_parameter(f"bias_hh{suffix}", nn.Parameter(torch.empty(gate_rows, **factory)))
+                    shapes.update(bias_ih=(gate_rows,), bias_hh=(gate_rows,))
+                names = [f"{name}{suffix}" for name in shapes]
+                for name, shape in zip(names, shapes.values()):
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+                self._all_weights.append(names)
+                self._flat_weights_names.extend(names)
                 for name, size in self._extra_parameter_sizes().items():
                     self.register_parameter(f"{name}{suffix}", nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
@@ -161,6 +165,16 @@ class _RecurrentBase(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """torch.nn's: per layer and direction, [weight_ih, weight_hh(, bias_ih, bias_hh)]."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """torch.nn's: the parameters named by ``_flat_weights_names``, in that order."""
+        return [getattr(self, name) for name in self._flat_weights_names]
 
     def _extra_parameter_sizes(self) -> dict[str, int]:
         """Per layer and direction parameters beyond torch.nn's four (name prefix: size)."""
@@ -195,17 +209,18 @@ class _RecurrentBase(nn.Module):
         return weight if weight is not None else getattr(self, name)
 
     def extra_repr(self) -> str:
+        # torch.nn's RNNBase.extra_repr, then what only whiteboard has.
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
-        if not self.bias:
-            s += ", bias=False"
-        if self.batch_first:
-            s += ", batch_first=True"
-        if self.dropout:
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
             s += f", dropout={self.dropout}"
-        if self.bidirectional:
-            s += ", bidirectional=True"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
         if self.implementation != "auto":
             s += f", implementation={self.implementation!r}"
         return s
@@ -244,23 +259,19 @@ class _RecurrentBase(nn.Module):
             if not isinstance(x, Tensor):
                 raise TypeError(f"{self.mode}: input must be a Tensor or PackedSequence, got {type(x).__name__}")
             if x.dim() not in (2, 3):
-                raise ValueError(
-                    f"{self.mode}: expected input with 3 dimensions (batched) or 2 (unbatched), "
-                    f"got {x.dim()} with shape {_shape(x)}"
-                )
+                # torch.nn's words, which differ by a word between its RNN and the others
+                noun = "D tensor instead" if self.mode == "RNN" else "D instead"
+                raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {x.dim()}{noun}")
             unbatched = x.dim() == 2
             if unbatched:
                 x = x.unsqueeze(1)
             elif self.batch_first:
                 x = x.transpose(0, 1)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{self.mode}: expected input feature size (input_size) {self.input_size}, got {x.shape[-1]}"
-            )
+        self._check_input(x)
         T, B = x.shape[0], x.shape[1]
-        if T == 0:
-            raise ValueError(f"{self.mode}: input has no time steps (shape {_shape(input if not packed else x)})")
         states = self._initial_states(hx, B, x, unbatched)
+        if T == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         mask = self._mask(lengths, T, B, x.device)
 
         stacked = None if trace or mask is not None else self._stack_in_one_call(x, states)
@@ -289,29 +300,51 @@ class _RecurrentBase(nn.Module):
             return {k: v.transpose(0, 1) for k, v in fields.items()}
         return fields
 
+    def _check_input(self, x: Tensor) -> None:
+        """torch.nn's checks of the input's dtype and feature size, with its exception types and
+        words (code written against torch.nn catches them). x is (T, B, I)."""
+        weight_dtype = self._weight("weight_ih_l0").dtype
+        if x.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight_dtype}). "
+                f"Convert input: input.to({weight_dtype}), or convert model: model.to({x.dtype})"
+            )
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
+            )
+
     def _initial_states(self, hx, batch: int, x: Tensor, unbatched: bool) -> list[Tensor]:
         count = self._state_count()
         layers = self.num_layers * self.num_directions
-        expected = (layers, self.hidden_size) if unbatched else (layers, batch, self.hidden_size)
+        expected = (layers, batch, self.hidden_size)
         if hx is None:
-            zeros = x.new_zeros((layers, batch, self.hidden_size))
+            zeros = x.new_zeros(expected)
             return [zeros] * count
         if self.mode == "LSTM":
-            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                raise ValueError("LSTM: hx must be a tuple (h_0, c_0)")
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(h, Tensor) for h in hx)):
+                raise TypeError("LSTM: hx must be a tuple of two Tensors (h_0, c_0)")
             given = list(hx)
+            ranks = f"({given[0].dim()}-D, {given[1].dim()}-D) tensors"
+            subject, messages = "hx and cx", ("Expected hidden[0] size {}, got {}", "Expected hidden[1] size {}, got {}")
         else:
             if not isinstance(hx, Tensor):
-                raise ValueError(f"{self.mode}: hx must be a Tensor h_0, got {type(hx).__name__}")
+                raise TypeError(f"{self.mode}: hx must be a Tensor h_0, got {type(hx).__name__}")
             given = [hx]
-        names = ("h_0", "c_0")
+            ranks = f"{hx.dim()}-D tensor"
+            subject, messages = "hx", ("Expected hidden size {}, got {}",)
+        rank = 2 if unbatched else 3
+        if any(state.dim() != rank for state in given):
+            kind = "unbatched 2-D" if unbatched else "batched 3-D"
+            raise RuntimeError(f"For {kind} input, {subject} should also be {rank}-D but got {ranks}")
         states = []
-        for name, state in zip(names, given):
+        for message, state in zip(messages, given):
+            state = state.unsqueeze(1) if unbatched else state
             if _shape(state) != expected:
-                raise ValueError(f"{self.mode}: expected {name} of shape {expected}, got {_shape(state)}")
+                raise RuntimeError(message.format(expected, list(state.shape)))
             if state.dtype != x.dtype:
-                raise ValueError(f"{self.mode}: expected {name} of dtype {x.dtype}, got {state.dtype}")
-            states.append(state.unsqueeze(1) if unbatched else state)
+                raise ValueError(f"{self.mode}: expected hidden state of dtype {x.dtype}, got {state.dtype}")
+            states.append(state)
         return states
 
     @staticmethod
@@ -332,7 +365,7 @@ class _RecurrentBase(nn.Module):
         lengths = torch.as_tensor(lengths)
         if _shape(lengths) != (B,):
             raise ValueError(f"lengths must have shape ({B},), got {_shape(lengths)}")
-        if lengths.min() < 1 or lengths.max() > T:
+        if lengths.numel() and (lengths.min() < 1 or lengths.max() > T):
             raise ValueError(f"lengths must lie in [1, {T}], got min {int(lengths.min())}, max {int(lengths.max())}")
         steps = torch.arange(T, device=device).unsqueeze(1)  # (T, 1)
         return (steps < lengths.to(device).unsqueeze(0)).unsqueeze(-1)  # (T, B, 1)
@@ -353,13 +386,13 @@ class _RecurrentBase(nn.Module):
         T, B = x.shape[0], x.shape[1]
         if (self.stack_cell is None or self.bidirectional or self._zoneout is not None
                 or T * B > native.transpose_max_rows or (self.dropout > 0 and self.training and self.num_layers > 1)
-                or self.implementation in ("reference", "fused")):
+                or self.implementation in ("reference", "fused") or B == 0):
             return None
         compiled = self._native_for(x)
         if compiled is None:
             return None
         weights = [w for layer in range(self.num_layers) for w in self.layer_weights(layer, 0)]
-        if torch.is_grad_enabled() and _any_requires_grad(x, states, weights):
+        if (torch.is_grad_enabled() and _any_requires_grad(x, states, weights)) or _under_functorch(x, *states, *weights):
             return None
         kind = fused.RNN_KINDS[self.nonlinearity] if self.mode == "RNN" else 0
         return compiled.stack_inference(self.stack_cell, x.contiguous(), states, weights, kind) or None
@@ -409,7 +442,8 @@ class _RecurrentBase(nn.Module):
 
     def _direction(self, x, initial, weights, mask, trace: bool):
         """One layer, one direction over (T, B, I). Returns (output, finals, fields)."""
-        if trace or self.implementation == "reference" or self._zoneout is not None:
+        if (trace or self.implementation == "reference" or self._zoneout is not None
+                or _under_functorch(x, *initial, *weights)):
             return self._reference_direction(x, initial, weights, mask, trace)
         out, finals = self._fused_direction(x.contiguous(), initial, weights, mask, self._native_for(x))
         return out, finals, None
@@ -689,6 +723,14 @@ class LayerNormLSTM(LSTM):
         return out, [hs[-1], cs[-1]]
 
 
+def _under_functorch(*tensors: Tensor | None) -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap) wraps any of ``tensors``: the
+    call then runs the reference loop, plain torch ops every transform sees through (the
+    compiled calls need real storage, and the Functions' backward has no vmap rule)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and wrapped(t) for t in tensors)
+
+
 def _any_requires_grad(x: Tensor, initial: list[Tensor], weights) -> bool:
     return any(t is not None and t.requires_grad for t in (x, *initial, *weights))
 
@@ -703,3 +745,21 @@ def _packed_lengths(packed: PackedSequence) -> Tensor:
         lengths = lengths.index_select(0, packed.unsorted_indices.cpu())
     return lengths
 
+
+
+def _check_constructor_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional) -> None:
+    """torch.nn.RNNBase's argument checks, in its order and words; and the same strictness
+    where torch.nn lets a wrong type through (``bidirectional``, ``num_layers``): a string
+    ``"False"`` would otherwise quietly mean True."""
+    if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        raise ValueError(
+            "dropout should be a number in range [0, 1] representing the probability of an element being zeroed"
+        )
+    for name, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than zero")

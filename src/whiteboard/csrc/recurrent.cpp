@@ -242,6 +242,15 @@ inline at::Tensor step_view(const at::Tensor& base, int64_t t) {
                        base.sizes().slice(1), base.options());
 }
 
+// Whether a forward's per-step buffer (the LSTM's gates, the GRU's factors) holds every
+// step, as it does for backward, or is the one-step scratch of a call without grad. Read
+// from the state buffer's length, not from the buffer's own: a one-step sequence's saved
+// buffer has one row too, and taking it for scratch left a one-step LSTM's gates unsaved
+// (wrong gradients for T = 1).
+inline bool holds_every_step(const at::Tensor& buffer, const at::Tensor& hs) {
+  return buffer.size(0) == hs.size(0) - 1;
+}
+
 template <typename T>
 inline T* step_ptr(const at::Tensor& base, int64_t t) {
   return base.data_ptr<T>() + t * base.stride(0);
@@ -613,7 +622,7 @@ bool lstm_forward_impl(const at::Tensor& input, const c10::optional<at::Tensor>&
   const int64_t steps = input.size(0), B = input.size(1), H = hs.size(2), I = input.size(2);
   const at::Tensor b_all = bias_or_zeros(bias, 4 * H, input);
   const T* bb = b_all.data_ptr<T>();
-  const bool keep = gates.size(0) > 1;  // all steps' gates, or one step's scratch
+  const bool keep = holds_every_step(gates, hs);  // all steps' gates, or one step's scratch
   const bool* m = mask_ptr(mask);
   at::Tensor xh;
   if constexpr (kFolded) xh = folded_rows<T>(input, step_view(hs, 0));
@@ -1237,7 +1246,7 @@ bool lstm_forward_panels(const at::Tensor& input, const c10::optional<at::Tensor
   const at::Tensor b_all = bias_or_zeros(bias, 4 * H, input);
   const float* bb = b_all.data_ptr<float>();
   const float* w = panels.data_ptr<float>();
-  const bool keep = gates.size(0) > 1;  // save the activations for backward
+  const bool keep = holds_every_step(gates, hs);  // save the activations for backward
   const bool* m = mask_ptr(mask);
   // Folded: the step's GEMM reads [x_t, h_t] rows. Other panels of the same step still read
   // h_t while h_{t+1} is written, so two buffers take turns.
@@ -1342,7 +1351,7 @@ bool gru_forward_panels(const at::Tensor& xw, const c10::optional<at::Tensor>& b
                   panels.size(0) == (H + kPanelUnits - 1) / kPanelUnits && panels.size(1) == H &&
                   panels.size(2) == kGruPanelWidth && panels.is_contiguous(),
               "gru_forward: panels must be gate_panels(W_hh, 3) of a float32 W_hh");
-  const bool keep = n.size(0) > 1;  // all steps' factors, or one step's scratch
+  const bool keep = holds_every_step(n, hs);  // all steps' factors, or one step's scratch
   const bool* m = mask_ptr(mask);
   const at::Tensor bias_x = bias_or_zeros(b_ih, 3 * H, xw), bias_h = bias_or_zeros(b_hh, 3 * H, xw);
   const float* bx = bias_x.data_ptr<float>();
@@ -1515,7 +1524,7 @@ bool gru_forward_impl(const at::Tensor& xw, const c10::optional<at::Tensor>& b_i
                       const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& packed,
                       int64_t t_begin) {
   const int64_t steps = xw.size(0), B = xw.size(1), H = hs.size(2);
-  const bool keep = n.size(0) > 1;  // all steps' factors, or one step's scratch
+  const bool keep = holds_every_step(n, hs);  // all steps' factors, or one step's scratch
   const bool* m = mask_ptr(mask);
   at::Tensor hw = at::empty({B, 3 * H}, xw.options());
   const at::Tensor bias_x = bias_or_zeros(b_ih, 3 * H, xw), bias_h = bias_or_zeros(b_hh, 3 * H, xw);
