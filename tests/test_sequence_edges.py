@@ -175,3 +175,21 @@ def test_an_empty_batch_through_a_layernorm_lstm_gives_zero_gradients(implementa
     assert grads[0].shape == x.shape
     for grad, parameter in zip(grads[1:], layer.parameters()):
         torch.testing.assert_close(grad, torch.zeros_like(parameter), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["native", "fused"])
+@pytest.mark.parametrize("steps", [1, 2, STRADDLING, 40])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_the_seeds_sigmoid_rnn_matches_its_reference(implementation, steps, batch, monkeypatch):
+    """torch.nn has no sigmoid RNN: the fast paths are held to the loop over cells.rnn_step."""
+    counts = _force_chunks(monkeypatch, CHUNK_STEPS, batch, 9, 1, 8)
+    fast = whiteboard.RNN(5, 9, num_layers=2, bidirectional=True, nonlinearity="sigmoid", dtype=torch.float64,
+                          implementation=implementation)
+    slow = whiteboard.RNN(5, 9, num_layers=2, bidirectional=True, nonlinearity="sigmoid", dtype=torch.float64,
+                          implementation="reference")
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(steps, batch, 5, dtype=torch.float64, requires_grad=True)
+    hx = initial_state("rnn_tanh", (4, batch, 9), torch.float64, "cpu")
+    _assert_matches_torch_nn(fast, slow, x, hx, TOLERANCES[torch.float64])
+    if implementation == "native" and steps == STRADDLING:
+        assert max(counts) == 3
