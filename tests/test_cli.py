@@ -105,7 +105,7 @@ def test_non_utf8_and_too_short_corpora(tmp_path, capsys):
     assert main(["train", str(bad), "--run-dir", str(tmp_path / "r1")]) == 1
     assert "line 2" in capsys.readouterr().err
     short = tmp_path / "short.txt"
-    short.write_text("one two\n" * 3)
+    short.write_text("one two\n" * 40)
     assert main(["train", str(short), "--run-dir", str(tmp_path / "r2"), "--quiet"]) == 1
     assert "too short for batch size" in capsys.readouterr().err
 

@@ -68,8 +68,12 @@ def test_resume_gives_identical_losses(tmp_path, variable_bptt):
 def test_an_existing_run_is_never_overwritten(tmp_path):
     corpus = write_corpus(tmp_path / "c.txt")
     train(tiny_config(corpus, epochs=1), tmp_path / "run", progress=False, log=quiet)
-    with pytest.raises(WhiteboardError, match="already holds a run"):
-        train(tiny_config(corpus, epochs=1), tmp_path / "run", progress=False, log=quiet)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    other = tiny_config(corpus, epochs=1)
+    other.model.hidden_size = 24
+    with pytest.raises(WhiteboardError, match="not empty: it holds a run with another config.*--overwrite"):
+        train(other, tmp_path / "run", progress=False, log=quiet)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -71,7 +71,18 @@ def model_tensors(model: LanguageModel) -> dict[str, torch.Tensor]:
 
 
 def load_model_tensors(model: LanguageModel, tensors: dict[str, torch.Tensor], origin: str) -> None:
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    """Load weights into ``model``; one clear line where they do not fit its config (an edited
+    hidden size, a vocabulary of another size, another cell) or are not finite."""
+    nonfinite = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if nonfinite:
+        raise WhiteboardError(f"{origin} holds non-finite weights ({', '.join(sorted(nonfinite)[:3])}): "
+                              "it cannot give meaningful predictions")
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        detail = mismatches[0] if mismatches else str(exc).splitlines()[0]
+        raise WhiteboardError(f"{origin} does not fit the model in config.json: {detail}") from None
     allowed_missing = {"decoder.weight"} if model.config.tie_weights else set()
     if set(missing) - allowed_missing or unexpected:
         raise WhiteboardError(
@@ -105,18 +116,27 @@ def save_run_files(run_dir: Path, config: RunConfig, vocab: Vocabulary) -> None:
     vocab.save(run_dir / "vocab.json")
 
 
+def read_config(config_path: Path) -> RunConfig:
+    """A run's saved config.json, checked; one clear line for any way it can be wrong."""
+    try:
+        data = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WhiteboardError(f"{config_path} not found: is this a whiteboard run directory?") from None
+    except UnicodeDecodeError as exc:
+        raise WhiteboardError(f"{config_path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise WhiteboardError(f"{config_path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise WhiteboardError(f"cannot read {config_path}: {exc.strerror}") from None
+    return from_json(data, str(config_path))
+
+
 def load_run(run_dir: Path, device: str = "cpu") -> tuple[LanguageModel, Vocabulary, RunConfig]:
     """The trained model (eval mode), its vocabulary and config from a run directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise WhiteboardError(f"run directory not found: {run_dir}")
-    config_path = run_dir / "config.json"
-    try:
-        config = from_json(json.loads(config_path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        raise WhiteboardError(f"{config_path} not found: is this a whiteboard run directory?") from None
-    except json.JSONDecodeError as exc:
-        raise WhiteboardError(f"{config_path} is not valid JSON: {exc}") from None
+    config = read_config(run_dir / "config.json")
     vocab = Vocabulary.load(run_dir / "vocab.json")
     model = LanguageModel(len(vocab), config.model)
     tensors, metadata = _read_safetensors(run_dir / "model.safetensors")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -47,6 +50,8 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", help="where named corpora are found (default $WHITEBOARD_DATA_DIR)")
     p.add_argument("--download", action="store_true", help="fetch a missing named corpus into the data dir")
     p.add_argument("--level", choices=["word", "char"], help="tokenize by words or characters")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --run-dir (its files are deleted first)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -165,6 +170,17 @@ def _err(message: str) -> None:
     print(f"whiteboard: error: {message}", file=sys.stderr)
 
 
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Before any work: the folder an output goes to exists (or can be made) and takes files."""
+    folder = folder if str(folder) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WhiteboardError(f"{option}: cannot create the folder {folder}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise WhiteboardError(f"{option}: the folder {folder} is not writable")
+
+
 def cmd_train(args) -> int:
     from . import config as cfg
     from .train import train
@@ -183,12 +199,14 @@ def cmd_train(args) -> int:
     if args.level:
         sets.append(f"data.level={args.level}")
     if args.resume:
-        if args.preset or args.config:
+        from .checkpoint import read_config
+
+        if args.preset or args.config or args.overwrite:
             raise UsageError("--resume continues a run with its saved config; only --set may change it")
         saved = args.resume / "config.json"
         if not saved.exists():
             raise WhiteboardError(f"nothing to resume: {saved} not found")
-        config = cfg.resolve(base=json.loads(saved.read_text(encoding="utf-8")), sets=sets)
+        config = cfg.resolve(base=read_config(saved).to_dict(), sets=sets)
         run_dir = args.resume
     else:
         if not args.run_dir:
@@ -196,15 +214,14 @@ def cmd_train(args) -> int:
         config = cfg.resolve(args.preset, args.config, sets)
         run_dir = args.run_dir
     result = train(config, run_dir, resume=bool(args.resume), progress=not args.quiet,
-                   log=lambda m: print(m, file=sys.stderr))
-    if args.resume:
-        from .checkpoint import atomic_write_text
-
-        atomic_write_text(run_dir / "config.json", config.to_json())
+                   log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
+    if result.already_finished:
+        print(f"{run_dir} has finished already; evaluate it with: whiteboard evaluate {run_dir}")
+        return 0
     print(result.summary())
     if result.interrupted:
         print(f"interrupted: checkpoint saved; continue with: whiteboard train --resume {run_dir}", file=sys.stderr)
-        return 130
+        return 143 if result.signal == signal.SIGTERM else 130
     return 0
 
 
@@ -212,6 +229,8 @@ def cmd_evaluate(args) -> int:
     from .checkpoint import load_run
     from .train import bits_per_char, evaluate, perplexity, prepare_data
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     model, vocab, config = load_run(args.run_dir)
     if args.corpus:
         config.data.corpus = args.corpus
@@ -259,18 +278,27 @@ def cmd_predict(args) -> int:
 
 def cmd_generate(args) -> int:
     from .checkpoint import load_run
-    from .generate import generate
+    from .generate import MAX_LENGTH, generate_pieces
 
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = no top-k filtering), got {args.top_k}")
+    if not 0 <= args.length <= MAX_LENGTH:
+        raise UsageError(f"--length must be in [0, {MAX_LENGTH:,}], got {args.length:,}")
     model, vocab, _ = load_run(args.run_dir)
     unknown = vocab.unknown(args.prompt) if args.prompt else []
     if unknown:
         print(f"note: not in the vocabulary, read as <unk>: {', '.join(unknown)}", file=sys.stderr)
-    text = generate(model, vocab, args.prompt, args.length, args.temperature, args.top_k, args.top_p, args.seed)
-    print(args.prompt + text)
+    # Streamed: each token is printed as it is sampled.
+    sys.stdout.write(args.prompt)
+    for piece in generate_pieces(model, vocab, args.prompt, args.length, args.temperature, args.top_k, args.top_p,
+                                 args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
@@ -306,6 +334,7 @@ def cmd_inspect(args) -> int:
 
     if args.top_units < 1:
         raise UsageError(f"--top-units must be positive, got {args.top_units}")
+    check_writable_folder(args.out.parent, "--out")
     model, vocab, _ = load_run(args.run_dir)
     result = build_report(model, vocab, args.text, args.out, units=args.units, unit_count=args.top_units,
                           pattern=args.pattern, reach_models={model.config.cell.upper(): model} if args.reach else None,
@@ -321,6 +350,9 @@ def cmd_reach(args) -> int:
     from .inspection import lm_gradient_reach
     from .plots import line_plot
 
+    if args.max_lag is not None and args.max_lag < 1:
+        raise UsageError(f"--max-lag must be positive, got {args.max_lag}")
+    check_writable_folder(args.out.parent, "--out")
     curves = {}
     for run_dir in args.run_dirs:
         model, vocab, config = load_run(run_dir)
@@ -367,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except OSError as exc:  # a full disk, a file vanished under us: what and where, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        _err(f"{exc.strerror or exc}{where}")
+        return 1
 
 
 def console_main() -> None:

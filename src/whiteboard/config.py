@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+import torch
+
+from .errors import UsageError, WhiteboardError
 
 
 @dataclass
@@ -185,6 +188,10 @@ def load_toml(path: Path, origin: str | None = None) -> dict:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise UsageError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder, not a config file") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{origin or path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{origin or path}: not valid TOML: {exc}") from None
 
@@ -218,18 +225,46 @@ def validate(config: RunConfig) -> None:
     for name in ("input_dropout", "hidden_dropout"):
         if not getattr(m, name) < 1:
             raise UsageError(f"model.{name} must be below 1 (negative = same as model.dropout), got {getattr(m, name)}")
+    if not 0 <= m.init_range < math.inf:
+        raise UsageError(f"model.init_range must be a finite number >= 0, got {m.init_range}")
     for name in ("epochs", "batch_size", "bptt", "eval_batch_size"):
         if getattr(t, name) <= 0:
             raise UsageError(f"train.{name} must be positive, got {getattr(t, name)}")
-    if t.lr <= 0:
-        raise UsageError(f"train.lr must be positive, got {t.lr}")
-    if t.time_limit < 0:
-        raise UsageError(f"train.time_limit must be >= 0 minutes, got {t.time_limit}")
+    for name in ("max_steps", "eval_every", "checkpoint_every", "log_every", "early_stop", "decay_start", "threads",
+                 "nonmono"):
+        if getattr(t, name) < 0:
+            raise UsageError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    # `not x > 0` is also true for NaN: every float below is checked that way.
+    if not 0 < t.lr < math.inf:
+        raise UsageError(f"train.lr must be a finite number > 0, got {t.lr}")
+    for name in ("time_limit", "weight_decay", "momentum", "clip", "ar_alpha", "tar_beta", "plateau_decay"):
+        if not 0 <= getattr(t, name) < math.inf:
+            raise UsageError(f"train.{name} must be a finite number >= 0, got {getattr(t, name)}")
+    if not 0 < t.lr_decay < math.inf:
+        raise UsageError(f"train.lr_decay must be a finite number > 0, got {t.lr_decay}")
     if not 0 <= t.anneal <= 1:
         raise UsageError(f"train.anneal must be a fraction in [0, 1], got {t.anneal}")
+    if config.data.min_freq < 1 or config.data.max_vocab < 0:
+        raise UsageError("data.min_freq must be >= 1 and data.max_vocab >= 0")
+    try:
+        torch.device(t.device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"train.device must be a torch device such as 'cpu' or 'cuda', got {t.device!r}") from None
 
 
-def from_json(data: dict) -> RunConfig:
+def check_device(device: str) -> None:
+    """The device exists on this machine, or one clear line (a config may come from another)."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise WhiteboardError(f"train.device is {device!r} but this machine has no CUDA device; use --set train.device=cpu")
+
+
+def from_json(data: dict, origin: str = "config.json") -> RunConfig:
+    """A saved config, checked as a command line's is: a config.json edited by hand (a
+    hidden size of 0, a list instead of an object) is refused with its name."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{origin} must hold a JSON object of config sections, got a {type(data).__name__}")
     config = RunConfig()
-    apply(config, data, "config.json")
+    apply(config, data, origin)
+    validate(config)
     return config

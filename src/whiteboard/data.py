@@ -159,6 +159,22 @@ def split_text(text: str, fractions: tuple[float, float, float]) -> dict[str, st
     return {"train": "".join(lines[:cut1]), "valid": "".join(lines[cut1:cut2]), "test": "".join(lines[cut2:])}
 
 
+def _split_by_lines(text: str, fractions: tuple[float, float, float], origin: str) -> dict[str, str]:
+    """split_text, refusing a text whose lines are too few for a validation split: a 50 MB
+    file on one line would otherwise give a validation split of 0 tokens, with no word on
+    why."""
+    texts = split_text(text, fractions)
+    if text.strip() and not texts["valid"].strip():
+        lines = len(text.splitlines())
+        raise WhiteboardError(
+            f"{origin} has {lines:,} line{'s' if lines != 1 else ''}: a single text is split into train, validation "
+            f"and test by lines ({', '.join(f'{f:.0%}' for f in fractions)}), which leaves the validation split "
+            "empty. Break the text into lines (a sentence or paragraph each), or give a folder with train.txt "
+            "and valid.txt"
+        )
+    return texts
+
+
 def _split_files_in(folder: Path) -> dict[str, Path] | None:
     """train/valid/test files in a folder, by common naming conventions."""
     found = {}
@@ -200,9 +216,9 @@ def load_corpus(
         parts = sorted(path.glob("*.txt"))
         if not parts:
             raise WhiteboardError(f"folder {path} has no train/valid files and no *.txt files")
-        return split_text("".join(read_utf8(p) for p in parts), fractions), None
+        return _split_by_lines("".join(read_utf8(p) for p in parts), fractions, f"the *.txt files in {path}"), None
     if path.is_file():
-        return split_text(read_utf8(path), fractions), None
+        return _split_by_lines(read_utf8(path), fractions, str(path)), None
     raise WhiteboardError(f"corpus not found: {source!r} is neither a named corpus ({', '.join(CORPORA)}) nor a file or folder")
 
 

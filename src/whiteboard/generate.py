@@ -7,6 +7,7 @@ functions: temperature -> top-k -> top-p -> sample; temperature 0 means greedy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,13 +15,15 @@ from torch import Tensor
 
 from .errors import WhiteboardError
 from .model import LanguageModel, State
-from .vocab import Vocabulary
+from .vocab import EOS, Vocabulary
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0 here; temperature 0 is handled as greedy")
-    return logits / temperature
+    """logits / temperature, shifted so that the largest is 0 first: a tiny temperature
+    (1e-45) then tends to greedy instead of overflowing every logit to inf (and NaN)."""
+    if not 0 < temperature < math.inf:
+        raise ValueError("temperature must be a finite number > 0 here; temperature 0 is handled as greedy")
+    return (logits - logits.max(-1, keepdim=True).values) / temperature
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -86,31 +89,51 @@ def predict_next(model: LanguageModel, vocab: Vocabulary, text: str, top_k: int 
     return [Prediction(vocab.tokens[int(i)], float(v)) for v, i in zip(values, indices)]
 
 
-@torch.no_grad()
+#: Generation streams its tokens, so any length can be watched as it comes; past this many
+#: it is refused (a billion tokens would run for days at one token per step).
+MAX_LENGTH = 10_000_000
+
+
 def generate(model: LanguageModel, vocab: Vocabulary, prompt: str = "", length: int = 100, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
     """Continue ``prompt`` by ``length`` tokens; returns only the new text."""
-    if length < 0:
-        raise WhiteboardError(f"length must be >= 0, got {length}")
+    return "".join(generate_pieces(model, vocab, prompt, length, temperature, top_k, top_p, seed))
+
+
+def generate_pieces(model: LanguageModel, vocab: Vocabulary, prompt: str = "", length: int = 100,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
+    """:func:`generate`'s text one token at a time, as each is sampled: the pieces join into
+    exactly what :func:`generate` returns (a word after the prompt or a word gets a space)."""
+    if not 0 <= length <= MAX_LENGTH:
+        raise WhiteboardError(f"length must be in [0, {MAX_LENGTH:,}], got {length:,}")
     model.eval()
     generator = torch.Generator(device=model.decoder.weight.device)
     if seed is not None:
         generator.manual_seed(seed)
     else:
         generator.seed()
-    if prompt:
-        logits, state = feed(model, _prompt_ids(vocab, prompt))
-    else:
-        # No prompt: start as after a line break (word level) or from the empty state.
-        start = vocab.index.get("<eos>", vocab.index.get("\n", vocab.unk_id))
-        logits, state = feed(model, [start])
-    out: list[int] = []
+    with torch.no_grad():
+        if prompt:
+            logits, state = feed(model, _prompt_ids(vocab, prompt))
+        else:
+            # No prompt: start as after a line break (word level) or from the empty state.
+            start = vocab.index.get("<eos>", vocab.index.get("\n", vocab.unk_id))
+            logits, state = feed(model, [start])
+    previous = None  # the last piece yielded
     for _ in range(length):
-        token = sample_next(logits.unsqueeze(0), temperature, top_k, top_p, generator)  # (1,)
-        out.append(int(token))
-        step_logits, state = model.step(token, state)
+        with torch.no_grad():
+            token = sample_next(logits.unsqueeze(0), temperature, top_k, top_p, generator)  # (1,)
+        word = vocab.tokens[int(token)]
+        if vocab.level == "char":
+            piece = word
+        elif word == EOS:
+            piece = "\n"
+        elif previous is None:
+            piece = " " + word if prompt else word
+        else:
+            piece = word if previous == "\n" else " " + word
+        previous = piece
+        yield piece
+        with torch.no_grad():
+            step_logits, state = model.step(token, state)
         logits = step_logits[0]
-    text = vocab.decode(out)
-    if vocab.level == "word" and prompt and out and vocab.tokens[out[0]] != "<eos>":
-        text = " " + text
-    return text

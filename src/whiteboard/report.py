@@ -244,5 +244,8 @@ board itself. Gates run from white (0, shut) to dark blue (1, open); states from
 def _json_for_script(data) -> str:
     import json
 
-    # '</' would end the <script> element early; escaped it is still the same JSON.
-    return json.dumps(data).replace("</", "<\\/")
+    # Inside <script> the HTML parser ends the element at "</script" and reads "<!--" as the
+    # start of an escaped comment: any "<" (and ">", "&") of the user's text is written as
+    # its JSON escape, which the page's JSON.parse reads back unchanged.
+    text = json.dumps(data)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from .config import RunConfig
+from . import checkpoint, rundir
+from .config import RunConfig, check_device
 from .data import batchify, check_long_enough, load_corpus, windows
 from .errors import WhiteboardError
 from .model import LanguageModel, detach_state
@@ -31,6 +31,23 @@ from .vocab import Vocabulary
 
 class TrainingDiverged(WhiteboardError):
     pass
+
+
+#: A loss above this many times ln(V), the loss of a uniform guess over the vocabulary, is
+#: taken as divergence (train.lr=1e30 gave a validation loss of 1.6e30, which was reported
+#: as a result). High enough that no recovering run passes it: lr 30 on a 17-word corpus
+#: peaks at 6.5 times ln(V) and recovers.
+ABSURD_LOSS_FACTOR = 100.0
+
+
+def _check_loss(value: float, vocab_size: int, what: str, where: str, run_dir: Path) -> None:
+    """Stop with TrainingDiverged where a loss is NaN, infinite or absurd."""
+    if math.isfinite(value) and value <= ABSURD_LOSS_FACTOR * math.log(max(2, vocab_size)):
+        return
+    raise TrainingDiverged(
+        f"{what} became {value:.4g} {where}; stopped, the last good checkpoint in {run_dir} is kept "
+        "(try a lower train.lr or train.clip)"
+    )
 
 
 @dataclass
@@ -49,6 +66,10 @@ class TrainResult:
     elapsed_s: float
     train_tokens_per_s: float
     level: str
+    #: The signal that interrupted the run (SIGINT, SIGTERM), if one did.
+    signal: int | None = None
+    #: The run had already finished before this call: nothing was trained or evaluated.
+    already_finished: bool = False
 
     def summary(self) -> str:
         if math.isfinite(self.best_valid_loss):
@@ -156,28 +177,33 @@ def _scheduled_lr(config: RunConfig, epoch: int, plateau_factor: float) -> float
 
 
 class _StopFlag:
-    """The first Ctrl-C asks the loop to checkpoint and stop after the current step; a
-    second one interrupts at once."""
+    """The first Ctrl-C, or a SIGTERM (what schedulers and ``timeout`` send), asks the loop
+    to checkpoint and stop after the current step; a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal: int | None = None
+        self._previous: dict = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+        for number in self.SIGNALS:
+            try:
+                self._previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread: no handler, signals behave as usual
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 class _Metrics:
@@ -221,21 +247,63 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> TrainResult:
+    """Train (or with ``resume`` continue) the run in ``run_dir``, which it claims for its
+    whole life (see :mod:`whiteboard.rundir`). A new run refuses a directory that holds
+    anything but the same run (which it continues), unless ``overwrite`` replaces it."""
     run_dir = Path(run_dir)
+    check_device(config.train.device)
+    with rundir.RunDirectoryClaim(run_dir):
+        if not resume:
+            resume = _fresh_or_same_run(config, run_dir, overwrite, log)
+        return _train(config, run_dir, resume, progress, log)
+
+
+def _fresh_or_same_run(config: RunConfig, run_dir: Path, overwrite: bool, log) -> bool:
+    """For a new run: True where ``run_dir`` holds a resumable run of this very config (it
+    is continued), False where the directory is empty (or emptied by ``overwrite``)."""
+    present = rundir.run_files_in(run_dir)
+    if not present:
+        return False
+    if overwrite:
+        log(f"--overwrite: replacing the run in {run_dir}")
+        rundir.remove_run_files(run_dir)
+        leftover = rundir.run_files_in(run_dir)
+        if leftover:
+            log(f"kept what is not a whiteboard run file: {', '.join(leftover)}")
+        return False
+    saved = _saved_config(run_dir)
+    if (run_dir / rundir.TRAINING_STATE).exists() and saved == json.loads(config.to_json()):
+        log(f"{run_dir} holds this run (same config): continuing it")
+        return True
+    what = "a run with another config" if saved is not None else f"other files ({', '.join(present[:5])})"
+    raise WhiteboardError(
+        f"{run_dir} is not empty: it holds {what}. Choose another --run-dir, continue a run with "
+        f"--resume {run_dir}, or pass --overwrite to replace it"
+    )
+
+
+def _saved_config(run_dir: Path) -> dict | None:
+    try:
+        saved = json.loads((run_dir / rundir.CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log) -> TrainResult:
     t = config.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     device = torch.device(t.device)
-    state_path = run_dir / "training_state.safetensors"
+    state_path = run_dir / rundir.TRAINING_STATE
     if resume:
         if not state_path.exists():
             raise WhiteboardError(f"nothing to resume: {state_path} not found")
-        vocab = Vocabulary.load(run_dir / "vocab.json")
+        vocab = Vocabulary.load(run_dir / rundir.VOCAB)
         data = prepare_data(config, vocab)
     else:
-        if state_path.exists():
-            raise WhiteboardError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --run-dir")
         data = prepare_data(config)
     vocab = data.vocab
     check_long_enough(data.ids["train"], t.batch_size, "train")
@@ -248,16 +316,20 @@ def train(
     metrics = _Metrics(run_dir / "metrics.jsonl")
     counters = {"epoch": 1, "position": 0, "step": 0, "best_valid": math.inf, "bad_evals": 0, "plateau": 1.0,
                 "log_loss": 0.0, "log_tokens": 0, "train_tokens": 0, "train_seconds": 0.0, "asgd": False,
-                "valid_history": [], "wall_seconds": 0.0}
+                "valid_history": [], "wall_seconds": 0.0, "finished": False}
     hidden = None
     if resume:
         counters = checkpoint.read_training_counters(run_dir)
         optimizer = _make_optimizer(model, config, averaged=counters.get("asgd", False))
         counters, hidden = checkpoint.load_training_state(run_dir, model, optimizer, data_generator, device)
+        if counters.get("finished") and _nothing_to_train(t, counters):
+            log(f"{run_dir} has finished its run already: nothing to train")
+            return _result(counters, None, False, vocab.level, already_finished=True)
+        counters["finished"] = False
         metrics.keep_up_to(counters["step"])
+        checkpoint.save_run_files(run_dir, config, vocab)  # the config this session trains with
         log(f"resuming {run_dir} at epoch {counters['epoch']}, step {counters['step']}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save_run_files(run_dir, config, vocab)
         log(f"{model.parameter_count():,} parameters; vocabulary {len(vocab):,} ({vocab.level} level); "
             f"{data.ids['train'].numel():,} training tokens")
@@ -282,7 +354,12 @@ def train(
             return counters["step"] / t.max_steps
         return (counters["epoch"] - 1 + counters["position"] / max(1, train_streams.shape[0] - 1)) / t.epochs
 
+    last_step = None  # (window, the hidden state it started from): what save() re-checks
+
     def save(final_hidden) -> None:
+        _check_parameters(model, counters, run_dir)
+        if last_step is not None:
+            _check_updated_model(model, last_step, loss_fn, len(vocab), counters, run_dir)
         counters["wall_seconds"] = wall_seconds()
         checkpoint.save_training_state(run_dir, model, optimizer, counters, final_hidden, data_generator)
 
@@ -293,6 +370,7 @@ def train(
         evaluated_at = counters["step"]
         with _AveragedWeights(model, optimizer):
             valid_loss = evaluate(model, data.ids["valid"], t.eval_batch_size, t.bptt, device)
+            _check_loss(valid_loss, len(vocab), "the validation loss", f"at step {counters['step']}", run_dir)
             improved = valid_loss < counters["best_valid"]
             if improved:
                 checkpoint.save_model(run_dir, model, counters["step"])
@@ -319,11 +397,14 @@ def train(
             + ("" if improved else " (no improvement)"))
         model.train()
 
+    def steps_done() -> bool:
+        return bool(t.max_steps) and counters["step"] >= t.max_steps
+
     interrupted = False
     stop_early = False
     time_up = False
     with _StopFlag() as stop:
-        while counters["epoch"] <= t.epochs and not stop_early:
+        while counters["epoch"] <= t.epochs and not stop_early and not steps_done():
             epoch_lr = _scheduled_lr(config, counters["epoch"], counters["plateau"])
             model.train()
             if counters["position"] == 0 or hidden is None:
@@ -335,15 +416,14 @@ def train(
                 started = time.perf_counter()
                 lr = epoch_lr * anneal_factor(t.anneal, progress())
                 hidden = detach_state(hidden)
+                last_step = (window, hidden)
                 logits, hidden, raw_output, dropped_output = model.forward_with_outputs(window.inputs, hidden)
                 loss = loss_fn(logits.flatten(0, 1), window.targets.flatten())
                 value = loss.item()
-                if not math.isfinite(value):
+                where = f"at step {counters['step'] + 1} (epoch {counters['epoch']})"
+                if not math.isfinite(value) or value > ABSURD_LOSS_FACTOR * math.log(max(2, len(vocab))):
                     bar.close()
-                    raise TrainingDiverged(
-                        f"training loss became {value} at step {counters['step'] + 1} (epoch {counters['epoch']}); "
-                        f"stopped, the last good checkpoint in {run_dir} is kept (try a lower train.lr or train.clip)"
-                    )
+                    _check_loss(value, len(vocab), "training loss", where, run_dir)
                 optimizer.zero_grad(set_to_none=True)
                 objective = loss * window.inputs.shape[0] if t.loss_per == "sequence" else loss
                 if t.ar_alpha:
@@ -351,8 +431,18 @@ def train(
                 if t.tar_beta:
                     objective = objective + temporal_activation_regularization(raw_output, t.tar_beta)
                 objective.backward()
+                # The norm clip_grad_norm_ returns anyway: an update from a NaN or Inf gradient
+                # would turn every weight into NaN, and a checkpoint would keep them.
                 if t.clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+                    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), t.clip))
+                else:
+                    grad_norm = float(nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+                if not math.isfinite(grad_norm):
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"the gradient norm became {grad_norm} {where}; stopped before the update, the last good "
+                        f"checkpoint in {run_dir} is kept (try a lower train.lr or train.clip)"
+                    )
                 # AWD-LSTM: a shorter window gets a proportionally smaller step.
                 scale = window.inputs.shape[0] / t.bptt if t.variable_bptt else 1.0
                 for group in optimizer.param_groups:
@@ -385,7 +475,7 @@ def train(
                     stop_early = True
                     break
                 time_up = time_is_up()
-                if stop.requested or (t.max_steps and counters["step"] >= t.max_steps) or time_up:
+                if stop.requested or steps_done() or time_up:
                     interrupted = stop.requested
                     break
             bar.close()
@@ -393,7 +483,7 @@ def train(
                 log(f"time limit of {t.time_limit:g} minutes reached at step {counters['step']}")
                 if evaluated_at != counters["step"]:
                     run_evaluation()
-            if stop.requested or (t.max_steps and counters["step"] >= t.max_steps) or stop_early or time_up:
+            if stop.requested or steps_done() or stop_early or time_up:
                 save(hidden)
                 break
             if not t.eval_every:
@@ -405,11 +495,12 @@ def train(
                 log(f"no improvement in {t.early_stop} evaluations: stopping early")
                 break
 
-    stopped_by_steps = t.max_steps and counters["step"] >= t.max_steps and counters["epoch"] <= t.epochs
+    stopped_by_steps = steps_done() and counters["epoch"] <= t.epochs
     finished = not interrupted and (time_up or not stopped_by_steps)
-    if not (run_dir / "model.safetensors").exists():
+    if not (run_dir / rundir.MODEL).exists():
         # Stopped before the first evaluation: still leave a usable model (not logged as a
         # validation result, so a resumed run's metrics equal an uninterrupted run's).
+        _check_parameters(model, counters, run_dir)
         checkpoint.save_model(run_dir, model, counters["step"])
     test_loss = None
     if finished and data.ids.get("test") is not None and data.ids["test"].numel() // t.eval_batch_size >= 2:
@@ -419,9 +510,52 @@ def train(
         if vocab.level == "char":
             record["bpc"] = bits_per_char(test_loss)
         metrics.write(record)
+    if finished:
+        # Marked, so that resuming a finished run neither trains nor tests it again.
+        counters["finished"] = True
+        save(hidden if hidden is not None else model.init_state(t.batch_size))
+    return _result(counters, test_loss, interrupted, vocab.level, signal_number=stop.signal if interrupted else None)
+
+
+def _result(counters: dict, test_loss: float | None, interrupted: bool, level: str, signal_number: int | None = None,
+            already_finished: bool = False) -> TrainResult:
     seconds = counters["train_seconds"]
     return TrainResult(
         steps=counters["step"], epochs_done=counters["epoch"] - 1, best_valid_loss=counters["best_valid"],
         test_loss=test_loss, interrupted=interrupted, elapsed_s=seconds,
-        train_tokens_per_s=counters["train_tokens"] / max(seconds, 1e-9), level=vocab.level,
+        train_tokens_per_s=counters["train_tokens"] / max(seconds, 1e-9), level=level, signal=signal_number,
+        already_finished=already_finished,
     )
+
+
+def _nothing_to_train(t, counters: dict) -> bool:
+    """Whether the config leaves a resumed run nothing to do (a run resumed with more epochs
+    or steps than it had goes on)."""
+    return (counters["epoch"] > t.epochs or bool(t.max_steps and counters["step"] >= t.max_steps)
+            or bool(t.time_limit and counters.get("wall_seconds", 0.0) >= t.time_limit * 60)
+            or bool(t.early_stop and counters["bad_evals"] >= t.early_stop))
+
+
+def _check_updated_model(model: LanguageModel, last_step, loss_fn, vocab_size: int, counters: dict,
+                         run_dir: Path) -> None:
+    """Before a checkpoint is written: the last window's loss under the updated weights is
+    sane. A finite but absurd update (train.lr=1e30) leaves finite weights that only the next
+    step's loss would show, after they had been checkpointed. Run in eval mode, which draws
+    no random numbers, so an exact resume is unaffected."""
+    window, hidden = last_step
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(window.inputs, hidden)
+        loss = float(loss_fn(logits.flatten(0, 1), window.targets.flatten()))
+    model.train()
+    _check_loss(loss, vocab_size, "the loss after the update", f"at step {counters['step']}", run_dir)
+
+
+def _check_parameters(model: nn.Module, counters: dict, run_dir: Path) -> None:
+    """Before any checkpoint is written: every weight finite, or stop and keep the last one."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"the weights became non-finite ({', '.join(bad[:3])}) by step {counters['step']}; stopped, the last "
+            f"good checkpoint in {run_dir} is kept (try a lower train.lr or train.clip)"
+        )

@@ -111,5 +111,7 @@ class Vocabulary:
             return cls(data["level"], list(data["tokens"]))
         except FileNotFoundError:
             raise WhiteboardError(f"vocabulary file not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise WhiteboardError(f"vocabulary file {path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise WhiteboardError(f"vocabulary file {path} is not a whiteboard vocabulary: {exc}") from None
