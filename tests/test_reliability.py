@@ -361,6 +361,10 @@ def test_a_full_disk_mid_run_gives_one_line_and_keeps_the_last_checkpoint(run_co
     (lambda run: ["predict", str(run), "the", "--top-k", "-1"], "--top-k"),
     (lambda run: ["generate", str(run), "--length", "1000000000"], "--length"),
     (lambda run: ["train", "x.txt", "--run-dir", str(run), "--set", "train.max_steps=-1"], "max_steps"),
+    # argparse's own refusals, which it would prefix with "whiteboard evaluate: error:"
+    (lambda run: ["evaluate", str(run), "--split", "nope"], "--split"),
+    (lambda run: ["inspect", str(run), "the", "--units", "x"], "--units"),
+    (lambda run: ["compare", "--distances", "0"], "--distances"),
 ])
 def test_bad_command_line_values_are_usage_errors(finished, capsys, argv, words):
     _, run = finished

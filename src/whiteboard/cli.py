@@ -34,7 +34,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        # Every error starts "whiteboard: error:", a subcommand's too (argparse would write
+        # "whiteboard evaluate: error:"); the command is named in the help hint instead.
+        self.exit(2, f"whiteboard: error: {message} (see '{self.prog} --help')\n")
 
 
 def _add_train(sub) -> None:
