@@ -7,7 +7,8 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "Alice lives in France . She is an artist . She likes to cook . She speaks" in printed
+    assert "Alice lives in France. She is an artist. She likes to cook. She speaks" in printed  # as people type it
+    assert "Memory horizon" in printed
     for cell in ("RNN", "LSTM"):
         assert f"{cell}  -> " in printed or f"{cell} -> " in printed
     result = json.loads((out / "results.json").read_text())
@@ -17,8 +18,13 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     html = (out / "summary.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     assert (out / "accuracy_by_distance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The trained models are ordinary run directories: predict works on them.
-    assert main(["predict", str(out / "models" / "lstm"), "Alice lives in France . She speaks", "--json"]) == 0
+    # The trained models are ordinary run directories: predict works on them, and reads the
+    # seed's sentence typed with ordinary punctuation word for word.
+    capsys.readouterr()
+    typed = "Alice lives in France. She is an artist. She likes to cook. She speaks"
+    assert main(["predict", str(out / "models" / "lstm"), typed, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unknown"] == []
+    assert set(result["horizons"]) == {"rnn", "lstm", "gru"} and set(result["learning_rates"]) == {"rnn", "lstm", "gru"}
 
 
 def test_compare_writes_table_json_csv_and_plot(tmp_path, capsys):

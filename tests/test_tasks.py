@@ -28,10 +28,11 @@ def test_story_structure_and_distance_knob():
         assert not set(between) & (set(tasks.COUNTRY_LANGUAGE) | set(tasks.COUNTRY_LANGUAGE.values()))
 
 
-def test_train_and_test_stories_use_disjoint_name_country_pairs():
+def test_train_validation_and_test_stories_use_disjoint_name_country_pairs():
     pairs = lambda split: {(s.tokens[0], s.tokens[s.clue_index]) for s in tasks.make_stories(2000, 4, 30, 0, split)}  # noqa: E731
-    train, test = pairs("train"), pairs("test")
-    assert train and test and not train & test
+    train, valid, test = pairs("train"), pairs("valid"), pairs("test")
+    assert train and valid and test
+    assert not train & test and not train & valid and not valid & test
 
 
 def test_story_task_is_rich_enough():

@@ -41,3 +41,37 @@ def test_bad_vocabulary_files_are_named(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(WhiteboardError, match="not a whiteboard vocabulary"):
         Vocabulary.load(tmp_path / "bad.json")
+
+
+def test_punctuation_is_split_from_words_as_people_type_them():
+    from whiteboard.vocab import tokenize_line
+
+    typed = "Alice lives in France. She is an artist. She likes to cook. She speaks"
+    assert tokenize_line(typed, "word", "punctuation") == \
+        "Alice lives in France . She is an artist . She likes to cook . She speaks".split()
+    assert tokenize_line("I don't know, it's 3.14 (well-known) <unk>!", "word", "punctuation") == \
+        ["I", "don't", "know", ",", "it's", "3.14", "(", "well-known", ")", "<unk>", "!"]
+    assert tokenize_line("France. She", "word", "whitespace") == ["France.", "She"]
+
+
+def test_the_tokenizer_is_detected_from_the_text():
+    from whiteboard.vocab import detect_tokenizer
+
+    assert detect_tokenizer("Alice lives in France. She is an artist. She likes to cook.\n" * 20) == "punctuation"
+    assert detect_tokenizer("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20) == "punctuation"
+    # tokenized corpora: PTB's lower-case abbreviations, WikiText's spaced punctuation
+    assert detect_tokenizer("the company mr. <unk> said N million , up from $ N .\n" * 20) == "whitespace"
+    assert detect_tokenizer(" = Valkyria Chronicles III = \n The game @-@ play , as in U.S. states .\n" * 20) == \
+        "whitespace"
+
+
+def test_the_tokenizer_is_saved_and_old_vocabularies_load_as_whitespace(tmp_path):
+    vocab = Vocabulary.build("Alice lives in France.\nShe cooks.\n", tokenizer="punctuation")
+    assert "France" in vocab.index and "." in vocab.index and "France." not in vocab.index
+    vocab.save(tmp_path / "vocab.json")
+    loaded = Vocabulary.load(tmp_path / "vocab.json")
+    assert loaded.tokenizer == "punctuation"
+    assert loaded.encode_text("She lives in France.") == vocab.encode(["She", "lives", "in", "France", "."])
+    (tmp_path / "old.json").write_text(json.dumps({"level": "word", "tokens": [UNK, EOS, "France", "."]}))
+    old = Vocabulary.load(tmp_path / "old.json")
+    assert old.tokenizer == "whitespace" and old.unknown("France.") == ["France."]

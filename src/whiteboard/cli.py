@@ -101,9 +101,14 @@ def _add_compare(sub) -> None:
                        description="Train each model with the same step budget (and by default the same parameter "
                                    "count) and measure it at each distance between clue and answer.")
     p.add_argument("--task", choices=["stories", "adding", "copy"], default="stories")
-    p.add_argument("--models", default="rnn,lstm,gru", help="comma-separated from rnn, lstm, gru")
-    p.add_argument("--distances", type=_int_list, default=[10, 50, 100, 150],
-                   help="stories: tokens between clue and answer; adding: sequence length; copy: blank delay")
+    p.add_argument("--models", default="rnn,lstm,gru",
+                   help="comma-separated from rnn (ReLU, identity init), lstm, gru, rnn-tanh (orthogonal init)")
+    p.add_argument("--distances", type=_int_list,
+                   help="stories: tokens between clue and answer (default 4,6,10,16,25,40,63,100,150); "
+                        "adding: sequence length; copy: blank delay (default 10,50,100,150)")
+    p.add_argument("--lrs", type=_float_list, metavar="LR,LR,...",
+                   help="a learning-rate sweep: each model keeps its best rate on validation data")
+    p.add_argument("--seeds", type=int, default=1, help="train each model with this many seeds (horizon intervals)")
     p.add_argument("--steps", type=int, default=1400, help="training steps per model (and per distance for adding/copy)")
     p.add_argument("--hidden", type=int, default=64, help="the LSTM's hidden size")
     p.add_argument("--match", choices=["params", "hidden"], default="params",
@@ -111,6 +116,16 @@ def _add_compare(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("compare-out"), help="folder for results.json, results.csv, plot.png")
     p.add_argument("--quiet", action="store_true")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive finite numbers, got {text!r}")
+    return values
 
 
 def _add_demo(sub) -> None:
@@ -311,12 +326,13 @@ def cmd_compare(args) -> int:
     unknown = [c for c in cells if c not in ex.CELLS]
     if unknown or not cells:
         raise UsageError(f"--models takes names from {', '.join(ex.CELLS)}, got {args.models!r}")
-    if args.steps < 1 or args.hidden < 1:
-        raise UsageError("--steps and --hidden must be positive")
-    if args.task == "copy" and min(args.distances) < 1:
-        raise UsageError("copy delays must be at least 1")
-    result = ex.compare(args.task, cells, args.distances, args.steps, args.hidden, args.match, args.seed,
-                        progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    if args.steps < 1 or args.hidden < 1 or args.seeds < 1:
+        raise UsageError("--steps, --hidden and --seeds must be positive")
+    distances = args.distances or (ex.STORY_DISTANCES if args.task == "stories" else [10, 50, 100, 150])
+    check_writable_folder(args.out, "--out")
+    result = ex.compare(args.task, cells, distances, args.steps, args.hidden, args.match, args.seed,
+                        progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), learning_rates=args.lrs,
+                        seeds=args.seeds)
     files = ex.write_compare(result, args.out)
     print(result.table())
     print(f"wrote {files['json']}, {files['csv']}, {files['plot']}")

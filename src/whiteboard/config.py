@@ -49,6 +49,9 @@ class DataConfig:
     corpus: str = ""  # a named corpus (ptb, wikitext-2, tinyshakespeare), a file or a folder
     data_dir: str = ""  # where named corpora live; "" = $WHITEBOARD_DATA_DIR or ~/.cache/whiteboard
     level: str = ""  # word | char; "" = the corpus's own (word for files)
+    # word level: whitespace | punctuation (split "France." into "France" "."); "" = named
+    # corpora (tokenized already) whitespace, files and folders detected from their text.
+    tokenizer: str = ""
     min_freq: int = 1
     max_vocab: int = 0  # 0 = no limit
     download: bool = False
@@ -111,6 +114,7 @@ CHOICES = {
     ("model", "nonlinearity"): ("tanh", "relu", "sigmoid"),
     ("model", "decoder_precision"): ("float32", "bfloat16"),
     ("data", "level"): ("", "word", "char"),
+    ("data", "tokenizer"): ("", "whitespace", "punctuation"),
     ("train", "optimizer"): ("sgd", "adam", "adamw", "ntasgd"),
     ("train", "loss_per"): ("token", "sequence"),
 }

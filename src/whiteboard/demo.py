@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import experiments as ex
+from . import horizon as memory_horizon
 from . import tasks
 from .checkpoint import atomic_write_text, save_model, save_run_files
 from .config import RunConfig
@@ -28,8 +29,9 @@ from .generate import predict_next
 @dataclass
 class DemoSettings:
     steps: int = 1400  # per model
-    max_distance: int = 150
-    distances: tuple[int, ...] = (5, 15, 30, 50, 75, 100, 125, 150)
+    max_distance: int = 150  # the longest lag trained on
+    # log-spaced from the shortest possible lag; 250 and 400 lie beyond what was trained
+    distances: tuple[int, ...] = (4, 6, 10, 16, 25, 40, 63, 100, 150, 250, 400)
     test_per_distance: int = 200
     hidden: int = 64  # the LSTM's; RNN and GRU get the hidden size with the same parameter count
     budget_s: float = 300.0  # GRU is trained only if RNN + LSTM left enough of this
@@ -37,8 +39,8 @@ class DemoSettings:
     seed: int = 0
 
 
-QUICK = DemoSettings(steps=40, max_distance=12, distances=(5, 10), test_per_distance=20, hidden=16, budget_s=60.0,
-                     long_filler_tokens=100)
+QUICK = DemoSettings(steps=40, max_distance=12, distances=(4, 6, 10, 16), test_per_distance=20, hidden=16,
+                     budget_s=60.0, long_filler_tokens=100)
 
 
 def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: bool = True,
@@ -53,7 +55,8 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
     say("whiteboard demo - the seed's experiment: can the network still read 'France' when it has to say 'French'?")
     say(f"Stories: 'NAME lives in COUNTRY .' + filler sentences + 'PRONOUN speaks LANGUAGE .', "
         f"{len(tasks.COUNTRY_LANGUAGE)} countries, clue-answer distance up to {settings.max_distance} tokens; "
-        f"{settings.steps} training steps of 32 stories per model, same parameter count.")
+        f"{settings.steps} training steps of 32 stories per model, same parameter count, each model at its own "
+        "learning rate (its best in a validation sweep) and with its literature's initialisation.")
 
     models: dict[str, torch.nn.Module] = {}
     train_seconds: dict[str, float] = {}
@@ -64,7 +67,7 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
             break
         model = build(cell, sizes[cell])
         t0 = time.perf_counter()
-        ex.train_story_model(model, vocab, curriculum, seed=settings.seed, progress=progress,
+        ex.train_story_model(model, vocab, curriculum, lr=ex.STORY_LR[cell], seed=settings.seed, progress=progress,
                              desc=f"training {cell.upper():4s}")
         train_seconds[cell] = time.perf_counter() - t0
         models[cell] = model
@@ -78,7 +81,7 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
     # (a) the seed's own prompt, (b) the same clue a long way back
     long_prompt = tasks.long_seed_prompt(settings.long_filler_tokens)
     long_distance = len(long_prompt.split()) - 3
-    prompts = {"seed": tasks.SEED_PROMPT, "long": long_prompt}
+    prompts = {"seed": tasks.SEED_PROMPT_TYPED, "long": long_prompt}
     predictions = {name: {cell: [asdict(p) for p in predict_next(m, vocab, text, 5)] for cell, m in models.items()}
                    for name, text in prompts.items()}
     for name, title in (("seed", f"The seed's prompt (clue {len(tasks.SEED_PROMPT.split()) - 3} tokens back):"),
@@ -102,17 +105,25 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
     say("  distance " + " ".join(f"{c.upper():>7}" for c in models))
     for d in settings.distances:
         say(f"  {d:>8} " + " ".join(f"{_row(rows, c, d)['accuracy']:>7.2f}" for c in models))
+    horizons = {c: memory_horizon.horizon({r["distance"]: r["accuracy"] for r in rows if r["model"] == c})
+                for c in models}
+    say("Memory horizon (where accuracy falls to half its value at <= 10 tokens): " + ", ".join(
+        f"{c.upper()} {'> ' + str(max(settings.distances)) if h == float('inf') else f'{h:.0f} tokens'}"
+        for c, h in horizons.items()))
 
-    from .plots import line_plot
+    from .plots import band_plot
 
     series = {c.upper(): [(r["distance"], r["accuracy"]) for r in rows if r["model"] == c] for c in models}
-    plot_png = line_plot(series, out_dir / "accuracy_by_distance.png", xlabel="tokens between 'COUNTRY' and the answer",
+    plot_png = band_plot({name: [(d, a, a, a) for d, a in points] for name, points in series.items()},
+                         out_dir / "accuracy_by_distance.png", xlabel="tokens between 'COUNTRY' and the answer (log scale)",
                          ylabel="accuracy of the language", title="Who still remembers the country?",
                          reference=(ex.chance_level("stories"), "chance"))
     result = {
         "settings": asdict(settings), "hidden": {c: sizes[c] for c in models},
         "parameters": {c: sum(p.numel() for p in m.parameters()) for c, m in models.items()},
         "train_seconds": train_seconds, "prompts": prompts, "predictions": predictions, "accuracy": rows,
+        "learning_rates": {c: ex.STORY_LR[c] for c in models},
+        "horizons": {c: (None if h == float("inf") else h) for c, h in horizons.items()},
         "total_seconds": time.perf_counter() - started,
     }
     extra = _inspection_sections(out_dir, models, vocab, prompts, result, say)

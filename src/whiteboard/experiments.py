@@ -19,14 +19,55 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import horizon as memory_horizon
 from . import tasks
 from .config import ModelConfig
 from .layers import GRU, LSTM, RNN
 from .model import LanguageModel
 from .vocab import EOS, UNK, Vocabulary
 
-CELLS = ("rnn", "lstm", "gru")
-_LAYERS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
+CELLS = ("rnn", "lstm", "gru", "rnn-tanh")
+_LAYERS = {"rnn": RNN, "lstm": LSTM, "gru": GRU, "rnn-tanh": RNN}
+
+#: Adam learning rates for the stories, each model's best of the sweep 5e-4, 1e-3, 2e-3, 5e-3
+#: by mean validation accuracy over distances 5-150 (1400 steps, seed 0; benchmarks/README.md,
+#: "Learning-rate sweep"). The one used where a run does not sweep (the demo).
+STORY_LR = {"rnn": 1e-3, "lstm": 5e-3, "gru": 2e-3, "rnn-tanh": 1e-3}
+#: The stories' default grid: log-spaced from the shortest possible lag (4) to 150.
+STORY_DISTANCES = [4, 6, 10, 16, 25, 40, 63, 100, 150]
+
+
+def identity_recurrence(layer: nn.Module) -> None:
+    """Le, Jaitly & Hinton 2015 (IRNN): W_hh = I and zero biases, for a ReLU RNN. At the start
+    the state is carried unchanged and the input is added to it, so the gradient neither
+    vanishes nor explodes through time; the recommended initialisation for a vanilla RNN on
+    long-range tasks. The RNN's deviation from torch.nn's initialisation in the experiments."""
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if name.startswith("weight_hh"):
+                param.copy_(torch.eye(param.shape[0], param.shape[1]))
+            elif name.startswith("bias"):
+                param.zero_()
+
+
+def orthogonal_recurrence(layer: nn.Module) -> None:
+    """Saxe et al. 2014: an orthogonal W_hh (and zero biases) for a tanh RNN, whose
+    singular values of 1 keep the signal's norm through time at the start."""
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if name.startswith("weight_hh"):
+                nn.init.orthogonal_(param)
+            elif name.startswith("bias"):
+                param.zero_()
+
+
+#: Each cell as the experiments build it, with its literature's initialisation:
+#: LSTM: forget-gate bias 1 (Gers et al. 2000; Jozefowicz et al. 2015); GRU: torch.nn's
+#: uniform initialisation (Cho et al. 2014's own is of the same kind); RNN: the IRNN, ReLU
+#: with identity recurrence (Le et al. 2015). "rnn-tanh" is the seed's tanh RNN with an
+#: orthogonal recurrence, kept for comparison: on stories it fails even at short lags
+#: (benchmarks/README.md, "Why the RNN failed").
+RNN_VARIANTS = {"rnn": ("relu", identity_recurrence), "rnn-tanh": ("tanh", orthogonal_recurrence)}
 
 
 def set_forget_bias(layer: nn.Module, value: float) -> None:
@@ -69,14 +110,19 @@ def hidden_sizes(cells: list[str], base_hidden: int, match: str, build: Callable
 
 
 def story_vocabulary() -> Vocabulary:
-    return Vocabulary("word", [UNK, EOS] + tasks.story_vocabulary_tokens())
+    # Split as people type: the seed's "France. She speaks" reads as the stories' "France . She speaks".
+    return Vocabulary("word", [UNK, EOS] + tasks.story_vocabulary_tokens(), tokenizer="punctuation")
 
 
 def story_model(cell: str, vocab_size: int, hidden: int, embedding: int = 32) -> LanguageModel:
-    config = ModelConfig(cell=cell, embedding_size=embedding, hidden_size=hidden, num_layers=1, dropout=0.0,
-                         tie_weights=False, init_range=0.0)
+    """A one-layer language model of ``cell`` (see CELLS) with its literature's initialisation."""
+    nonlinearity, recurrence_init = RNN_VARIANTS.get(cell, ("tanh", None))
+    config = ModelConfig(cell="rnn" if cell in RNN_VARIANTS else cell, embedding_size=embedding, hidden_size=hidden,
+                         num_layers=1, dropout=0.0, tie_weights=False, init_range=0.0, nonlinearity=nonlinearity)
     model = LanguageModel(vocab_size, config)
     set_forget_bias(model.recurrent, 1.0)
+    if recurrence_init is not None:
+        recurrence_init(model.recurrent)
     return model
 
 
@@ -122,20 +168,30 @@ def score_stories(logits_fn: Callable[[Tensor], Tensor], stories: list[tasks.Sto
 
 @dataclass
 class Curriculum:
-    """Stages of (max distance, steps): each stage trains on distances drawn uniformly
-    from [min_distance, max distance], so short lags are learnt first."""
+    """Stages of (max distance, steps): each stage trains on distances drawn from
+    [min_distance, max distance], so short lags are learnt first. ``sampling`` "log-uniform"
+    gives every octave of distance the same share of a batch, so short lags stay in every
+    batch however long the longest one grows; "uniform" lets them fade (at a maximum of
+    150, 1.4 % of stories have a lag of 5 or less)."""
 
     stages: list[tuple[int, int]]
     min_distance: int = 3
+    sampling: str = "log-uniform"
 
     @property
     def total_steps(self) -> int:
         return sum(steps for _, steps in self.stages)
 
+    def draw(self, rng: random.Random, max_distance: int) -> int:
+        low, high = self.min_distance, max(self.min_distance, max_distance)
+        if self.sampling == "uniform":
+            return rng.randint(low, high)
+        return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
+
 
 def train_story_model(model: LanguageModel, vocab: Vocabulary, curriculum: Curriculum, batch_size: int = 32,
                       lr: float = 5e-3, answer_weight: float = 20.0, seed: int = 0, progress: bool = True,
-                      desc: str = "") -> list[dict]:
+                      desc: str = "", answer_share: float | None = None) -> list[dict]:
     """Language-model training on stories (every next token counts), with the answer
     token weighted ``answer_weight`` times: it is the one token that needs memory."""
     rng = random.Random(f"stories-train-{seed}")
@@ -148,10 +204,14 @@ def train_story_model(model: LanguageModel, vocab: Vocabulary, curriculum: Curri
     step = 0
     for max_distance, steps in curriculum.stages:
         for _ in range(steps):
-            stories = [tasks.make_story(rng, rng.randint(curriculum.min_distance, max_distance)) for _ in range(batch_size)]
+            stories = [tasks.make_story(rng, curriculum.draw(rng, max_distance)) for _ in range(batch_size)]
             inputs, targets, positions = encode_stories(stories, vocab)
             weights = (targets != -100).float()
-            weights[positions, torch.arange(batch_size)] = answer_weight
+            if answer_share is None:
+                weights[positions, torch.arange(batch_size)] = answer_weight
+            else:  # the answer carries answer_share of its story's weight, however long the story
+                others = weights.sum(0) - 1  # (B,)
+                weights[positions, torch.arange(batch_size)] = others * answer_share / (1 - answer_share)
             logits, _ = model(inputs)
             ce = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
             loss = (ce * weights.flatten()).sum() / weights.sum()
@@ -177,13 +237,24 @@ def lm_logits(model: LanguageModel) -> Callable[[Tensor], Tensor]:
 # --------------------------------------------------------------------------- adding / copy
 
 
+def recurrent_layer(cell: str, input_size: int, hidden: int) -> nn.Module:
+    """One layer of ``cell`` (see CELLS) with its literature's initialisation."""
+    if cell in RNN_VARIANTS:
+        nonlinearity, recurrence_init = RNN_VARIANTS[cell]
+        layer = RNN(input_size, hidden, nonlinearity=nonlinearity)
+        recurrence_init(layer)
+        return layer
+    layer = _LAYERS[cell](input_size, hidden)
+    set_forget_bias(layer, 1.0)
+    return layer
+
+
 class SequenceRegressor(nn.Module):
     """Recurrent layer + linear read-out of the last state (adding problem)."""
 
     def __init__(self, cell: str, hidden: int, inputs: int = 2):
         super().__init__()
-        self.recurrent = _LAYERS[cell](inputs, hidden)
-        set_forget_bias(self.recurrent, 1.0)
+        self.recurrent = recurrent_layer(cell, inputs, hidden)
         self.readout = nn.Linear(hidden, 1)
 
     def forward(self, x: Tensor) -> Tensor:  # (T, B, 2) -> (B,)
@@ -197,8 +268,7 @@ class SequenceTagger(nn.Module):
     def __init__(self, cell: str, hidden: int, vocab: int = tasks.COPY_VOCAB, embedding: int = 16):
         super().__init__()
         self.embedding = nn.Embedding(vocab, embedding)
-        self.recurrent = _LAYERS[cell](embedding, hidden)
-        set_forget_bias(self.recurrent, 1.0)
+        self.recurrent = recurrent_layer(cell, embedding, hidden)
         self.classifier = nn.Linear(hidden, vocab)
 
     def forward(self, x: Tensor) -> Tensor:  # (T, B) -> (T, B, V)
@@ -294,20 +364,39 @@ class CompareResult:
     budget: str
     hidden: dict[str, int]
     parameters: dict[str, int]
-    rows: list[dict] = field(default_factory=list)  # {model, distance, metric..., seconds}
+    rows: list[dict] = field(default_factory=list)  # {model, seed, distance, metric..., seconds}
+    #: model -> {learning rate: validation score} where a sweep chose the rate
+    sweeps: dict[str, dict[str, float]] = field(default_factory=dict)
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    #: stories: model -> horizon.HorizonSummary as a dict (per seed, mean, interval)
+    horizons: dict[str, dict] = field(default_factory=dict)
+
+    def curve(self, model: str, seed: int | None = None) -> dict[int, float]:
+        """Distance -> metric for one model, one seed or the mean over seeds."""
+        metric = METRICS[self.task][0]
+        values: dict[int, list[float]] = {}
+        for r in self.rows:
+            if r["model"] == model and (seed is None or r["seed"] == seed):
+                values.setdefault(r["distance"], []).append(r[metric])
+        return {d: sum(v) / len(v) for d, v in sorted(values.items())}
 
     def table(self) -> str:
-        metric = METRICS[self.task][0]
         distances = sorted({r["distance"] for r in self.rows})
         models = list(self.hidden)
+        seeds = len({r["seed"] for r in self.rows}) if self.rows else 0
         header = f"{'distance':>9} " + " ".join(f"{m:>10}" for m in models)
-        lines = [f"{self.task}: {METRICS[self.task][1]} by distance ({self.budget})", header]
+        over = f", mean of {seeds} seeds" if seeds > 1 else ""
+        lines = [f"{self.task}: {METRICS[self.task][1]} by distance ({self.budget}{over})", header]
+        curves = {m: self.curve(m) for m in models}
         for d in distances:
-            cells = []
-            for m in models:
-                row = next((r for r in self.rows if r["model"] == m and r["distance"] == d), None)
-                cells.append(f"{row[metric]:>10.4f}" if row else f"{'-':>10}")
-            lines.append(f"{d:>9} " + " ".join(cells))
+            lines.append(f"{d:>9} " + " ".join(f"{curves[m][d]:>10.4f}" if d in curves[m] else f"{'-':>10}"
+                                               for m in models))
+        if self.horizons:
+            lines.append("horizon (distance where accuracy falls to half its value at <= 10 tokens): " + ", ".join(
+                f"{m} {self.horizons[m]['text']}" for m in models if m in self.horizons))
+        if self.learning_rates:
+            lines.append("learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in self.learning_rates.items())
+                         + (" (each model's best on validation)" if self.sweeps else ""))
         lines.append("parameters: " + ", ".join(f"{m} {self.parameters[m]:,} (hidden {self.hidden[m]})" for m in models))
         return "\n".join(lines)
 
@@ -318,21 +407,37 @@ def _story_build(vocab_size: int) -> Callable[[str, int], nn.Module]:
 
 def default_curriculum(max_distance: int, steps: int, first: int = 4) -> Curriculum:
     """30 % of the steps at the shortest lag (learn the country -> language mapping),
-    then four equal stages up to ``max_distance`` (learn to hold it)."""
+    then four equal stages up to ``max_distance`` (learn to hold it); in every stage the
+    distances are log-uniform, so short lags stay in every batch."""
     opening = max(1, round(steps * 0.3))
     per = max(1, (steps - opening) // 4)
     marks = [max(first, round(max_distance * k / 4)) for k in range(1, 5)]
     return Curriculum([(min(first, max_distance), opening)] + [(m, per) for m in marks])
 
 
-def compare(task: str, cells: list[str], distances: list[int], steps: int, hidden: int = 64, match: str = "params",
-            seed: int = 0, progress: bool = True, test_count: int = 300, log: Callable[[str], None] = print) -> CompareResult:
-    """Train every model with the same step budget and evaluate it at every distance.
+def _story_validation_score(model: LanguageModel, vocab: Vocabulary, distances: list[int], count: int) -> float:
+    """Mean accuracy over ``distances`` on validation stories (never the test stories)."""
+    scores = [score_stories(lm_logits(model), tasks.make_stories(count, d, d, 2, "valid"), vocab).accuracy
+              for d in distances]
+    return sum(scores) / len(scores)
 
-    stories: one model per cell, trained over all distances up to the largest (curriculum),
-    evaluated on held-out stories at each distance. adding / copy: one model per cell and
-    distance (sequence length T for adding, blank delay for copy), each trained with the
+
+def compare(task: str, cells: list[str], distances: list[int], steps: int, hidden: int = 64, match: str = "params",
+            seed: int = 0, progress: bool = True, test_count: int = 300, log: Callable[[str], None] = print,
+            learning_rates: list[float] | None = None, seeds: int = 1) -> CompareResult:
+    """Train every model with the same budget and evaluate it at every distance.
+
+    stories: one model per cell and seed, trained over all distances up to the largest
+    (curriculum), evaluated on test stories at each distance; each model's memory horizon
+    (:mod:`whiteboard.horizon`) over the seeds. adding / copy: one model per cell, distance
+    and seed (sequence length T for adding, blank delay for copy), each trained with the
     same :func:`length_curriculum` up to that distance.
+
+    ``learning_rates``: every model first trains once per rate (seed ``seed``) and keeps the
+    rate that scores best on validation data (stories: validation stories' mean accuracy;
+    adding: RMSE, copy: accuracy on a validation batch drawn apart from the test batch);
+    the budget is then steps x rates, the same for every model. Without a sweep the stories
+    use :data:`STORY_LR` and the other tasks their trainers' default rate.
     """
     if task == "stories":
         vocab = story_vocabulary()
@@ -345,60 +450,115 @@ def compare(task: str, cells: list[str], distances: list[int], steps: int, hidde
         raise ValueError(f"unknown task {task!r}")
     sizes = hidden_sizes(cells, hidden, match, build)
     params = {c: sum(p.numel() for p in build(c, sizes[c]).parameters()) for c in cells}
-    budget = f"{steps} steps each, " + ("same parameter count" if match == "params" else "same hidden size")
+    sweep = f" x {len(learning_rates)} learning rates" if learning_rates else ""
+    budget = f"{steps} steps{sweep} each, " + ("same parameter count" if match == "params" else "same hidden size")
     result = CompareResult(task, budget, sizes, params)
     for cell in cells:
         if task == "stories":
-            model = build(cell, sizes[cell])
-            started = time.perf_counter()
-            train_story_model(model, vocab, default_curriculum(max(distances), steps), seed=seed, progress=progress,
-                              desc=f"{cell} stories")
-            seconds = time.perf_counter() - started
-            for d in distances:
-                score = score_stories(lm_logits(model), tasks.make_stories(test_count, d, d, seed + 1, "test"), vocab)
-                result.rows.append({"model": cell, "distance": d, "accuracy": score.accuracy,
-                                    "mean_probability": score.mean_probability, "seconds": seconds})
+            _compare_stories(result, cell, build, vocab, distances, steps, seed, seeds, learning_rates, progress,
+                             test_count)
         else:
-            for d in distances:
-                model = build(cell, sizes[cell])
-                started = time.perf_counter()
-                if task == "adding":
-                    train_adding(model, d, steps, seed=seed, progress=progress, desc=f"{cell} adding T={d}")
-                    score = score_adding(model, d)
-                    row = {"rmse": score.rmse, "within_0_04": score.within_0_04}
-                else:
-                    train_copy(model, d, steps, seed=seed, progress=progress, desc=f"{cell} copy delay={d}")
-                    row = {"accuracy": score_copy(model, d)}
-                result.rows.append({"model": cell, "distance": d, **row, "seconds": time.perf_counter() - started})
+            _compare_sequences(result, task, cell, build, sizes[cell], distances, steps, seed, seeds, learning_rates,
+                               progress)
         log(f"{cell}: done")
     return result
 
 
+def _compare_stories(result: CompareResult, cell: str, build, vocab: Vocabulary, distances: list[int], steps: int,
+                     seed: int, seeds: int, learning_rates: list[float] | None, progress: bool, test_count: int) -> None:
+    curriculum = default_curriculum(max(distances), steps)
+    hidden = result.hidden[cell]
+
+    def trained(lr: float, run_seed: int) -> tuple[LanguageModel, float]:
+        model = build(cell, hidden)
+        started = time.perf_counter()
+        train_story_model(model, vocab, curriculum, lr=lr, seed=run_seed, progress=progress,
+                          desc=f"{cell} stories lr={lr:g} seed={run_seed}")
+        return model, time.perf_counter() - started
+
+    kept: dict[int, tuple[LanguageModel, float]] = {}
+    lr = STORY_LR[cell]
+    if learning_rates:
+        scores = {}
+        for candidate in learning_rates:
+            model, seconds = trained(candidate, seed)
+            scores[candidate] = _story_validation_score(model, vocab, distances, max(50, test_count // 3))
+            if scores[candidate] == max(scores.values()):
+                kept[seed] = (model, seconds)
+        lr = max(scores, key=scores.get)
+        result.sweeps[cell] = {f"{k:g}": v for k, v in scores.items()}
+    result.learning_rates[cell] = lr
+    horizons = []
+    for run_seed in range(seed, seed + seeds):
+        model, seconds = kept.get(run_seed) or trained(lr, run_seed)
+        for d in distances:
+            score = score_stories(lm_logits(model), tasks.make_stories(test_count, d, d, run_seed + 1, "test"), vocab)
+            result.rows.append({"model": cell, "seed": run_seed, "distance": d, "accuracy": score.accuracy,
+                                "mean_probability": score.mean_probability, "seconds": seconds})
+        horizons.append(memory_horizon.horizon(result.curve(cell, run_seed)))
+    summary = memory_horizon.summarize(horizons, max(distances))
+    result.horizons[cell] = {**asdict(summary), "text": summary.text()}
+
+
+def _compare_sequences(result: CompareResult, task: str, cell: str, build, hidden: int, distances: list[int],
+                       steps: int, seed: int, seeds: int, learning_rates: list[float] | None, progress: bool) -> None:
+    train_fn, metric = (train_adding, "rmse") if task == "adding" else (train_copy, "accuracy")
+
+    def run(d: int, lr: float | None, run_seed: int, score_seed: int) -> dict:
+        model = build(cell, hidden)
+        started = time.perf_counter()
+        extra = {} if lr is None else {"lr": lr}
+        train_fn(model, d, steps, seed=run_seed, progress=progress, desc=f"{cell} {task} {d} seed={run_seed}", **extra)
+        if task == "adding":
+            score = score_adding(model, d, seed=score_seed)
+            row = {"rmse": score.rmse, "within_0_04": score.within_0_04}
+        else:
+            row = {"accuracy": score_copy(model, d, seed=score_seed)}
+        return {**row, "seconds": time.perf_counter() - started}
+
+    for d in distances:
+        lr = None
+        if learning_rates:  # validation batches (seed 777) apart from the test batch (12345)
+            scores = {candidate: run(d, candidate, seed, 777)[metric] for candidate in learning_rates}
+            better = min if metric == "rmse" else max
+            lr = better(scores, key=scores.get)
+            result.sweeps[f"{cell}@{d}"] = {f"{k:g}": v for k, v in scores.items()}
+            result.learning_rates[f"{cell}@{d}"] = lr
+        for run_seed in range(seed, seed + seeds):
+            result.rows.append({"model": cell, "seed": run_seed, "distance": d, **run(d, lr, run_seed, 12345)})
+
+
 def write_compare(result: CompareResult, out_dir) -> dict[str, str]:
-    """results.json, results.csv and a plot (metric vs distance, one line per model)."""
+    """results.json, results.csv and a plot (metric vs distance, one line per model, with
+    the spread over seeds shaded; log distance for the stories)."""
     import csv
+    import io
     import json
     from pathlib import Path
 
     from .checkpoint import atomic_write_text
+    from .plots import band_plot
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(asdict(result), indent=2))
+    atomic_write_text(out / "results.json", json.dumps(asdict(result), indent=2, default=str))
     keys = sorted({k for r in result.rows for k in r}, key=lambda k: (k not in ("model", "distance"), k))
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
     writer.writerows(result.rows)
     atomic_write_text(out / "results.csv", buffer.getvalue())
     metric, label = METRICS[result.task]
-    from .plots import line_plot
-
-    series = {m: [(r["distance"], r[metric]) for r in result.rows if r["model"] == m] for m in result.hidden}
-    line_plot(series, out / "plot.png", xlabel="distance between clue and answer (tokens / steps)", ylabel=label,
-              title=f"{result.task}: {result.budget}")
+    series = {}
+    for m in result.hidden:
+        by_distance: dict[int, list[float]] = {}
+        for r in result.rows:
+            if r["model"] == m:
+                by_distance.setdefault(r["distance"], []).append(r[metric])
+        name = f"{m} (horizon {result.horizons[m]['text']})" if m in result.horizons else m
+        series[name] = [(d, sum(v) / len(v), min(v), max(v)) for d, v in by_distance.items()]
+    band_plot(series, out / "plot.png", xlabel="distance between clue and answer (tokens / steps)", ylabel=label,
+              title=f"{result.task}: {result.budget}", logx=result.task == "stories")
     return {"json": str(out / "results.json"), "csv": str(out / "results.csv"), "plot": str(out / "plot.png")}
 
 

@@ -22,7 +22,7 @@ from .errors import WhiteboardError
 from .generate import Prediction
 from .layers import TRACE_FIELDS
 from .model import LanguageModel
-from .vocab import Vocabulary, tokenize_line
+from .vocab import Vocabulary
 
 GATES = {"LSTM": ("input_gate", "forget_gate", "output_gate"), "GRU": ("reset_gate", "update_gate"), "RNN": ()}
 # What each layer type's heatmaps show, in order: the gates, then the state the seed calls the board.
@@ -43,7 +43,7 @@ class TextTrace:
 
 
 def tokens_of(vocab: Vocabulary, text: str) -> list[str]:
-    tokens = tokenize_line(text, vocab.level)
+    tokens = vocab.tokenize(text)
     if not tokens:
         raise WhiteboardError("the text is empty: give at least one token to inspect")
     return tokens

@@ -49,6 +49,32 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path | None, x
     return data
 
 
+def band_plot(series: dict[str, list[tuple[float, float, float, float]]], path: Path | None, xlabel: str,
+              ylabel: str, title: str = "", logx: bool = True, reference: tuple[float, str] | None = None) -> bytes:
+    """One line per series through (x, mean, low, high) points, with the low-high band
+    shaded (the spread over seeds); returns the PNG bytes (and writes them at ``path``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, points in series.items():
+        points = sorted(points)
+        xs = [p[0] for p in points]
+        line, = ax.plot(xs, [p[1] for p in points], marker="o", label=name)
+        ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.2)
+    if reference is not None:
+        ax.axhline(reference[0], color="grey", linestyle=":", label=reference[1])
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    data = _save(fig, path)
+    plt.close(fig)
+    return data
+
+
 def heatmap_panels(panels: list[tuple[str, list[list[float]], bool]], tokens: list[str], units: list[int],
                    path: Path | None, title: str = "") -> bytes:
     """Stacked tokens x units heatmaps, one panel per (name, values (units, T), is_gate)."""

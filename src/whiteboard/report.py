@@ -63,8 +63,10 @@ def demo_report(path: Path, result: dict, plot_png: bytes, models=None, vocab=No
     body = f"""
 <p>The seed's claim: a vanilla RNN is a small whiteboard that keeps being overwritten, so by the time it must say
 <em>French</em> it no longer knows it read <em>France</em>; an LSTM's gates let it keep the clue. Here every model was
-trained from scratch on generated stories (<em>NAME lives in COUNTRY .</em>, filler sentences, <em>PRONOUN speaks
-LANGUAGE .</em>) with the same number of parameters and training steps.</p>
+trained from scratch on generated stories (<em>NAME lives in COUNTRY.</em>, filler sentences, <em>PRONOUN speaks
+LANGUAGE.</em>) with the same number of parameters and training steps, each at its own best learning rate and with
+the initialisation its literature recommends (the RNN: ReLU with an identity recurrence, Le et al. 2015). The claim is
+about distance: the question is how far back each model can still read the clue.</p>
 <h2>1. The seed's prompt</h2>
 <div class="prompt">{esc(prompts['seed'])}</div>
 {_prediction_table(predictions['seed'], 'French')}
@@ -72,7 +74,10 @@ LANGUAGE .</em>) with the same number of parameters and training steps.</p>
 <div class="prompt">{esc(prompts['long'])}</div>
 {_prediction_table(predictions['long'], 'French')}
 <h2>3. Accuracy by distance</h2>
-<p>Top-1 accuracy over the whole vocabulary at the word after <em>speaks</em>, on held-out stories.</p>
+<p>Top-1 accuracy over the whole vocabulary at the word after <em>speaks</em>, on held-out stories; the models were
+trained on lags up to {result['settings']['max_distance']}
+tokens. Memory horizon, the distance where accuracy falls to half its value at 10 tokens or less:
+{', '.join(f"{esc(c.upper())} {'beyond the grid' if h is None else f'{h:.0f} tokens'}" for c, h in result.get('horizons', {}).items())}.</p>
 {inline_png(plot_png, 'accuracy by distance')}
 {table(['distance (tokens)'] + [c.upper() for c in models_list], acc_rows)}
 <h2>The models</h2>

@@ -138,20 +138,31 @@ class Story:
         return " ".join(self.tokens)
 
 
-def _is_held_out(name: str, country: str, held_out_share: float) -> bool:
-    """A fixed share of (name, country) pairs appears only in test stories."""
-    digest = hashlib.sha256(f"{name}|{country}".encode()).digest()
-    return digest[0] / 256 < held_out_share
+#: Shares of (name, country) pairs held out of training: test pairs appear only in test
+#: stories, validation pairs only in validation stories (which choose hyperparameters, such as
+#: each model's learning rate; test stories never do).
+HELD_OUT = {"test": 0.2, "valid": 0.1}
+SPLITS = ("train", "valid", "test")
 
 
-def make_story(rng: random.Random, distance: int, split: str = "train", held_out_share: float = 0.2) -> Story:
+def split_of(name: str, country: str) -> str:
+    """The split a (name, country) pair belongs to, fixed by its hash."""
+    share = hashlib.sha256(f"{name}|{country}".encode()).digest()[0] / 256
+    if share < HELD_OUT["test"]:
+        return "test"
+    return "valid" if share < HELD_OUT["test"] + HELD_OUT["valid"] else "train"
+
+
+def make_story(rng: random.Random, distance: int, split: str = "train") -> Story:
     """One story whose clue-answer distance is ``distance`` tokens or just above it
-    (sentences are indivisible)."""
+    (sentences are indivisible), with a (name, country) pair of ``split``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     while True:
         female = rng.random() < 0.5
         name = rng.choice(FEMALE_NAMES if female else MALE_NAMES)
         country = rng.choice(list(COUNTRY_LANGUAGE))
-        if _is_held_out(name, country, held_out_share) == (split == "test"):
+        if split_of(name, country) == split:
             break
     pronoun, possessive = ("She", "Her") if female else ("He", "His")
     tokens = [name, "lives", "in", country, "."]
@@ -172,6 +183,9 @@ def make_stories(count: int, min_distance: int, max_distance: int, seed: int, sp
 
 
 SEED_PROMPT = "Alice lives in France . She is an artist . She likes to cook . She speaks"
+#: The seed's sentence as a person types it; the stories' vocabulary splits its punctuation
+#: off, so it reads as SEED_PROMPT.
+SEED_PROMPT_TYPED = "Alice lives in France. She is an artist. She likes to cook. She speaks"
 SEED_ANSWER = "French"
 
 

@@ -26,7 +26,7 @@ from .data import batchify, check_long_enough, load_corpus, windows
 from .errors import WhiteboardError
 from .model import LanguageModel, detach_state
 from .regularizers import activation_regularization, temporal_activation_regularization
-from .vocab import Vocabulary
+from .vocab import Vocabulary, detect_tokenizer
 
 
 class TrainingDiverged(WhiteboardError):
@@ -104,7 +104,10 @@ def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> Prepared
     texts, corpus_level = load_corpus(d.corpus, Path(d.data_dir) if d.data_dir else None, d.download)
     level = d.level or corpus_level or "word"
     if vocab is None:
-        vocab = Vocabulary.build(texts["train"], level, min_freq=d.min_freq, max_size=d.max_vocab or None)
+        # Named corpora come tokenized; a file or folder is read for how it was written.
+        tokenizer = d.tokenizer or ("whitespace" if corpus_level else detect_tokenizer(texts["train"]))
+        vocab = Vocabulary.build(texts["train"], level, min_freq=d.min_freq, max_size=d.max_vocab or None,
+                                 tokenizer=tokenizer)
     elif vocab.level != level:
         raise WhiteboardError(f"the run's vocabulary is {vocab.level}-level but the corpus is read at {level} level")
     ids = {split: torch.tensor(vocab.encode_text(text, corpus=True), dtype=torch.long) for split, text in texts.items()}
