@@ -8,14 +8,28 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 
 .PHONY: install test demo bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(BROWSER)
+
+# Headless Chromium for the browser tests (tests/test_browser.py), from Debian where this
+# runs as root with apt-get; elsewhere those tests skip with a note. Set-up belongs here,
+# not in a test.
+BROWSER := $(VENV)/.browser
+$(BROWSER): | $(STAMP)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || \
+	    echo "note: Chromium could not be installed; the browser tests will be skipped"; \
+	  else echo "note: no Chromium and no root apt-get to install it; the browser tests will be skipped"; fi; }
+	touch $@
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -e '.[test,plot]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

@@ -1,6 +1,7 @@
 """What the docs say about shapes and gate order is what the code does."""
 
 import doctest
+import re
 
 import pytest
 import torch
@@ -26,16 +27,14 @@ def test_documented_parameter_layout(cls, gates):
     """The module docstring's layout table: (G*H, I_k), (G*H, H), (G*H,)."""
     I, H = 3, 5
     layer = cls(I, H, num_layers=2, bidirectional=True)
-    assert "(G*H, I_k)" in layers.__doc__
+    # Each documented line "name_l{k}  (shape)" read as a formula in G, H, I_k.
+    documented = dict(re.findall(r"^\s+(\w+)_l\{k\}\s+(\([^)]*\))", layers.__doc__, re.MULTILINE))
+    assert set(documented) == {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
     for name, param in layer.named_parameters():
-        k = int(name.split("_l")[1][0])
-        in_k = I if k == 0 else 2 * H
-        if name.startswith("weight_ih"):
-            assert param.shape == (gates * H, in_k)
-        elif name.startswith("weight_hh"):
-            assert param.shape == (gates * H, H)
-        else:
-            assert param.shape == (gates * H,)
+        prefix, k = name.split("_l")[0], int(name.split("_l")[1][0])
+        in_k = I if k == 0 else 2 * H  # I_0 = input_size, I_k = D*H after the first layer
+        shape = eval(documented[prefix].replace("*", " * "), {}, {"G": gates, "H": H, "I_k": in_k})  # noqa: S307
+        assert param.shape == (shape if isinstance(shape, tuple) else (shape,)), (name, documented[prefix])
 
 
 def test_documented_shapes_with_batch_first_and_bidirectional():

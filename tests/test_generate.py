@@ -20,10 +20,15 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert not torch.isinf(top_p_filter(probs.log(), 1.0)).any()
 
 
-def test_sampling_is_deterministic_under_a_generator_and_respects_top_k():
+def test_sampling_follows_its_generator_alone_and_respects_top_k():
     logits = torch.randn(1, 50)
-    draw = lambda seed: [int(sample_next(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(seed))) for _ in range(1)]  # noqa: E731
-    assert draw(5) == draw(5)
+    draw = lambda seed: [int(sample_next(logits, 1.0, top_k=10, generator=generator)) for generator in  # noqa: E731
+                         [torch.Generator().manual_seed(seed)] for _ in range(40)]
+    state = torch.get_rng_state()
+    assert draw(5) == draw(5)  # the same seed, the same draws
+    assert draw(5) != draw(6)  # another seed, other draws: the generator is used
+    assert torch.equal(torch.get_rng_state(), state)  # and the global generator is not
     allowed = set(torch.topk(logits, 3).indices[0].tolist())
     gen = torch.Generator().manual_seed(0)
-    assert {int(sample_next(logits, 2.0, top_k=3, generator=gen)) for _ in range(200)} <= allowed
+    drawn = {int(sample_next(logits, 2.0, top_k=3, generator=gen)) for _ in range(200)}
+    assert drawn <= allowed and len(drawn) > 1

@@ -33,9 +33,14 @@ def test_detached_state_lets_the_next_window_backpropagate_alone():
 
 
 def test_init_range_sets_uniform_weights():
-    config = cfg.resolve(sets=["model.embedding_size=8", "model.hidden_size=8", "model.init_range=0.05"])
-    model = LanguageModel(10, config.model)
-    assert all(p.abs().max() <= 0.05 for p in model.parameters())
+    config = cfg.resolve(sets=["model.embedding_size=32", "model.hidden_size=32", "model.init_range=0.05"])
+    model = LanguageModel(100, config.model)
+    values = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert values.abs().max() <= 0.05
+    # U(-0.05, 0.05): mean 0, standard deviation 0.05 / sqrt(3), the whole range used
+    assert abs(float(values.mean())) < 0.002
+    assert float(values.std()) == pytest.approx(0.05 / 3 ** 0.5, rel=0.03)
+    assert values.abs().max() > 0.049
 
 
 @pytest.mark.parametrize("cell", ["lstm", "layernorm-lstm", "gru"])
