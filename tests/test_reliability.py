@@ -332,23 +332,23 @@ def test_an_unwritable_or_full_run_directory_is_found_before_training(tmp_path, 
 def test_a_full_disk_mid_run_gives_one_line_and_keeps_the_last_checkpoint(run_copy, capsys, monkeypatch):
     corpus, run = run_copy
     before = _snapshot(run)
-    from whiteboard import checkpoint
+    from whiteboard import files
 
-    real = checkpoint.os.fsync
+    real = files.os.fsync
 
     def full(fd):
         if os.fstat(fd).st_size > 10_000:  # checkpoints, not the run directory's probe
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     err = _one_error_line(capsys, main(["train", "--resume", str(run), "--quiet", "--set", "train.epochs=3"]))
     assert "No space left on device" in err
     after = _snapshot(run)
     for name in ("training_state.safetensors", "model.safetensors"):
         assert after[name] == before[name]
     assert not [name for name in after if name.endswith(".tmp")]
-    monkeypatch.setattr(checkpoint.os, "fsync", real)
+    monkeypatch.setattr(files.os, "fsync", real)
     assert main(["evaluate", str(run), "--batch-size", "2"]) == 0
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "layernorm_lstm_step",
     "LAYER_NORM_EPS",
     "NONLINEARITIES",
+    "zoneout_mix",
 ]
 
 NONLINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
@@ -192,3 +193,14 @@ def gru_step(
     n = torch.tanh(xn + r * hn)
     h_new = (1 - z) * n + z * h
     return GRUStep(h_new, r, z, n)
+
+
+def zoneout_mix(new: Tensor, old: Tensor, p: float, training: bool) -> Tensor:
+    """Zoneout's state update (Krueger et al. 2017): keep ``old`` with probability p per
+    element (training), or mix by p (evaluation)."""
+    if p == 0:
+        return new
+    if training:
+        keep = torch.empty_like(new).bernoulli_(p).bool()
+        return torch.where(keep, old, new)
+    return p * old + (1 - p) * new

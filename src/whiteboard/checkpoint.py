@@ -18,8 +18,6 @@ never mixes the weights of one step with the optimizer state of another.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,37 +27,11 @@ from safetensors.torch import save as st_save
 
 from .config import RunConfig, from_json
 from .errors import WhiteboardError
+from .files import atomic_write_bytes, atomic_write_text  # noqa: F401 (the run files' writer, re-exported)
 from .model import LanguageModel
 from .vocab import Vocabulary
 
 FORMAT = "whiteboard-lm-1"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def model_tensors(model: LanguageModel) -> dict[str, torch.Tensor]:

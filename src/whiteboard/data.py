@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .errors import WhiteboardError
+from .files import atomic_output
 
 DATA_DIR_ENV = "WHITEBOARD_DATA_DIR"
 SPLITS = ("train", "valid", "test")
@@ -110,20 +110,15 @@ def _candidates(data_dir: Path, corpus: NamedCorpus, file: CorpusFile) -> list[P
 def fetch(url: str, destination: Path, sha256: str, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``destination`` atomically and verify it; a bad or partial
     download never replaces anything (the temporary file is removed)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with atomic_output(destination) as (out, tmp), urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out)
-        actual = sha256_of(Path(tmp))
-        if actual != sha256:
-            raise WhiteboardError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}")
-        os.replace(tmp, destination)
+            out.flush()
+            actual = sha256_of(tmp)
+            if actual != sha256:  # raised inside the block: nothing is renamed into place
+                raise WhiteboardError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}")
     except OSError as exc:
         raise WhiteboardError(f"could not download {url}: {exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return destination
 
 

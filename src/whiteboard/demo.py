@@ -24,6 +24,9 @@ from . import tasks
 from .checkpoint import atomic_write_text, save_model, save_run_files
 from .config import RunConfig
 from .generate import predict_next
+from .inspection import build_report, lm_gradient_reach
+from .plots import band_plot, line_plot
+from .report import demo_report, esc, inline_png
 
 
 @dataclass
@@ -111,8 +114,6 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
         f"{c.upper()} {'> ' + str(max(settings.distances)) if h == float('inf') else f'{h:.0f} tokens'}"
         for c, h in horizons.items()))
 
-    from .plots import band_plot
-
     series = {c.upper(): [(r["distance"], r["accuracy"]) for r in rows if r["model"] == c] for c in models}
     plot_png = band_plot({name: [(d, a, a, a) for d, a in points] for name, points in series.items()},
                          out_dir / "accuracy_by_distance.png", xlabel="tokens between 'COUNTRY' and the answer (log scale)",
@@ -128,8 +129,6 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
     }
     extra = _inspection_sections(out_dir, models, vocab, prompts, result, say)
     atomic_write_text(out_dir / "results.json", json.dumps(result, indent=2))
-    from .report import demo_report
-
     demo_report(out_dir / "summary.html", result, plot_png, extra_sections=extra)
     say("")
     say(f"Wrote {out_dir / 'summary.html'}, {out_dir / 'accuracy_by_distance.png'}, {out_dir / 'results.json'} "
@@ -148,10 +147,6 @@ def _shorten(text: str, keep: int = 60) -> str:
 def _inspection_sections(out_dir: Path, models: dict, vocab, prompts: dict, result: dict, say) -> str:
     """Gate heatmaps of the RNN and LSTM on both prompts, and every model's gradient reach
     on the long prompt: the views of ``whiteboard inspect`` / ``reach``, for the summary."""
-    from .inspection import build_report, lm_gradient_reach
-    from .plots import line_plot
-    from .report import esc, inline_png
-
     parts = ["<h2>4. What each network writes, reads and forgets</h2>",
              "<p>Every column is a token, every row one unit (the 12 most active). Interactive versions, with the "
              "model's predictions at every token: "]

@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 from . import horizon as memory_horizon
 from . import tasks
 from .config import ModelConfig
+from .files import atomic_write_text
 from .layers import GRU, LSTM, RNN
 from .model import LanguageModel
+from .plots import band_plot
 from .vocab import EOS, UNK, Vocabulary
 
 CELLS = ("rnn", "lstm", "gru", "rnn-tanh")
@@ -535,9 +537,6 @@ def write_compare(result: CompareResult, out_dir) -> dict[str, str]:
     import io
     import json
     from pathlib import Path
-
-    from .checkpoint import atomic_write_text
-    from .plots import band_plot
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from . import plots
 from .errors import WhiteboardError
 from .generate import Prediction
-from .layers import TRACE_FIELDS
+from .layers import SEED_NAMES, TRACE_FIELDS
 from .model import LanguageModel
+from .report import inspect_report
 from .vocab import Vocabulary
 
 GATES = {"LSTM": ("input_gate", "forget_gate", "output_gate"), "GRU": ("reset_gate", "update_gate"), "RNN": ()}
@@ -188,9 +190,6 @@ def build_report(model: LanguageModel, vocab: Vocabulary, text: str, out_path, u
     beside it. ``reach_models`` (name -> model) adds a gradient-reach plot of those models."""
     from pathlib import Path
 
-    from . import plots
-    from .layers import SEED_NAMES
-    from .report import inspect_report
 
     out_path = Path(out_path)
     text_trace = trace_text(model, vocab, text)
@@ -245,5 +244,6 @@ def build_report(model: LanguageModel, vocab: Vocabulary, text: str, out_path, u
         files["reach"] = str(png_path)
 
     data = inspect_report(out_path, text_trace, chosen, saturation(text_trace), unit_views, correlations, images,
-                          title or f"whiteboard inspect: {text_trace.mode}", vocab.level, SEED_NAMES)
+                          title or f"whiteboard inspect: {text_trace.mode}", vocab.level, SEED_NAMES,
+                          heatmap_fields(text_trace.mode))
     return {"files": files, "data": data, "trace": text_trace}

@@ -475,10 +475,8 @@ class _RecurrentBase(nn.Module):
             step = self._step(x[t], state, weights)
             new_state = [step.hidden] if self.mode != "LSTM" else [step.hidden, step.cell]
             if self._zoneout is not None:
-                from .regularizers import zoneout_mix
-
                 p_hidden, p_cell, training = self._zoneout
-                new_state = [zoneout_mix(new, old, p, training)
+                new_state = [cells.zoneout_mix(new, old, p, training)
                              for new, old, p in zip(new_state, state, (p_hidden, p_cell))]
                 step = step._replace(hidden=new_state[0], **({"cell": new_state[1]} if self.mode == "LSTM" else {}))
             if mask is not None:

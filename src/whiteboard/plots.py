@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from .files import atomic_write_bytes
+
 
 def _pyplot():
     import matplotlib
@@ -20,8 +22,6 @@ def _save(fig, path: Path | None) -> bytes:
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     data = buffer.getvalue()
     if path is not None:
-        from .checkpoint import atomic_write_bytes
-
         atomic_write_bytes(Path(path), data)
     return data
 

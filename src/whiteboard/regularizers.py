@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .cells import zoneout_mix  # noqa: F401 (part of the regularizers' API)
 from .layers import _RecurrentBase
 
 
@@ -141,16 +142,6 @@ class Zoneout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, p_cell={self.p_cell}, eval_mode={self.eval_mode!r}"
-
-
-def zoneout_mix(new: Tensor, old: Tensor, p: float, training: bool) -> Tensor:
-    """Keep ``old`` with probability p per element (training) or mix by p (evaluation)."""
-    if p == 0:
-        return new
-    if training:
-        keep = torch.empty_like(new).bernoulli_(p).bool()
-        return torch.where(keep, old, new)
-    return p * old + (1 - p) * new
 
 
 def activation_regularization(output: Tensor, alpha: float) -> Tensor:

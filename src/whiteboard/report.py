@@ -7,7 +7,7 @@ import base64
 import html
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text
 
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 1100px; margin: 2em auto;
@@ -180,12 +180,10 @@ HEATMAP_STYLE = """
 
 def inspect_report(path: Path, text_trace, units: list[list[int]], saturation_stats: list[dict], unit_views: list[dict],
                    correlations: list[dict] | None, images: dict[str, bytes], title: str, level: str,
-                   seed_names: dict[str, str]) -> dict:
-    """Write the inspection page; returns the embedded data (for tests)."""
-    from .inspection import heatmap_fields
-
+                   seed_names: dict[str, str], fields: tuple[str, ...]) -> dict:
+    """Write the inspection page (a heatmap per traced name in ``fields``); returns the
+    embedded data (for tests)."""
     heatmaps, sections = [], []
-    fields = heatmap_fields(text_trace.mode)
     for layer_index, layer in enumerate(text_trace.layers):
         for name in fields:
             values = layer[name][:, units[layer_index]].t()  # (units, T)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import WhiteboardError
+from .files import atomic_write_text
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -138,8 +139,6 @@ class Vocabulary:
         return {"level": self.level, "tokenizer": self.tokenizer, "tokens": self.tokens}
 
     def save(self, path: Path) -> None:
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_json(), ensure_ascii=False))
 
     @classmethod
