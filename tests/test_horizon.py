@@ -105,3 +105,15 @@ def test_the_learning_rate_sweep_never_sees_a_test_story(monkeypatch):
     sweep = {float(k): v for k, v in result.sweeps["rnn"].items()}
     assert result.learning_rates["rnn"] == max(sweep, key=sweep.get)
     assert "2 learning rates" in result.budget
+
+
+def test_the_adding_sweep_chooses_on_validation_batches_alone(monkeypatch):
+    seeds = []
+    score = ex.score_adding
+    monkeypatch.setattr(ex, "score_adding", lambda model, d, count=1000, seed=12345: seeds.append(seed)
+                        or score(model, d, count, seed))
+    result = ex.compare("adding", ["rnn"], [6], steps=4, hidden=4, progress=False, learning_rates=[1e-3, 3e-3],
+                        log=lambda m: None)
+    assert seeds == [777, 777, 12345]  # both rates on the validation batch, then the kept one on the test batch
+    sweep = {float(k): v for k, v in result.sweeps["rnn@6"].items()}
+    assert result.learning_rates["rnn@6"] == min(sweep, key=sweep.get)

@@ -506,28 +506,36 @@ def _compare_sequences(result: CompareResult, task: str, cell: str, build, hidde
                        steps: int, seed: int, seeds: int, learning_rates: list[float] | None, progress: bool) -> None:
     train_fn, metric = (train_adding, "rmse") if task == "adding" else (train_copy, "accuracy")
 
-    def run(d: int, lr: float | None, run_seed: int, score_seed: int) -> dict:
+    def trained(d: int, lr: float | None, run_seed: int) -> tuple[nn.Module, float]:
         model = build(cell, hidden)
         started = time.perf_counter()
         extra = {} if lr is None else {"lr": lr}
         train_fn(model, d, steps, seed=run_seed, progress=progress, desc=f"{cell} {task} {d} seed={run_seed}", **extra)
+        return model, time.perf_counter() - started
+
+    def scored(model: nn.Module, d: int, score_seed: int) -> dict:
         if task == "adding":
             score = score_adding(model, d, seed=score_seed)
-            row = {"rmse": score.rmse, "within_0_04": score.within_0_04}
-        else:
-            row = {"accuracy": score_copy(model, d, seed=score_seed)}
-        return {**row, "seconds": time.perf_counter() - started}
+            return {"rmse": score.rmse, "within_0_04": score.within_0_04}
+        return {"accuracy": score_copy(model, d, seed=score_seed)}
 
     for d in distances:
-        lr = None
+        lr, kept = None, {}
         if learning_rates:  # validation batches (seed 777) apart from the test batch (12345)
-            scores = {candidate: run(d, candidate, seed, 777)[metric] for candidate in learning_rates}
+            scores = {}
             better = min if metric == "rmse" else max
+            for candidate in learning_rates:
+                model, seconds = trained(d, candidate, seed)
+                scores[candidate] = scored(model, d, 777)[metric]
+                if better(scores.values()) == scores[candidate]:
+                    kept[seed] = (model, seconds)
             lr = better(scores, key=scores.get)
             result.sweeps[f"{cell}@{d}"] = {f"{k:g}": v for k, v in scores.items()}
             result.learning_rates[f"{cell}@{d}"] = lr
         for run_seed in range(seed, seed + seeds):
-            result.rows.append({"model": cell, "seed": run_seed, "distance": d, **run(d, lr, run_seed, 12345)})
+            model, seconds = kept.get(run_seed) or trained(d, lr, run_seed)
+            result.rows.append({"model": cell, "seed": run_seed, "distance": d, **scored(model, d, 12345),
+                                "seconds": seconds})
 
 
 def write_compare(result: CompareResult, out_dir) -> dict[str, str]:
