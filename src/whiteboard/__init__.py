@@ -9,6 +9,7 @@ The seed's whiteboard words map onto the standard names like this:
     output gate o_t  -> selective write     cell state c_t  -> the whiteboard itself
 """
 
+from . import backends
 from .cells import gru_step, layernorm_lstm_step, lstm_step, rnn_step
 from .layers import GRU, LSTM, RNN, SEED_NAMES, TRACE_FIELDS, LayerNormLSTM, Trace
 
@@ -24,5 +25,6 @@ __all__ = [
     "lstm_step",
     "gru_step",
     "layernorm_lstm_step",
+    "backends",
 ]
 __version__ = "0.1.0"

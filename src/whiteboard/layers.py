@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import cells, fused, native
+from . import backends, cells, fused, native
 
 __all__ = ["RNN", "LSTM", "GRU", "LayerNormLSTM", "Trace", "TRACE_FIELDS", "SEED_NAMES"]
 
@@ -91,6 +91,8 @@ class _RecurrentBase(nn.Module):
 
     mode: str
     gate_count: int
+    #: A layer-normalized cell (LayerNormLSTM): backends tell it from a plain LSTM by this.
+    layer_norm = False
     #: recurrent.cpp's stack_inference cell (0 RNN, 1 LSTM, 2 GRU); None: no such call.
     stack_cell: int | None = None
 
@@ -442,24 +444,19 @@ class _RecurrentBase(nn.Module):
 
     def _direction(self, x, initial, weights, mask, trace: bool):
         """One layer, one direction over (T, B, I). Returns (output, finals, fields)."""
-        if (trace or self.implementation == "reference" or self._zoneout is not None
-                or _under_functorch(x, *initial, *weights)):
+        call = backends.Call(self.mode, self.layer_norm, x.device.type, x.dtype, trace, self._zoneout is not None,
+                             mask is not None, _under_functorch(x, *initial, *weights))
+        backend = backends.choose(call, self.implementation)
+        if backend is backends.REFERENCE:
             return self._reference_direction(x, initial, weights, mask, trace)
-        out, finals = self._fused_direction(x.contiguous(), initial, weights, mask, self._native_for(x))
+        module = native.load() if backend is backends.COMPILED else None
+        out, finals = self._fused_direction(x.contiguous(), initial, weights, mask, module)
         return out, finals, None
 
     def _native_for(self, x: Tensor):
-        """The compiled loop module when this call should use it, else None."""
-        if self.implementation == "fused":
-            return None
-        if native.usable_for(x):
-            return native.load()
-        if self.implementation == "native":
-            raise RuntimeError(
-                f"{self.mode}: implementation='native' needs CPU float32/float64 input and a built extension "
-                f"(got {x.dtype} on {x.device}; build problem: {native._failed or 'none'})"
-            )
-        return None
+        """The compiled loop module where this layer's plain call on ``x`` runs on it, else None."""
+        call = backends.Call(self.mode, self.layer_norm, x.device.type, x.dtype)
+        return native.load() if backends.choose(call, self.implementation) is backends.COMPILED else None
 
     def _fused_direction(self, x, initial, weights, mask, native):
         raise NotImplementedError
@@ -681,6 +678,7 @@ class LayerNormLSTM(LSTM):
 
     eps = cells.LAYER_NORM_EPS
     stack_cell = None  # no compiled loop
+    layer_norm = True
 
     def _extra_parameter_sizes(self) -> dict[str, int]:
         H = self.hidden_size
@@ -704,11 +702,6 @@ class LayerNormLSTM(LSTM):
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         names = ("gain_ih", "gain_hh", "gain_cell", "bias_cell")
         return (*super().layer_weights(layer, direction), *(getattr(self, name + suffix) for name in names))
-
-    def _native_for(self, x: Tensor):
-        if self.implementation == "native":
-            raise RuntimeError("LayerNormLSTM: there is no compiled loop for this cell; use 'auto' or 'fused'")
-        return None
 
     def _step(self, x_t, state, weights):
         return cells.layernorm_lstm_step(x_t, state[0], state[1], *weights)

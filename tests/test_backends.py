@@ -1,0 +1,83 @@
+"""The backend boundary: one choice per call, a reason for every backend that declines,
+and the backend explain() names is the one that runs."""
+
+import pytest
+import torch
+
+import whiteboard
+from whiteboard import backends, native
+
+
+def _ran(layer, x, monkeypatch, **kwargs):
+    """Which backend a call ran on: the fused direction with or without the compiled module,
+    or the reference direction."""
+    seen = []
+    fused, reference = layer._fused_direction, layer._reference_direction
+    monkeypatch.setattr(layer, "_fused_direction", lambda x_, i, w, m, module: seen.append(
+        "compiled" if module is not None else "torch-loop") or fused(x_, i, w, m, module))
+    monkeypatch.setattr(layer, "_reference_direction", lambda *a: seen.append("reference") or reference(*a))
+    layer(x, **kwargs)
+    return set(seen)
+
+
+CASES = [
+    # (layer, input, expected backend, a word of each declining backend's reason)
+    (lambda: whiteboard.LSTM(4, 6), torch.randn(5, 3, 4), "compiled", {}),
+    (lambda: whiteboard.GRU(4, 6).half(), torch.randn(5, 3, 4).half(), "torch-loop", {"compiled": "float16"}),
+    (lambda: whiteboard.LayerNormLSTM(4, 6), torch.randn(5, 3, 4), "torch-loop",
+     {"compiled": "no compiled loop for the layer-norm LSTM"}),
+    (lambda: whiteboard.RNN(4, 6, implementation="fused"), torch.randn(5, 3, 4), "torch-loop", {}),
+    (lambda: whiteboard.RNN(4, 6, implementation="reference"), torch.randn(5, 3, 4), "reference", {}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_explain_names_the_backend_that_runs_and_why_the_others_decline(case, monkeypatch):
+    build, x, expected, reasons = CASES[case]
+    layer = build()
+    explanation = backends.explain(layer, x)
+    assert explanation.chosen == expected
+    for name, words in reasons.items():
+        assert words in explanation.reasons[name]
+    assert explanation.reasons[expected] is None
+    assert _ran(layer, x, monkeypatch) == {expected}
+    text = str(explanation)
+    assert f"{expected}" in text and "runs this call" in text and len(text.splitlines()) == len(backends.BACKENDS)
+
+
+def test_a_trace_or_zoneout_runs_on_the_reference_whatever_is_named(monkeypatch):
+    layer = whiteboard.LSTM(4, 6, implementation="native")
+    x = torch.randn(5, 3, 4)
+    explanation = backends.explain(layer, x, trace=True)
+    assert explanation.chosen == "reference" and "trace" in explanation.reasons["compiled"]
+    seen = []
+    reference = layer._reference_direction
+    monkeypatch.setattr(layer, "_reference_direction", lambda *a: seen.append(1) or reference(*a))
+    layer.trace(x)
+    assert seen
+
+
+def test_a_named_backend_that_cannot_run_the_call_says_why():
+    with pytest.raises(RuntimeError, match="implementation='native' cannot run this call: float16"):
+        whiteboard.GRU(4, 6, implementation="native").half()(torch.randn(5, 3, 4).half())
+
+
+def test_turning_the_compiled_loops_off_is_a_reason(monkeypatch):
+    monkeypatch.setenv("WHITEBOARD_NATIVE", "0")
+    explanation = backends.explain(whiteboard.LSTM(4, 6), torch.randn(5, 3, 4))
+    assert explanation.chosen == "torch-loop" and "WHITEBOARD_NATIVE=0" in explanation.reasons["compiled"]
+
+
+def test_a_backend_added_to_the_registry_is_chosen_where_it_is_preferred(monkeypatch):
+    class Everything(backends.Backend):
+        name, implementation = "everything", "everything"
+
+        def supports(self, call):
+            return None if call.mode == "GRU" else "GRU only"
+
+    monkeypatch.setattr(backends, "BACKENDS", [Everything(), *backends.BACKENDS])
+    gru = backends.call_of(whiteboard.GRU(4, 6), torch.randn(5, 3, 4))
+    lstm = backends.call_of(whiteboard.LSTM(4, 6), torch.randn(5, 3, 4))
+    assert backends.choose(gru).name == "everything"
+    assert backends.choose(lstm).name == "compiled"
+    assert backends.explain(whiteboard.LSTM(4, 6), torch.randn(5, 3, 4)).reasons["everything"] == "GRU only"
