@@ -117,3 +117,13 @@ def test_the_adding_sweep_chooses_on_validation_batches_alone(monkeypatch):
     assert seeds == [777, 777, 12345]  # both rates on the validation batch, then the kept one on the test batch
     sweep = {float(k): v for k, v in result.sweeps["rnn@6"].items()}
     assert result.learning_rates["rnn@6"] == min(sweep, key=sweep.get)
+
+
+def test_a_model_that_never_learned_has_no_horizon():
+    assert math.isnan(horizon.horizon({4: 0.0, 10: 0.0, 100: 0.0}, floor=0.08))
+    assert math.isnan(horizon.horizon({4: 0.05, 10: 0.06, 100: 0.05}, floor=0.08))
+    assert horizon.horizon({4: 0.9, 10: 0.9, 100: 0.2}, floor=0.08) < 100
+    mixed = horizon.summarize([100.0, math.nan, 200.0], 1000)
+    assert mixed.not_learned == 1 and mixed.mean == pytest.approx(math.sqrt(100 * 200))
+    assert mixed.text().endswith("(1 of 3 seeds did not learn the task)")
+    assert horizon.summarize([math.nan, math.nan], 1000).text() == "not learned"

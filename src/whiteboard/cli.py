@@ -109,6 +109,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--lrs", type=_float_list, metavar="LR,LR,...",
                    help="a learning-rate sweep: each model keeps its best rate on validation data")
     p.add_argument("--seeds", type=int, default=1, help="train each model with this many seeds (horizon intervals)")
+    p.add_argument("--train-max", type=int, metavar="TOKENS",
+                   help="stories: train on lags up to this many tokens (default: the largest distance)")
     p.add_argument("--steps", type=int, default=1400, help="training steps per model (and per distance for adding/copy)")
     p.add_argument("--hidden", type=int, default=64, help="the LSTM's hidden size")
     p.add_argument("--match", choices=["params", "hidden"], default="params",
@@ -326,13 +328,13 @@ def cmd_compare(args) -> int:
     unknown = [c for c in cells if c not in ex.CELLS]
     if unknown or not cells:
         raise UsageError(f"--models takes names from {', '.join(ex.CELLS)}, got {args.models!r}")
-    if args.steps < 1 or args.hidden < 1 or args.seeds < 1:
-        raise UsageError("--steps, --hidden and --seeds must be positive")
+    if args.steps < 1 or args.hidden < 1 or args.seeds < 1 or (args.train_max is not None and args.train_max < 4):
+        raise UsageError("--steps, --hidden and --seeds must be positive, and --train-max at least 4")
     distances = args.distances or (ex.STORY_DISTANCES if args.task == "stories" else [10, 50, 100, 150])
     check_writable_folder(args.out, "--out")
     result = ex.compare(args.task, cells, distances, args.steps, args.hidden, args.match, args.seed,
                         progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), learning_rates=args.lrs,
-                        seeds=args.seeds)
+                        seeds=args.seeds, train_max=args.train_max)
     files = ex.write_compare(result, args.out)
     print(result.table())
     print(f"wrote {files['json']}, {files['csv']}, {files['plot']}")

@@ -108,10 +108,10 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
     say("  distance " + " ".join(f"{c.upper():>7}" for c in models))
     for d in settings.distances:
         say(f"  {d:>8} " + " ".join(f"{_row(rows, c, d)['accuracy']:>7.2f}" for c in models))
-    horizons = {c: memory_horizon.horizon({r["distance"]: r["accuracy"] for r in rows if r["model"] == c})
-                for c in models}
+    horizons = {c: memory_horizon.horizon({r["distance"]: r["accuracy"] for r in rows if r["model"] == c},
+                                          floor=2 * ex.chance_level("stories")) for c in models}
     say("Memory horizon (where accuracy falls to half its value at <= 10 tokens): " + ", ".join(
-        f"{c.upper()} {'> ' + str(max(settings.distances)) if h == float('inf') else f'{h:.0f} tokens'}"
+        f"{c.upper()} {_horizon_words(h, max(settings.distances))}"
         for c, h in horizons.items()))
 
     series = {c.upper(): [(r["distance"], r["accuracy"]) for r in rows if r["model"] == c] for c in models}
@@ -124,7 +124,7 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
         "parameters": {c: sum(p.numel() for p in m.parameters()) for c, m in models.items()},
         "train_seconds": train_seconds, "prompts": prompts, "predictions": predictions, "accuracy": rows,
         "learning_rates": {c: ex.STORY_LR[c] for c in models},
-        "horizons": {c: (None if h == float("inf") else h) for c, h in horizons.items()},
+        "horizons": {c: _horizon_words(h, max(settings.distances)) for c, h in horizons.items()},
         "total_seconds": time.perf_counter() - started,
     }
     extra = _inspection_sections(out_dir, models, vocab, prompts, result, say)
@@ -134,6 +134,12 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
     say(f"Wrote {out_dir / 'summary.html'}, {out_dir / 'accuracy_by_distance.png'}, {out_dir / 'results.json'} "
         f"and the models in {out_dir / 'models'} ({result['total_seconds']:.0f} s in all)")
     return result
+
+
+def _horizon_words(horizon: float, largest: int) -> str:
+    if horizon != horizon:  # NaN
+        return "none (the task was not learned)"
+    return f"beyond {largest} tokens" if horizon == float("inf") else f"{horizon:.0f} tokens"
 
 
 def _row(rows: list[dict], cell: str, distance: int) -> dict:

@@ -426,7 +426,7 @@ def _story_validation_score(model: LanguageModel, vocab: Vocabulary, distances: 
 
 def compare(task: str, cells: list[str], distances: list[int], steps: int, hidden: int = 64, match: str = "params",
             seed: int = 0, progress: bool = True, test_count: int = 300, log: Callable[[str], None] = print,
-            learning_rates: list[float] | None = None, seeds: int = 1) -> CompareResult:
+            learning_rates: list[float] | None = None, seeds: int = 1, train_max: int | None = None) -> CompareResult:
     """Train every model with the same budget and evaluate it at every distance.
 
     stories: one model per cell and seed, trained over all distances up to the largest
@@ -439,7 +439,9 @@ def compare(task: str, cells: list[str], distances: list[int], steps: int, hidde
     rate that scores best on validation data (stories: validation stories' mean accuracy;
     adding: RMSE, copy: accuracy on a validation batch drawn apart from the test batch);
     the budget is then steps x rates, the same for every model. Without a sweep the stories
-    use :data:`STORY_LR` and the other tasks their trainers' default rate.
+    use :data:`STORY_LR` and the other tasks their trainers' default rate. ``train_max``
+    (stories): train on lags up to this many tokens rather than the largest distance, so that
+    distances beyond it measure how far what was learnt carries.
     """
     if task == "stories":
         vocab = story_vocabulary()
@@ -454,11 +456,13 @@ def compare(task: str, cells: list[str], distances: list[int], steps: int, hidde
     params = {c: sum(p.numel() for p in build(c, sizes[c]).parameters()) for c in cells}
     sweep = f" x {len(learning_rates)} learning rates" if learning_rates else ""
     budget = f"{steps} steps{sweep} each, " + ("same parameter count" if match == "params" else "same hidden size")
+    if task == "stories":
+        budget += f", lags up to {train_max or max(distances)} in training"
     result = CompareResult(task, budget, sizes, params)
     for cell in cells:
         if task == "stories":
             _compare_stories(result, cell, build, vocab, distances, steps, seed, seeds, learning_rates, progress,
-                             test_count)
+                             test_count, train_max)
         else:
             _compare_sequences(result, task, cell, build, sizes[cell], distances, steps, seed, seeds, learning_rates,
                                progress)
@@ -467,8 +471,9 @@ def compare(task: str, cells: list[str], distances: list[int], steps: int, hidde
 
 
 def _compare_stories(result: CompareResult, cell: str, build, vocab: Vocabulary, distances: list[int], steps: int,
-                     seed: int, seeds: int, learning_rates: list[float] | None, progress: bool, test_count: int) -> None:
-    curriculum = default_curriculum(max(distances), steps)
+                     seed: int, seeds: int, learning_rates: list[float] | None, progress: bool, test_count: int,
+                     train_max: int | None) -> None:
+    curriculum = default_curriculum(train_max or max(distances), steps)
     hidden = result.hidden[cell]
 
     def trained(lr: float, run_seed: int) -> tuple[LanguageModel, float]:
@@ -497,7 +502,7 @@ def _compare_stories(result: CompareResult, cell: str, build, vocab: Vocabulary,
             score = score_stories(lm_logits(model), tasks.make_stories(test_count, d, d, run_seed + 1, "test"), vocab)
             result.rows.append({"model": cell, "seed": run_seed, "distance": d, "accuracy": score.accuracy,
                                 "mean_probability": score.mean_probability, "seconds": seconds})
-        horizons.append(memory_horizon.horizon(result.curve(cell, run_seed)))
+        horizons.append(memory_horizon.horizon(result.curve(cell, run_seed), floor=2 * chance_level("stories")))
     summary = memory_horizon.summarize(horizons, max(distances))
     result.horizons[cell] = {**asdict(summary), "text": summary.text()}
 

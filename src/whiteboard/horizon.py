@@ -34,9 +34,13 @@ def short_accuracy(curve: dict[int, float], short: int = SHORT_DISTANCE) -> floa
     return sum(near) / len(near)
 
 
-def horizon(curve: dict[int, float], short: int = SHORT_DISTANCE) -> float:
+def horizon(curve: dict[int, float], short: int = SHORT_DISTANCE, floor: float = 0.0) -> float:
     """The distance at which ``curve`` (distance -> accuracy) first falls to half of its
-    short-distance accuracy; ``math.inf`` where it stays above that on the whole grid."""
+    short-distance accuracy; ``math.inf`` where it stays above that on the whole grid;
+    ``math.nan`` where the short-distance accuracy is no higher than ``floor`` (twice chance,
+    say): a model that never learned the task has no horizon."""
+    if short_accuracy(curve, short) <= floor:
+        return math.nan
     half = short_accuracy(curve, short) / 2
     points = sorted(curve.items())
     if points[0][1] <= half:
@@ -50,13 +54,21 @@ def horizon(curve: dict[int, float], short: int = SHORT_DISTANCE) -> float:
 
 @dataclass
 class HorizonSummary:
-    horizons: list[float]  # one per seed
-    mean: float  # geometric mean (inf if any seed is censored)
+    horizons: list[float]  # one per seed (nan: that seed never learned the task)
+    mean: float  # geometric mean over the seeds that learned (inf if any is censored)
     low: float  # 95 % interval on the log scale (nan with one seed)
     high: float
     beyond: int | None  # the grid's largest distance, where a seed's horizon lies beyond it
+    not_learned: int = 0  # seeds without a horizon
 
     def text(self) -> str:
+        if self.not_learned:
+            learned = len(self.horizons) - self.not_learned
+            if not learned:
+                return "not learned"
+            rest = HorizonSummary([h for h in self.horizons if not math.isnan(h)], self.mean, self.low, self.high,
+                                  self.beyond).text()
+            return f"{rest} ({self.not_learned} of {len(self.horizons)} seeds did not learn the task)"
         if self.beyond is not None:
             return f"> {self.beyond}"
         if math.isnan(self.low):
@@ -69,6 +81,13 @@ def summarize(horizons: list[float], largest_distance: int) -> HorizonSummary:
     One censored seed makes the summary a lower bound, the grid's largest distance."""
     if not horizons:
         raise ValueError("no horizons to summarise")
+    learned = [h for h in horizons if not math.isnan(h)]
+    if len(learned) < len(horizons):
+        if not learned:
+            return HorizonSummary(list(horizons), math.nan, math.nan, math.nan, None, len(horizons))
+        summary = summarize(learned, largest_distance)
+        summary.horizons, summary.not_learned = list(horizons), len(horizons) - len(learned)
+        return summary
     if any(math.isinf(h) for h in horizons):
         return HorizonSummary(list(horizons), math.inf, math.nan, math.nan, largest_distance)
     logs = [math.log(h) for h in horizons]

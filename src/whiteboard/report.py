@@ -77,7 +77,7 @@ about distance: the question is how far back each model can still read the clue.
 <p>Top-1 accuracy over the whole vocabulary at the word after <em>speaks</em>, on held-out stories; the models were
 trained on lags up to {result['settings']['max_distance']}
 tokens. Memory horizon, the distance where accuracy falls to half its value at 10 tokens or less:
-{', '.join(f"{esc(c.upper())} {'beyond the grid' if h is None else f'{h:.0f} tokens'}" for c, h in result.get('horizons', {}).items())}.</p>
+{', '.join(f"{esc(c.upper())} {esc(h)}" for c, h in result.get('horizons', {}).items())}.</p>
 {inline_png(plot_png, 'accuracy by distance')}
 {table(['distance (tokens)'] + [c.upper() for c in models_list], acc_rows)}
 <h2>The models</h2>
