@@ -68,6 +68,7 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
         if cell == "gru" and train_seconds and elapsed + max(train_seconds.values()) > settings.budget_s * 0.8:
             say(f"(skipping the GRU: {elapsed:.0f} s of the {settings.budget_s:.0f} s budget used)")
             break
+        torch.manual_seed(settings.seed)  # each model's initial weights from the seed, whatever ran before
         model = build(cell, sizes[cell])
         t0 = time.perf_counter()
         ex.train_story_model(model, vocab, curriculum, lr=ex.STORY_LR[cell], seed=settings.seed, progress=progress,

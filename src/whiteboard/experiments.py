@@ -477,6 +477,7 @@ def _compare_stories(result: CompareResult, cell: str, build, vocab: Vocabulary,
     hidden = result.hidden[cell]
 
     def trained(lr: float, run_seed: int) -> tuple[LanguageModel, float]:
+        torch.manual_seed(run_seed)  # the initial weights too: a model's result does not depend on which ran before
         model = build(cell, hidden)
         started = time.perf_counter()
         train_story_model(model, vocab, curriculum, lr=lr, seed=run_seed, progress=progress,
@@ -512,6 +513,7 @@ def _compare_sequences(result: CompareResult, task: str, cell: str, build, hidde
     train_fn, metric = (train_adding, "rmse") if task == "adding" else (train_copy, "accuracy")
 
     def trained(d: int, lr: float | None, run_seed: int) -> tuple[nn.Module, float]:
+        torch.manual_seed(run_seed)
         model = build(cell, hidden)
         started = time.perf_counter()
         extra = {} if lr is None else {"lr": lr}
