@@ -132,3 +132,21 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     assert proc.returncode == 130, err
     assert "--resume" in err
     assert main(["evaluate", str(run), "--split", "valid", "--batch-size", "2"]) == 0
+
+
+def test_a_typed_text_is_split_at_its_punctuation_and_prompts_the_same_way(tmp_path, capsys):
+    import random
+
+    rng = random.Random(0)
+    names, countries = ["Alice", "Bob", "Carla", "Dan"], ["France", "Spain", "Peru"]
+    lines = [f"{rng.choice(names)} lives in {rng.choice(countries)}. She likes to cook, and paints." for _ in range(300)]
+    corpus = tmp_path / "typed.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", str(corpus), "--run-dir", str(run), "--set", "train.epochs=1", *TINY]) == 0
+    vocab = json.loads((run / "vocab.json").read_text())
+    assert vocab["tokenizer"] == "punctuation"
+    assert {"France", ".", ","} <= set(vocab["tokens"]) and "France." not in vocab["tokens"]
+    capsys.readouterr()
+    assert main(["predict", str(run), "Alice lives in France. She likes to cook,", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unknown"] == []
