@@ -413,3 +413,14 @@ def test_the_report_s_json_survives_any_text_in_a_script_element():
     embedded = _json_for_script(data)
     assert "<" not in embedded and ">" not in embedded and "&" not in embedded
     assert json.loads(embedded) == data
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    from whiteboard.files import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

@@ -24,6 +24,9 @@ def atomic_output(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
         with os.fdopen(fd, "wb") as handle:
             yield handle, Path(tmp)
             handle.flush()
+            # mkstemp makes the file private (0600); a written file gets the permissions any
+            # new file would (0666 less the umask), as open() would have given it.
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
@@ -37,6 +40,12 @@ def atomic_output(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
