@@ -26,6 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import RunConfig, from_json
+from . import rundir
 from .errors import WhiteboardError
 from .files import atomic_write_bytes, atomic_write_text  # noqa: F401 (the run files' writer, re-exported)
 from .model import LanguageModel
@@ -65,7 +66,7 @@ def load_model_tensors(model: LanguageModel, tensors: dict[str, torch.Tensor], o
 
 def save_model(run_dir: Path, model: LanguageModel, step: int) -> None:
     data = st_save(model_tensors(model), metadata={"format": FORMAT, "step": str(step)})
-    atomic_write_bytes(Path(run_dir) / "model.safetensors", data)
+    atomic_write_bytes(Path(run_dir) / rundir.MODEL, data)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -84,8 +85,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def save_run_files(run_dir: Path, config: RunConfig, vocab: Vocabulary) -> None:
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "config.json", config.to_json())
-    vocab.save(run_dir / "vocab.json")
+    atomic_write_text(run_dir / rundir.CONFIG, config.to_json())
+    vocab.save(run_dir / rundir.VOCAB)
 
 
 def read_config(config_path: Path) -> RunConfig:
@@ -108,13 +109,13 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[LanguageModel, Vocabul
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise WhiteboardError(f"run directory not found: {run_dir}")
-    config = read_config(run_dir / "config.json")
-    vocab = Vocabulary.load(run_dir / "vocab.json")
+    config = read_config(run_dir / rundir.CONFIG)
+    vocab = Vocabulary.load(run_dir / rundir.VOCAB)
     model = LanguageModel(len(vocab), config.model)
-    tensors, metadata = _read_safetensors(run_dir / "model.safetensors")
+    tensors, metadata = _read_safetensors(run_dir / rundir.MODEL)
     if metadata.get("format") != FORMAT:
         raise WhiteboardError(f"{run_dir / 'model.safetensors'} was not written by whiteboard (format {metadata.get('format')!r})")
-    load_model_tensors(model, tensors, str(run_dir / "model.safetensors"))
+    load_model_tensors(model, tensors, str(run_dir / rundir.MODEL))
     model.to(device).eval()
     return model, vocab, config
 
@@ -161,18 +162,18 @@ def save_training_state(run_dir: Path, model, optimizer, counters: dict, hidden,
     for i, h in enumerate(hidden_list):
         tensors[f"hidden.{i}"] = h.detach().contiguous().cpu()
     metadata = {"format": FORMAT, "counters": json.dumps(counters), "optimizer": json.dumps(opt_info)}
-    atomic_write_bytes(Path(run_dir) / "training_state.safetensors", st_save(tensors, metadata=metadata))
+    atomic_write_bytes(Path(run_dir) / rundir.TRAINING_STATE, st_save(tensors, metadata=metadata))
 
 
 def read_training_counters(run_dir: Path) -> dict:
     """The counters of the resume point alone (to rebuild the right optimizer first)."""
-    _, metadata = _read_safetensors(Path(run_dir) / "training_state.safetensors")
+    _, metadata = _read_safetensors(Path(run_dir) / rundir.TRAINING_STATE)
     return json.loads(metadata["counters"])
 
 
 def load_training_state(run_dir: Path, model, optimizer, data_generator: torch.Generator, device):
     """Restore model, optimizer and RNGs; return (counters, hidden state)."""
-    path = Path(run_dir) / "training_state.safetensors"
+    path = Path(run_dir) / rundir.TRAINING_STATE
     tensors, metadata = _read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise WhiteboardError(f"{path} was not written by whiteboard")

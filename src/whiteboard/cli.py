@@ -219,10 +219,11 @@ def cmd_train(args) -> int:
         sets.append(f"data.level={args.level}")
     if args.resume:
         from .checkpoint import read_config
+        from .rundir import CONFIG
 
         if args.preset or args.config or args.overwrite:
             raise UsageError("--resume continues a run with its saved config; only --set may change it")
-        saved = args.resume / "config.json"
+        saved = args.resume / CONFIG
         if not saved.exists():
             raise WhiteboardError(f"nothing to resume: {saved} not found")
         config = cfg.resolve(base=read_config(saved).to_dict(), sets=sets)

@@ -8,11 +8,12 @@ uninterrupted run would have had.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -234,7 +235,7 @@ class _Metrics:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / rundir.METRICS
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -295,6 +296,279 @@ def _saved_config(run_dir: Path) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
+@dataclass
+class TrainingState:
+    """What a run carries from step to step and saves at every checkpoint (as JSON in the
+    training state's metadata; keys a checkpoint lacks keep their defaults, so older
+    checkpoints load)."""
+
+    epoch: int = 1
+    position: int = 0  # token offset of the next window in the epoch's streams
+    step: int = 0
+    best_valid: float = math.inf
+    bad_evals: int = 0  # evaluations since the last improvement
+    plateau: float = 1.0  # the lr factor plateau decay has reached
+    log_loss: float = 0.0  # summed since the last training-loss line
+    log_tokens: int = 0
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    asgd: bool = False  # NT-ASGD has switched to averaging
+    valid_history: list[float] = field(default_factory=list)
+    wall_seconds: float = 0.0  # over every session of the run
+    finished: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainingState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class _Trainer:
+    """One session of a run: the loop over windows as named steps (train_step, evaluate,
+    save, the stop checks), with everything it carries in ``self.state``."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, data: PreparedData, device, progress: bool, log) -> None:
+        self.config, self.t, self.run_dir, self.data, self.device = config, config.train, run_dir, data, device
+        self.vocab, self.progress_bar, self.log = data.vocab, progress, log
+        torch.manual_seed(self.t.seed)
+        self.data_generator = torch.Generator().manual_seed(self.t.seed)
+        self.model = LanguageModel(len(self.vocab), config.model).to(device)
+        self.optimizer = _make_optimizer(self.model, config)
+        self.metrics = _Metrics(run_dir / rundir.METRICS)
+        self.state = TrainingState()
+        self.hidden = None
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.streams = batchify(data.ids["train"], self.t.batch_size).to(device)
+        self.windows_per_epoch = math.ceil((self.streams.shape[0] - 1) / self.t.bptt)
+        self.last_step = None  # (window, the hidden state it started from): what save() re-checks
+        self.evaluated_at = -1
+        self.session_started = time.monotonic()
+        self.wall_before = 0.0
+
+    # ------------------------------------------------------------------ starting
+
+    def resume(self) -> bool:
+        """Load the resume point; False where the run has finished already."""
+        counters = checkpoint.read_training_counters(self.run_dir)
+        self.optimizer = _make_optimizer(self.model, self.config, averaged=counters.get("asgd", False))
+        counters, self.hidden = checkpoint.load_training_state(self.run_dir, self.model, self.optimizer,
+                                                               self.data_generator, self.device)
+        self.state = TrainingState.from_dict(counters)
+        self.wall_before = self.state.wall_seconds
+        if self.state.finished and _nothing_to_train(self.t, counters):
+            return False
+        self.state.finished = False
+        self.metrics.keep_up_to(self.state.step)
+        return True
+
+    # ------------------------------------------------------------------ clocks and stops
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.monotonic() - self.session_started
+
+    def time_is_up(self) -> bool:
+        return self.t.time_limit > 0 and self.wall_seconds() >= self.t.time_limit * 60
+
+    def steps_done(self) -> bool:
+        return bool(self.t.max_steps) and self.state.step >= self.t.max_steps
+
+    def stopping_early(self) -> bool:
+        if self.t.early_stop and self.state.bad_evals >= self.t.early_stop:
+            self.log(f"no improvement in {self.t.early_stop} evaluations: stopping early")
+            return True
+        return False
+
+    def progress(self) -> float:
+        """How far through the run we are, in [0, 1], for the anneal schedule."""
+        t, s = self.t, self.state
+        if t.time_limit > 0:
+            return self.wall_seconds() / (t.time_limit * 60)
+        if t.max_steps:
+            return s.step / t.max_steps
+        return (s.epoch - 1 + s.position / max(1, self.streams.shape[0] - 1)) / t.epochs
+
+    # ------------------------------------------------------------------ the named steps
+
+    def train_step(self, window, lr: float) -> float:
+        """Forward, backward and update on one window; returns its loss. Stops the run
+        (TrainingDiverged) before any update a NaN, Inf or absurd loss or gradient would make."""
+        t, s, model = self.t, self.state, self.model
+        started = time.perf_counter()
+        self.hidden = detach_state(self.hidden)
+        self.last_step = (window, self.hidden)
+        logits, self.hidden, raw_output, dropped_output = model.forward_with_outputs(window.inputs, self.hidden)
+        loss = self.loss_fn(logits.flatten(0, 1), window.targets.flatten())
+        value = loss.item()
+        where = f"at step {s.step + 1} (epoch {s.epoch})"
+        _check_loss(value, len(self.vocab), "training loss", where, self.run_dir)
+        self.optimizer.zero_grad(set_to_none=True)
+        objective = loss * window.inputs.shape[0] if t.loss_per == "sequence" else loss
+        if t.ar_alpha:
+            objective = objective + activation_regularization(dropped_output, t.ar_alpha)
+        if t.tar_beta:
+            objective = objective + temporal_activation_regularization(raw_output, t.tar_beta)
+        objective.backward()
+        # The norm clip_grad_norm_ returns anyway: an update from a NaN or Inf gradient
+        # would turn every weight into NaN, and a checkpoint would keep them.
+        if t.clip > 0:
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), t.clip))
+        else:
+            grad_norm = float(nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"the gradient norm became {grad_norm} {where}; stopped before the update, the last good "
+                f"checkpoint in {self.run_dir} is kept (try a lower train.lr or train.clip)"
+            )
+        # AWD-LSTM: a shorter window gets a proportionally smaller step.
+        scale = window.inputs.shape[0] / t.bptt if t.variable_bptt else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * scale
+        self.optimizer.step()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tokens = window.targets.numel()
+        s.step += 1
+        s.position = window.start + window.inputs.shape[0]
+        s.log_loss += value * tokens
+        s.log_tokens += tokens
+        s.train_tokens += tokens
+        s.train_seconds += time.perf_counter() - started
+        return value
+
+    def log_training(self, lr: float) -> None:
+        s = self.state
+        if self.t.log_every and s.step % self.t.log_every == 0:
+            mean = s.log_loss / s.log_tokens
+            self.metrics.write({"step": s.step, "epoch": s.epoch, "split": "train", "loss": mean, "ppl": perplexity(mean),
+                                "lr": lr, "tokens_per_s": self.tokens_per_second()})
+            s.log_loss, s.log_tokens = 0.0, 0
+
+    def tokens_per_second(self) -> float:
+        return self.state.train_tokens / max(self.state.train_seconds, 1e-9)
+
+    def evaluate(self) -> None:
+        """Validation loss; the best model saved; NT-ASGD's switch and plateau decay decided."""
+        t, s, vocab = self.t, self.state, self.vocab
+        self.evaluated_at = s.step
+        with _AveragedWeights(self.model, self.optimizer):
+            valid_loss = evaluate(self.model, self.data.ids["valid"], t.eval_batch_size, t.bptt, self.device)
+            _check_loss(valid_loss, len(vocab), "the validation loss", f"at step {s.step}", self.run_dir)
+            improved = valid_loss < s.best_valid
+            if improved:
+                checkpoint.save_model(self.run_dir, self.model, s.step)
+        if t.optimizer == "ntasgd" and not s.asgd and ntasgd_should_switch(s.valid_history, valid_loss, t.nonmono):
+            self.optimizer = _make_optimizer(self.model, self.config, averaged=True)
+            s.asgd = True
+            self.log(f"step {s.step}: validation stopped improving, switching to averaged SGD (NT-ASGD)")
+        s.valid_history.append(valid_loss)
+        if improved:
+            s.best_valid, s.bad_evals = valid_loss, 0
+        else:
+            s.bad_evals += 1
+            if t.plateau_decay > 0:
+                s.plateau *= t.plateau_decay
+        record = {"step": s.step, "epoch": s.epoch, "split": "valid", "loss": valid_loss, "ppl": perplexity(valid_loss),
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        if t.optimizer == "ntasgd":
+            record["optimizer"] = "asgd" if s.asgd else "sgd"
+        if vocab.level == "char":
+            record["bpc"] = bits_per_char(valid_loss)
+        self.metrics.write(record)
+        self.log(f"step {s.step} (epoch {s.epoch}): validation {_loss_words(valid_loss, vocab.level)}"
+                 + ("" if improved else " (no improvement)"))
+        self.model.train()
+
+    def save(self, hidden) -> None:
+        """The resume point, after checking that what it would keep is sane."""
+        _check_parameters(self.model, self.state, self.run_dir)
+        if self.last_step is not None:
+            _check_updated_model(self.model, self.last_step, self.loss_fn, len(self.vocab), self.state, self.run_dir)
+        self.state.wall_seconds = self.wall_seconds()
+        checkpoint.save_training_state(self.run_dir, self.model, self.optimizer, self.state.to_dict(), hidden,
+                                       self.data_generator)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> TrainResult:
+        t, s = self.t, self.state
+        interrupted = stop_early = time_up = False
+        with _StopFlag() as stop:
+            while s.epoch <= t.epochs and not stop_early and not self.steps_done():
+                epoch_lr = _scheduled_lr(self.config, s.epoch, s.plateau)
+                self.model.train()
+                if s.position == 0 or self.hidden is None:
+                    self.hidden = self.model.init_state(t.batch_size)
+                bar = tqdm(total=self.windows_per_epoch, initial=min(self.windows_per_epoch, s.position // t.bptt),
+                           desc=f"epoch {s.epoch}/{t.epochs}", disable=None if self.progress_bar else True,
+                           leave=False, unit="win", dynamic_ncols=True)
+                with bar:
+                    for window in windows(self.streams, t.bptt, s.position, self.data_generator, t.variable_bptt):
+                        lr = epoch_lr * anneal_factor(t.anneal, self.progress())
+                        value = self.train_step(window, lr)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{value:.3f}", ppl=f"{perplexity(value):.1f}",
+                                        tok_s=f"{self.tokens_per_second():,.0f}", lr=f"{lr:.3g}")
+                        self.log_training(lr)
+                        if t.eval_every and s.step % t.eval_every == 0:
+                            self.evaluate()
+                            self.save(self.hidden)
+                        elif t.checkpoint_every and s.step % t.checkpoint_every == 0:
+                            self.save(self.hidden)
+                        if self.stopping_early():
+                            stop_early = True
+                            break
+                        time_up = self.time_is_up()
+                        if stop.requested or self.steps_done() or time_up:
+                            interrupted = stop.requested
+                            break
+                if time_up and not interrupted:
+                    self.log(f"time limit of {t.time_limit:g} minutes reached at step {s.step}")
+                    if self.evaluated_at != s.step:
+                        self.evaluate()
+                if stop.requested or self.steps_done() or stop_early or time_up:
+                    self.save(self.hidden)
+                    break
+                if not t.eval_every:
+                    self.evaluate()
+                s.epoch += 1
+                s.position = 0
+                self.save(self.model.init_state(t.batch_size))
+                if self.stopping_early():
+                    break
+        finished = not interrupted and (time_up or not (self.steps_done() and s.epoch <= t.epochs))
+        test_loss = self.finish(finished)
+        return _result(s.to_dict(), test_loss, interrupted, self.vocab.level,
+                       signal_number=stop.signal if interrupted else None)
+
+    def finish(self, finished: bool) -> float | None:
+        """A usable model in any case; for a finished run, the test split and the mark that
+        keeps a resume from training or testing it again. Returns the test loss."""
+        t, s = self.t, self.state
+        if not (self.run_dir / rundir.MODEL).exists():
+            # Stopped before the first evaluation: still leave a usable model (not logged as a
+            # validation result, so a resumed run's metrics equal an uninterrupted run's).
+            _check_parameters(self.model, s, self.run_dir)
+            checkpoint.save_model(self.run_dir, self.model, s.step)
+        if not finished:
+            return None
+        test_loss = None
+        test = self.data.ids.get("test")
+        if test is not None and test.numel() // t.eval_batch_size >= 2:
+            best, _, _ = checkpoint.load_run(self.run_dir, str(self.device))
+            test_loss = evaluate(best, test, t.eval_batch_size, t.bptt, self.device)
+            record = {"step": s.step, "epoch": s.epoch - 1, "split": "test", "loss": test_loss,
+                      "ppl": perplexity(test_loss)}
+            if self.vocab.level == "char":
+                record["bpc"] = bits_per_char(test_loss)
+            self.metrics.write(record)
+        s.finished = True
+        self.save(self.hidden if self.hidden is not None else self.model.init_state(t.batch_size))
+        return test_loss
+
+
 def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log) -> TrainResult:
     t = config.train
     if t.threads > 0:
@@ -304,220 +578,24 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log) 
     if resume:
         if not state_path.exists():
             raise WhiteboardError(f"nothing to resume: {state_path} not found")
-        vocab = Vocabulary.load(run_dir / rundir.VOCAB)
-        data = prepare_data(config, vocab)
+        data = prepare_data(config, Vocabulary.load(run_dir / rundir.VOCAB))
     else:
         data = prepare_data(config)
     vocab = data.vocab
     check_long_enough(data.ids["train"], t.batch_size, "train")
     check_long_enough(data.ids["valid"], t.eval_batch_size, "valid")
-
-    torch.manual_seed(t.seed)
-    data_generator = torch.Generator().manual_seed(t.seed)
-    model = LanguageModel(len(vocab), config.model).to(device)
-    optimizer = _make_optimizer(model, config)
-    metrics = _Metrics(run_dir / "metrics.jsonl")
-    counters = {"epoch": 1, "position": 0, "step": 0, "best_valid": math.inf, "bad_evals": 0, "plateau": 1.0,
-                "log_loss": 0.0, "log_tokens": 0, "train_tokens": 0, "train_seconds": 0.0, "asgd": False,
-                "valid_history": [], "wall_seconds": 0.0, "finished": False}
-    hidden = None
+    trainer = _Trainer(config, run_dir, data, device, progress, log)
     if resume:
-        counters = checkpoint.read_training_counters(run_dir)
-        optimizer = _make_optimizer(model, config, averaged=counters.get("asgd", False))
-        counters, hidden = checkpoint.load_training_state(run_dir, model, optimizer, data_generator, device)
-        if counters.get("finished") and _nothing_to_train(t, counters):
+        if not trainer.resume():
             log(f"{run_dir} has finished its run already: nothing to train")
-            return _result(counters, None, False, vocab.level, already_finished=True)
-        counters["finished"] = False
-        metrics.keep_up_to(counters["step"])
+            return _result(trainer.state.to_dict(), None, False, vocab.level, already_finished=True)
         checkpoint.save_run_files(run_dir, config, vocab)  # the config this session trains with
-        log(f"resuming {run_dir} at epoch {counters['epoch']}, step {counters['step']}")
+        log(f"resuming {run_dir} at epoch {trainer.state.epoch}, step {trainer.state.step}")
     else:
         checkpoint.save_run_files(run_dir, config, vocab)
-        log(f"{model.parameter_count():,} parameters; vocabulary {len(vocab):,} ({vocab.level} level); "
+        log(f"{trainer.model.parameter_count():,} parameters; vocabulary {len(vocab):,} ({vocab.level} level); "
             f"{data.ids['train'].numel():,} training tokens")
-
-    train_streams = batchify(data.ids["train"], t.batch_size).to(device)
-    windows_per_epoch = math.ceil((train_streams.shape[0] - 1) / t.bptt)
-    loss_fn = nn.CrossEntropyLoss()
-    session_started = time.monotonic()
-    wall_before = counters.get("wall_seconds", 0.0)
-
-    def wall_seconds() -> float:
-        return wall_before + time.monotonic() - session_started
-
-    def time_is_up() -> bool:
-        return t.time_limit > 0 and wall_seconds() >= t.time_limit * 60
-
-    def progress() -> float:
-        """How far through the run we are, in [0, 1], for the anneal schedule."""
-        if t.time_limit > 0:
-            return wall_seconds() / (t.time_limit * 60)
-        if t.max_steps:
-            return counters["step"] / t.max_steps
-        return (counters["epoch"] - 1 + counters["position"] / max(1, train_streams.shape[0] - 1)) / t.epochs
-
-    last_step = None  # (window, the hidden state it started from): what save() re-checks
-
-    def save(final_hidden) -> None:
-        _check_parameters(model, counters, run_dir)
-        if last_step is not None:
-            _check_updated_model(model, last_step, loss_fn, len(vocab), counters, run_dir)
-        counters["wall_seconds"] = wall_seconds()
-        checkpoint.save_training_state(run_dir, model, optimizer, counters, final_hidden, data_generator)
-
-    evaluated_at = -1
-
-    def run_evaluation() -> None:
-        nonlocal optimizer, evaluated_at
-        evaluated_at = counters["step"]
-        with _AveragedWeights(model, optimizer):
-            valid_loss = evaluate(model, data.ids["valid"], t.eval_batch_size, t.bptt, device)
-            _check_loss(valid_loss, len(vocab), "the validation loss", f"at step {counters['step']}", run_dir)
-            improved = valid_loss < counters["best_valid"]
-            if improved:
-                checkpoint.save_model(run_dir, model, counters["step"])
-        if t.optimizer == "ntasgd" and not counters["asgd"] and ntasgd_should_switch(counters["valid_history"], valid_loss, t.nonmono):
-            optimizer = _make_optimizer(model, config, averaged=True)
-            counters["asgd"] = True
-            log(f"step {counters['step']}: validation stopped improving, switching to averaged SGD (NT-ASGD)")
-        counters["valid_history"].append(valid_loss)
-        if improved:
-            counters["best_valid"] = valid_loss
-            counters["bad_evals"] = 0
-        else:
-            counters["bad_evals"] += 1
-            if t.plateau_decay > 0:
-                counters["plateau"] *= t.plateau_decay
-        record = {"step": counters["step"], "epoch": counters["epoch"], "split": "valid", "loss": valid_loss,
-                  "ppl": perplexity(valid_loss), "lr": optimizer.param_groups[0]["lr"]}
-        if t.optimizer == "ntasgd":
-            record["optimizer"] = "asgd" if counters["asgd"] else "sgd"
-        if vocab.level == "char":
-            record["bpc"] = bits_per_char(valid_loss)
-        metrics.write(record)
-        log(f"step {counters['step']} (epoch {counters['epoch']}): validation {_loss_words(valid_loss, vocab.level)}"
-            + ("" if improved else " (no improvement)"))
-        model.train()
-
-    def steps_done() -> bool:
-        return bool(t.max_steps) and counters["step"] >= t.max_steps
-
-    interrupted = False
-    stop_early = False
-    time_up = False
-    with _StopFlag() as stop:
-        while counters["epoch"] <= t.epochs and not stop_early and not steps_done():
-            epoch_lr = _scheduled_lr(config, counters["epoch"], counters["plateau"])
-            model.train()
-            if counters["position"] == 0 or hidden is None:
-                hidden = model.init_state(t.batch_size)
-            bar = tqdm(total=windows_per_epoch, initial=min(windows_per_epoch, counters["position"] // t.bptt),
-                       desc=f"epoch {counters['epoch']}/{t.epochs}", disable=None if progress else True, leave=False,
-                       unit="win", dynamic_ncols=True)
-            for window in windows(train_streams, t.bptt, counters["position"], data_generator, t.variable_bptt):
-                started = time.perf_counter()
-                lr = epoch_lr * anneal_factor(t.anneal, progress())
-                hidden = detach_state(hidden)
-                last_step = (window, hidden)
-                logits, hidden, raw_output, dropped_output = model.forward_with_outputs(window.inputs, hidden)
-                loss = loss_fn(logits.flatten(0, 1), window.targets.flatten())
-                value = loss.item()
-                where = f"at step {counters['step'] + 1} (epoch {counters['epoch']})"
-                if not math.isfinite(value) or value > ABSURD_LOSS_FACTOR * math.log(max(2, len(vocab))):
-                    bar.close()
-                    _check_loss(value, len(vocab), "training loss", where, run_dir)
-                optimizer.zero_grad(set_to_none=True)
-                objective = loss * window.inputs.shape[0] if t.loss_per == "sequence" else loss
-                if t.ar_alpha:
-                    objective = objective + activation_regularization(dropped_output, t.ar_alpha)
-                if t.tar_beta:
-                    objective = objective + temporal_activation_regularization(raw_output, t.tar_beta)
-                objective.backward()
-                # The norm clip_grad_norm_ returns anyway: an update from a NaN or Inf gradient
-                # would turn every weight into NaN, and a checkpoint would keep them.
-                if t.clip > 0:
-                    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), t.clip))
-                else:
-                    grad_norm = float(nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
-                if not math.isfinite(grad_norm):
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"the gradient norm became {grad_norm} {where}; stopped before the update, the last good "
-                        f"checkpoint in {run_dir} is kept (try a lower train.lr or train.clip)"
-                    )
-                # AWD-LSTM: a shorter window gets a proportionally smaller step.
-                scale = window.inputs.shape[0] / t.bptt if t.variable_bptt else 1.0
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * scale
-                optimizer.step()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                tokens = window.targets.numel()
-                counters["step"] += 1
-                counters["position"] = window.start + window.inputs.shape[0]
-                counters["log_loss"] += value * tokens
-                counters["log_tokens"] += tokens
-                counters["train_tokens"] += tokens
-                counters["train_seconds"] += time.perf_counter() - started
-                rate = counters["train_tokens"] / max(counters["train_seconds"], 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}", ppl=f"{perplexity(value):.1f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.3g}")
-                if t.log_every and counters["step"] % t.log_every == 0:
-                    mean = counters["log_loss"] / counters["log_tokens"]
-                    metrics.write({"step": counters["step"], "epoch": counters["epoch"], "split": "train",
-                                   "loss": mean, "ppl": perplexity(mean), "lr": lr, "tokens_per_s": rate})
-                    counters["log_loss"], counters["log_tokens"] = 0.0, 0
-                if t.eval_every and counters["step"] % t.eval_every == 0:
-                    run_evaluation()
-                    save(hidden)
-                elif t.checkpoint_every and counters["step"] % t.checkpoint_every == 0:
-                    save(hidden)
-                if t.early_stop and counters["bad_evals"] >= t.early_stop:
-                    log(f"no improvement in {t.early_stop} evaluations: stopping early")
-                    stop_early = True
-                    break
-                time_up = time_is_up()
-                if stop.requested or steps_done() or time_up:
-                    interrupted = stop.requested
-                    break
-            bar.close()
-            if time_up and not interrupted:
-                log(f"time limit of {t.time_limit:g} minutes reached at step {counters['step']}")
-                if evaluated_at != counters["step"]:
-                    run_evaluation()
-            if stop.requested or steps_done() or stop_early or time_up:
-                save(hidden)
-                break
-            if not t.eval_every:
-                run_evaluation()
-            counters["epoch"] += 1
-            counters["position"] = 0
-            save(model.init_state(t.batch_size))
-            if t.early_stop and counters["bad_evals"] >= t.early_stop:
-                log(f"no improvement in {t.early_stop} evaluations: stopping early")
-                break
-
-    stopped_by_steps = steps_done() and counters["epoch"] <= t.epochs
-    finished = not interrupted and (time_up or not stopped_by_steps)
-    if not (run_dir / rundir.MODEL).exists():
-        # Stopped before the first evaluation: still leave a usable model (not logged as a
-        # validation result, so a resumed run's metrics equal an uninterrupted run's).
-        _check_parameters(model, counters, run_dir)
-        checkpoint.save_model(run_dir, model, counters["step"])
-    test_loss = None
-    if finished and data.ids.get("test") is not None and data.ids["test"].numel() // t.eval_batch_size >= 2:
-        best, _, _ = checkpoint.load_run(run_dir, str(device))
-        test_loss = evaluate(best, data.ids["test"], t.eval_batch_size, t.bptt, device)
-        record = {"step": counters["step"], "epoch": counters["epoch"] - 1, "split": "test", "loss": test_loss, "ppl": perplexity(test_loss)}
-        if vocab.level == "char":
-            record["bpc"] = bits_per_char(test_loss)
-        metrics.write(record)
-    if finished:
-        # Marked, so that resuming a finished run neither trains nor tests it again.
-        counters["finished"] = True
-        save(hidden if hidden is not None else model.init_state(t.batch_size))
-    return _result(counters, test_loss, interrupted, vocab.level, signal_number=stop.signal if interrupted else None)
+    return trainer.run()
 
 
 def _result(counters: dict, test_loss: float | None, interrupted: bool, level: str, signal_number: int | None = None,
@@ -539,7 +617,7 @@ def _nothing_to_train(t, counters: dict) -> bool:
             or bool(t.early_stop and counters["bad_evals"] >= t.early_stop))
 
 
-def _check_updated_model(model: LanguageModel, last_step, loss_fn, vocab_size: int, counters: dict,
+def _check_updated_model(model: LanguageModel, last_step, loss_fn, vocab_size: int, state: "TrainingState",
                          run_dir: Path) -> None:
     """Before a checkpoint is written: the last window's loss under the updated weights is
     sane. A finite but absurd update (train.lr=1e30) leaves finite weights that only the next
@@ -551,14 +629,14 @@ def _check_updated_model(model: LanguageModel, last_step, loss_fn, vocab_size: i
         logits, _ = model(window.inputs, hidden)
         loss = float(loss_fn(logits.flatten(0, 1), window.targets.flatten()))
     model.train()
-    _check_loss(loss, vocab_size, "the loss after the update", f"at step {counters['step']}", run_dir)
+    _check_loss(loss, vocab_size, "the loss after the update", f"at step {state.step}", run_dir)
 
 
-def _check_parameters(model: nn.Module, counters: dict, run_dir: Path) -> None:
+def _check_parameters(model: nn.Module, state: "TrainingState", run_dir: Path) -> None:
     """Before any checkpoint is written: every weight finite, or stop and keep the last one."""
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise TrainingDiverged(
-            f"the weights became non-finite ({', '.join(bad[:3])}) by step {counters['step']}; stopped, the last "
+            f"the weights became non-finite ({', '.join(bad[:3])}) by step {state.step}; stopped, the last "
             f"good checkpoint in {run_dir} is kept (try a lower train.lr or train.clip)"
         )
