@@ -670,11 +670,9 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     """
     T, B, _ = x.shape
     H = h0.shape[-1]
-    # Panels in training too since the epilogue's line requests are spread over the K loop
-    # for large steps (recurrent.cpp's spread_lines): its stores of r|z, n and W_hn h for
-    # backward, in 64-byte pieces across four large buffers, had made the forward lose 2-3 %
-    # at (c) and (d). Training step against torch.nn's, MKL -> panels, in one process:
-    # (a) 0.422 -> 0.407, (b) 0.639 -> 0.560, (c) 0.656 -> 0.628, (d) 0.901 -> 0.903.
+    # Panels in training too: with the epilogue's line requests spread over the K loop for
+    # large steps (recurrent.cpp's spread_lines), its stores of r|z, n and W_hn h for backward
+    # no longer cost more than the panels gain (benchmarks/README.md, "what each change bought").
     packed = _gate_panels((w_hh,), 3, B, native, T)
     if packed is not None:
         w_hh_t = w_hh  # unused beside the panels

@@ -303,13 +303,8 @@ fold_input_max_ratio = 0.25
 panel_gemm = os.environ.get("WHITEBOARD_PANEL_GEMM", "1") != "0"
 #: The reverse sweep's dZ_t W_hh takes column panels (recurrent.cpp's column_panels) from
 #: this batch size on, or where W_hh fits the row-block limit (each thread then runs all
-#: panels for its own rows). Training step x torch.nn, MKL -> panels, in one process: batch
-#: 20 at 2 x 200 units 0.65 -> 0.61, batch 64 at 1 x 512 0.74 -> 0.73, at 1 x 650 0.90 ->
-#: 0.88; but batch 20 at 2 x 650 0.72 -> 0.73, at 1 x 400 even, and batch 128 at 1 x 1024 even.
-#: The GRU and RNN sweeps take the same rule (seventh session, MKL -> panels, medians of
-#: interleaved rounds; two runs each): GRU (c) 0.580 -> 0.551 and 0.554 -> 0.512, (d) 0.889 ->
-#: 0.867 and 0.882 -> 0.873; RNN (c) 0.585 -> 0.565 and 0.514 -> 0.508, (d) 0.855 -> 0.831 and
-#: 0.884 -> 0.872; at batch 20 with 650 units panels lost there too (RNN 0.567 -> 0.587).
+#: panels for its own rows): below it, with a W_hh too large for one core's L2, MKL's sgemm
+#: was as fast or faster for all three cells (benchmarks/README.md, "what each change bought").
 backward_panels_min_batch = 32
 
 
