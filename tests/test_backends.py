@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import whiteboard
-from whiteboard import backends, native
+from whiteboard import backends
 
 
 def _ran(layer, x, monkeypatch, **kwargs):

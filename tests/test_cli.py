@@ -1,17 +1,11 @@
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from whiteboard.cli import main
-from lm_helpers import write_corpus
+from lm_helpers import TINY, start_training, write_corpus
 
-TINY = ["--set", "model.embedding_size=16", "--set", "model.hidden_size=16", "--set", "model.num_layers=1",
-        "--set", "train.batch_size=4", "--set", "train.bptt=8", "--set", "train.eval_batch_size=2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +113,7 @@ def test_resume_through_the_cli_continues_a_stopped_run(tmp_path, capsys):
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
-    corpus = write_corpus(tmp_path / "c.txt", lines=2000)
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "whiteboard", "train", str(corpus), "--run-dir", str(run),
-           "--set", "train.epochs=1000", "--set", "train.checkpoint_every=10", *TINY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (run / "training_state.safetensors").exists() and time.time() < deadline:
-        time.sleep(0.1)
+    proc, run, _ = start_training(tmp_path)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

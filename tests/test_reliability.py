@@ -23,10 +23,8 @@ from whiteboard import rundir
 from whiteboard.cli import main
 from whiteboard.report import _json_for_script
 from whiteboard.train import read_metrics
-from lm_helpers import write_corpus
+from lm_helpers import TINY, start_training, write_corpus
 
-TINY = ["--set", "model.embedding_size=16", "--set", "model.hidden_size=16", "--set", "model.num_layers=1",
-        "--set", "train.batch_size=4", "--set", "train.bptt=8", "--set", "train.eval_batch_size=2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +126,7 @@ def test_stale_temporaries_of_a_killed_write_are_removed_when_a_run_opens(run_co
 
 
 def test_a_second_process_is_refused_and_a_killed_one_leaves_a_resumable_run(tmp_path):
-    corpus = write_corpus(tmp_path / "c.txt", lines=2000)
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "whiteboard", "train", str(corpus), "--run-dir", str(run),
-               "--set", "train.epochs=1000", "--set", "train.checkpoint_every=10", *TINY]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (run / "training_state.safetensors").exists() and time.time() < deadline:
-        time.sleep(0.1)
+    first, run, command = start_training(tmp_path)
     second = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert second.returncode == 1
     assert second.stderr.strip().startswith("whiteboard: error:") and "in use by another" in second.stderr

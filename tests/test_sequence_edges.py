@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import whiteboard
-from whiteboard import fused, native
+from whiteboard import fused
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors
 
 IMPLEMENTATIONS = ["native", "fused", "reference"]

@@ -29,28 +29,13 @@ def _save(fig, path: Path | None) -> bytes:
 def line_plot(series: dict[str, list[tuple[float, float]]], path: Path | None, xlabel: str, ylabel: str,
               title: str = "", logy: bool = False, reference: tuple[float, str] | None = None) -> bytes:
     """One line per series; returns the PNG bytes (and writes them when ``path`` is given)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, points in series.items():
-        points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    if reference is not None:
-        ax.axhline(reference[0], color="grey", linestyle=":", label=reference[1])
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    data = _save(fig, path)
-    plt.close(fig)
-    return data
+    return band_plot({name: [(x, y, y, y) for x, y in points] for name, points in series.items()}, path, xlabel,
+                     ylabel, title, logx=False, reference=reference, logy=logy, bands=False)
 
 
 def band_plot(series: dict[str, list[tuple[float, float, float, float]]], path: Path | None, xlabel: str,
-              ylabel: str, title: str = "", logx: bool = True, reference: tuple[float, str] | None = None) -> bytes:
+              ylabel: str, title: str = "", logx: bool = True, reference: tuple[float, str] | None = None,
+              logy: bool = False, bands: bool = True) -> bytes:
     """One line per series through (x, mean, low, high) points, with the low-high band
     shaded (the spread over seeds); returns the PNG bytes (and writes them at ``path``)."""
     plt = _pyplot()
@@ -59,16 +44,19 @@ def band_plot(series: dict[str, list[tuple[float, float, float, float]]], path: 
         points = sorted(points)
         xs = [p[0] for p in points]
         line, = ax.plot(xs, [p[1] for p in points], marker="o", label=name)
-        ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.2)
+        if bands:
+            ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.2)
     if reference is not None:
         ax.axhline(reference[0], color="grey", linestyle=":", label=reference[1])
     if logx:
         ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3, which="both" if logx or logy else "major")
     ax.legend()
     data = _save(fig, path)
     plt.close(fig)

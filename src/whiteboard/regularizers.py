@@ -18,7 +18,6 @@ dropout's rescaling) uses its expectation there: h_t = p h_{t-1} + (1 - p) h~_t.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .cells import zoneout_mix  # noqa: F401 (part of the regularizers' API)
