@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from whiteboard import fused, native
+from whiteboard import fused, native, planning
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 
 T, B, I, H = 4, 2, 3, 5
@@ -401,11 +401,11 @@ def test_a_few_rows_never_fold_the_input():
     if module is None:
         pytest.skip("the compiled loops are not built here")
     hidden = 16
-    assert fused._folds_input(torch.empty(7, 5, 4), hidden, module)
-    assert not fused._folds_input(torch.empty(1, 1, 4), hidden, module)
-    assert not fused._folds_input(torch.empty(8, 4, 4), hidden, module)  # 32 rows: still few
-    assert not fused._folds_input(torch.empty(7, 5, 5), hidden, module)  # input > hidden / 4
-    assert not fused._folds_input(torch.empty(7, 5, 4), hidden, None)  # the torch loop
+    assert planning.folds_input(torch.empty(7, 5, 4), hidden, module)
+    assert not planning.folds_input(torch.empty(1, 1, 4), hidden, module)
+    assert not planning.folds_input(torch.empty(8, 4, 4), hidden, module)  # 32 rows: still few
+    assert not planning.folds_input(torch.empty(7, 5, 5), hidden, module)  # input > hidden / 4
+    assert not planning.folds_input(torch.empty(7, 5, 4), hidden, None)  # the torch loop
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -425,11 +425,11 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
     # the LSTM's reverse sweep has a limit of its own
     limits = {"gru": ["GRU_CHUNK_BYTES"], "lstm": ["CHUNK_BYTES", "LSTM_SWEEP_CHUNK_BYTES"]}.get(mode, ["CHUNK_BYTES"])
     for limit in limits:
-        monkeypatch.setattr(fused, limit, chunk_steps * batch * widest * hidden * 8)
-        assert len(fused._chunks(steps, batch * widest * hidden * 8, getattr(fused, limit))) == -(-steps // chunk_steps)
+        monkeypatch.setattr(planning, limit, chunk_steps * batch * widest * hidden * 8)
+        assert len(planning.time_chunks(steps, batch * widest * hidden * 8, getattr(planning, limit))) == -(-steps // chunk_steps)
     sizes = []
-    original = fused._chunks
-    monkeypatch.setattr(fused, "_chunks", lambda *a: sizes.append(len(r := original(*a))) or r)
+    original = planning.time_chunks
+    monkeypatch.setattr(planning, "time_chunks", lambda *a: sizes.append(len(r := original(*a))) or r)
     x = torch.randn(steps, batch, inputs, dtype=torch.float64)
     state = initial_state(mode, (2, batch, hidden), torch.float64, "cpu")
     ours_in, ref_in = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
@@ -453,7 +453,7 @@ def test_time_chunks_match_torch_nn(mode, chunk_steps, lengths, input_grad, monk
 def test_time_chunks_are_as_even_as_their_count_allows(steps, largest):
     """Chunks cover the steps in order, none over the limit, the fewest that fit, sizes
     differing by at most one and the longest first (callers size their buffer by it)."""
-    chunks = fused._chunks(steps, 1, largest)
+    chunks = planning.time_chunks(steps, 1, largest)
     sizes = [end - begin for begin, end in chunks]
     assert chunks[0][0] == 0 and chunks[-1][1] == steps
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
@@ -465,13 +465,13 @@ def test_time_chunks_of_large_steps_keep_enough_rows_for_the_gemms():
     """Steps of LARGE_STEP_BYTES or more: no more chunks than leave MIN_CHUNK_ROWS rows
     each (config (d)'s GRU: 16 MB chunks of 2 MB steps at batch 128 would be 7 of 7-8
     steps); smaller steps, or no batch given, keep the byte limit alone."""
-    large = fused.LARGE_STEP_BYTES
-    assert fused.MIN_CHUNK_ROWS == 2048
-    assert fused._chunks(50, 2 * large, 16 * large, 128) == [(0, 17), (17, 34), (34, 50)]
-    assert len(fused._chunks(50, 2 * large, 16 * large)) == 7  # no batch: the byte limit
-    assert len(fused._chunks(50, large // 2, 4 * large, 128)) == 7  # small steps: the byte limit
-    assert fused._chunks(10, large, 2 * large, 100) == [(0, 10)]  # 1,000 rows in all: one chunk
-    assert len(fused._chunks(50, 2 * large, 64 * large, 128)) == 2  # the byte limit already leaves more rows
+    large = planning.LARGE_STEP_BYTES
+    assert planning.MIN_CHUNK_ROWS == 2048
+    assert planning.time_chunks(50, 2 * large, 16 * large, 128) == [(0, 17), (17, 34), (34, 50)]
+    assert len(planning.time_chunks(50, 2 * large, 16 * large)) == 7  # no batch: the byte limit
+    assert len(planning.time_chunks(50, large // 2, 4 * large, 128)) == 7  # small steps: the byte limit
+    assert planning.time_chunks(10, large, 2 * large, 100) == [(0, 10)]  # 1,000 rows in all: one chunk
+    assert len(planning.time_chunks(50, 2 * large, 64 * large, 128)) == 2  # the byte limit already leaves more rows
 
 
 def test_pool_size_comes_from_the_environment(monkeypatch):
@@ -500,8 +500,8 @@ def test_step_weights_as_a_copy_or_a_view_match_torch_nn(mode, copy_rows, dtype,
     layer, reference = make_pair(mode, I, H, dtype=dtype, implementation=implementation, num_layers=2)
     x = torch.randn(T, B, I, dtype=dtype)
     views = []
-    original = fused._step_weights
-    monkeypatch.setattr(fused, "_step_weights",
+    original = planning.step_weights
+    monkeypatch.setattr(planning, "step_weights",
                         lambda *a: views.append(not (r := original(*a))[0].is_contiguous()) or r)
     ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
     output, state = layer(ours_in)

@@ -6,7 +6,7 @@ only; elsewhere the layers use oneDNN's or MKL's GEMM, which the rest of the sui
 import pytest
 import torch
 
-from whiteboard import fused, native
+from whiteboard import native, planning
 from helpers import TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 
 
@@ -74,21 +74,21 @@ def test_panels_refuse_what_the_kernel_cannot_read(module):
 
 def test_panels_are_used_only_where_they_pay(module, monkeypatch):
     w = torch.randn(80, 20)
-    assert fused._gate_panels((w,), 4, 8, module, 6) is not None
-    assert fused._gate_panels((w,), 4, 40, module, 1) is not None  # one step repays packing from batch 40
-    assert fused._gate_panels((w,), 4, 2, module, 6) is None  # a few rows in all: generation
-    assert fused._gate_panels((w.double(),), 4, 8, module, 6) is None
-    assert fused._gate_panels((torch.randn(60, 20),), 3, 8, module, 6).shape == (2, 20, 48)  # a GRU's
-    assert fused._gate_panels((w,), 4, 8, None, 6) is None  # the torch loop
-    assert fused._backward_panels(w, 8, module, 6) is not None  # the reverse sweep's, likewise
+    assert planning.gate_panels((w,), 4, 8, module, 6) is not None
+    assert planning.gate_panels((w,), 4, 40, module, 1) is not None  # one step repays packing from batch 40
+    assert planning.gate_panels((w,), 4, 2, module, 6) is None  # a few rows in all: generation
+    assert planning.gate_panels((w.double(),), 4, 8, module, 6) is None
+    assert planning.gate_panels((torch.randn(60, 20),), 3, 8, module, 6).shape == (2, 20, 48)  # a GRU's
+    assert planning.gate_panels((w,), 4, 8, None, 6) is None  # the torch loop
+    assert planning.backward_panels(w, 8, module, 6) is not None  # the reverse sweep's, likewise
     large = torch.randn(2600, 650)  # 6.8 MB: over the row-block limit
-    assert fused._backward_panels(large, 20, module, 35) is None  # MKL's sgemm won there
-    assert fused._backward_panels(large, 32, module, 35) is not None
-    assert fused._backward_panels(w, 2, module, 6) is None
-    assert fused._backward_panels(w.double(), 8, module, 6) is None
+    assert planning.backward_panels(large, 20, module, 35) is None  # MKL's sgemm won there
+    assert planning.backward_panels(large, 32, module, 35) is not None
+    assert planning.backward_panels(w, 2, module, 6) is None
+    assert planning.backward_panels(w.double(), 8, module, 6) is None
     monkeypatch.setattr(native, "panel_gemm", False)
-    assert fused._gate_panels((w,), 4, 8, module, 6) is None
-    assert fused._backward_panels(w, 8, module, 6) is None
+    assert planning.gate_panels((w,), 4, 8, module, 6) is None
+    assert planning.backward_panels(w, 8, module, 6) is None
 
 
 @pytest.fixture(params=["default", "units-over-threads", "row-blocks", "one-thread"])
@@ -157,10 +157,10 @@ def panel_calls(module, monkeypatch):
     inference_spying("lstm_inference", 4, lambda shape: (tuple(shape),))
     inference_spying("gru_inference", 3, lambda shape: (tuple(shape),))
     inference_spying("rnn_inference", 3, lambda shape: ("rnn", tuple(shape)))
-    monkeypatch.setattr(fused, "_gate_panels",
-                        spying(fused._gate_panels, lambda weights, *_: tuple(tuple(w.shape) for w in weights)))
-    monkeypatch.setattr(fused, "_backward_panels", spying(fused._backward_panels, lambda w, *_: ("backward", tuple(w.shape))))
-    monkeypatch.setattr(fused, "_rnn_panels", spying(fused._rnn_panels, lambda w, *_: ("rnn", tuple(w.shape))))
+    monkeypatch.setattr(planning, "gate_panels",
+                        spying(planning.gate_panels, lambda weights, *_: tuple(tuple(w.shape) for w in weights)))
+    monkeypatch.setattr(planning, "backward_panels", spying(planning.backward_panels, lambda w, *_: ("backward", tuple(w.shape))))
+    monkeypatch.setattr(planning, "rnn_panels", spying(planning.rnn_panels, lambda w, *_: ("rnn", tuple(w.shape))))
     return calls
 
 
@@ -241,7 +241,7 @@ def test_one_call_inference_matches_torch_nn(module, split, step_size_paths, mod
     name, gates = INFERENCE_CALLS[mode]
     steps, batch, inputs, hidden = 8, 8, 30, 21
     if chunked:
-        monkeypatch.setattr(fused, "GRU_CHUNK_BYTES" if mode == "gru" else "CHUNK_BYTES", 3 * batch * gates * hidden * 4)
+        monkeypatch.setattr(planning, "GRU_CHUNK_BYTES" if mode == "gru" else "CHUNK_BYTES", 3 * batch * gates * hidden * 4)
     calls = []
     original = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a: calls.append(a[-2:]) or original(*a), raising=False)
@@ -262,13 +262,13 @@ def test_one_call_inference_matches_torch_nn(module, split, step_size_paths, mod
 @pytest.mark.parametrize("gates", [4, 3, 1], ids=["lstm", "gru", "rnn"])
 def test_one_call_inference_is_taken_only_without_lengths_folding_or_float64(module, gates):
     x = torch.randn(8, 8, 30)
-    assert fused.one_call(x, 21, gates, None, module) == (8, True)
-    assert fused.one_call(x[:2, :4], 21, gates, None, module) == (2, False)  # a few rows: no panels
-    assert fused.one_call(x, 21, gates, torch.ones(8, 8, 1, dtype=torch.bool), module) is None  # lengths
+    assert planning.one_call(x, 21, gates, None, module) == (8, True)
+    assert planning.one_call(x[:2, :4], 21, gates, None, module) == (2, False)  # a few rows: no panels
+    assert planning.one_call(x, 21, gates, torch.ones(8, 8, 1, dtype=torch.bool), module) is None  # lengths
     # 30 inputs, 200 units: the LSTM and RNN fold their input there; the GRU never does
-    assert (fused.one_call(x, 200, gates, None, module) is None) == (gates != 3)
-    assert fused.one_call(x.double(), 21, gates, None, module) is None
-    assert fused.one_call(x, 21, gates, None, None) is None
+    assert (planning.one_call(x, 200, gates, None, module) is None) == (gates != 3)
+    assert planning.one_call(x.double(), 21, gates, None, module) is None
+    assert planning.one_call(x, 21, gates, None, None) is None
 
 
 @pytest.mark.parametrize("hidden, batch", [(16, 8), (21, 13), (5, 7), (40, 17)], ids=lambda v: str(v))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import whiteboard
-from whiteboard import fused
+from whiteboard import planning
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors
 
 IMPLEMENTATIONS = ["native", "fused", "reference"]
@@ -29,10 +29,10 @@ def _force_chunks(monkeypatch, steps: int, batch: int, hidden: int, width: int, 
     """Sets every chunk limit to ``steps`` steps of the widest buffer; returns a list that
     records how many chunks each planning call made."""
     for limit in CHUNK_LIMITS:
-        monkeypatch.setattr(fused, limit, steps * batch * width * hidden * element_size)
+        monkeypatch.setattr(planning, limit, steps * batch * width * hidden * element_size)
     counts: list[int] = []
-    plan = fused._chunks
-    monkeypatch.setattr(fused, "_chunks", lambda *a: counts.append(len(chunks := plan(*a))) or chunks)
+    plan = planning.time_chunks
+    monkeypatch.setattr(planning, "time_chunks", lambda *a: counts.append(len(chunks := plan(*a))) or chunks)
     return counts
 
 

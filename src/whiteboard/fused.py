@@ -19,12 +19,14 @@ Why it is laid out like this (measured on 2 CPU cores with torch 2.13):
   in a few large ops before the loop, so the loop holds ~5 small ops per step.
 - Weight gradients are single GEMMs over all T·B rows rather than T small ones.
 
-Only device-agnostic torch ops are used, so the same code runs on CPU and CUDA.
-
-The compiled loops (:mod:`whiteboard.native`, CPU float32/float64) differ from the above:
+The torch loop uses only device-agnostic torch ops, so it runs on CPU and CUDA alike. Each
+Function also drives the compiled loops (:mod:`whiteboard.native`, CPU float32/float64)
+where the backend boundary (:mod:`whiteboard.backends`) hands it the compiled module; how
+those calls are planned (chunks, panels, packing, folding) is :mod:`whiteboard.planning`.
+They differ from the above:
 - buffers come from a pool that spares large ones their page faults on every call;
-- time is walked in chunks (``CHUNK_BYTES``): each chunk's input projection is computed
-  just before the loop reaches it, and the backward adds each chunk's weight-gradient
+- time is walked in chunks (``planning.CHUNK_BYTES``): each chunk's input projection is
+  computed just before the loop reaches it, and the backward adds each chunk's weight-gradient
   GEMMs after sweeping it, so no (T, B, G·H) buffer beyond the saved ones exists;
 - with a small input (I <= H/4) the LSTM and RNN skip the input projection and run each
   step's GEMM on [x_t, h_t] (``fold_input_max_ratio`` in :mod:`whiteboard.native`);
@@ -49,11 +51,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from . import cells
-
-# The build and its tuning knobs; the functions below call the compiled module itself
-# `native` (None for the torch loop), hence the longer name.
-from . import native as native_module
+from . import cells, planning
 
 __all__ = [
     "FusedRNN",
@@ -68,90 +66,12 @@ __all__ = [
 ]
 
 
-def _empty(shape: tuple[int, ...], like: Tensor, native=None) -> Tensor:
-    """An uninitialised tensor like ``like``; for the compiled path from its buffer pool
-    (csrc/recurrent.cpp, BufferPool), which spares large buffers their page faults on
-    every call. A pooled block is reused only after every tensor viewing it has died."""
-    if native is None:
-        return like.new_empty(shape)
-    return native.pooled_empty(list(shape), like)
-
-
 def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
     """X @ W_ihᵀ + b for all time steps in one GEMM. x (T, B, I) -> (T, B, G·H)."""
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
     out = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
     return out.view(T, B, w_ih.shape[0])  # not -1: a batch of 0 rows leaves it undetermined
-
-
-#: The compiled path walks the time axis in chunks whose per-step buffers (the input
-#: projection forward, dZ backward) stay under this many bytes; one chunk for most sizes.
-#: A (T, B, G·H) buffer for all steps was as large as everything saved for backward (105 MB
-#: at config (d)) and made the GRU's peak exceed torch.nn's, which walks the steps one by one.
-#: Per chunk the GEMMs still see (steps x B) rows: about 1,900 at (d), near full speed.
-CHUNK_BYTES = 32 << 20
-#: The GRU's chunks are smaller: it saves more per step for backward (r, z, n and W_hn h)
-#: than the LSTM, and with 32 MB chunks its peak at config (d) was 299 MiB against
-#: torch.nn's 292 (in torch.nn's low mode); with 16 MB it is 269, and its step 0.8 % slower
-#: at (d) and (c), within noise. (The LSTM lost 3-4 % at (d) with 16 MB chunks.)
-GRU_CHUNK_BYTES = 16 << 20
-#: The LSTM's reverse sweep walks larger chunks: each chunk after the first re-reads and
-#: rewrites dW_ih and dW_hh (16 MB each at (d)) in its weight-gradient GEMMs. One 105 MB
-#: chunk at (d) made the training step 2.2 % faster than four of 32 MB (interleaved, in one
-#: process), and its peak stays well under torch.nn's (memory.py: 401 against 543 MiB; at
-#: (c) 188 against 241).
-LSTM_SWEEP_CHUNK_BYTES = 128 << 20
-#: Where one step's buffer takes at least LARGE_STEP_BYTES, a chunk holds at least
-#: MIN_CHUNK_ROWS rows (steps x batch) where the steps allow, above its byte limit if need
-#: be: the GEMMs over a chunk's rows (the input projection, dX, and dW accumulated chunk by
-#: chunk) lose speed on fewer. At config (d) the GRU's 16 MB chunks were 10 steps forward
-#: and 8 backward (1,280 and 1,024 rows); at 17 + 17 + 16 steps its training step was 2.5
-#: and 3.3 % faster (interleaved, two runs), the LSTM's (forward chunks 13 -> 17 steps) even.
-#: Smaller steps keep the byte limit alone: at (c) (0.4-0.5 MB a step) the same rule made
-#: the GRU's 25-step backward chunks 34 steps, and its step 2.5 % slower (twice): their dZ
-#: was less often still in cache for the GEMMs that read it.
-LARGE_STEP_BYTES = 1 << 20
-MIN_CHUNK_ROWS = 2048
-
-
-def _chunks(steps: int, bytes_per_step: int, limit: int | None = None, batch: int | None = None) -> list[tuple[int, int]]:
-    """[begin, end) ranges covering 0..steps, each within ``limit`` bytes (CHUNK_BYTES by
-    default; at least one step), as even as the count allows: 50 steps of at most 16 are
-    13 + 13 + 12 + 12, not 16 + 16 + 16 + 2, whose last weight-gradient GEMMs (K = 2 x
-    batch) ran far from the GEMMs' peak. Given the batch, for steps of LARGE_STEP_BYTES or
-    more, no more chunks than leave each MIN_CHUNK_ROWS rows: 50 steps of batch 128 are
-    then 17 + 17 + 16 however large their steps."""
-    largest = max(1, min(steps, (CHUNK_BYTES if limit is None else limit) // max(1, bytes_per_step)))
-    count = -(-steps // largest)
-    if batch is not None and bytes_per_step >= LARGE_STEP_BYTES:
-        count = max(1, min(count, steps * batch // max(1, MIN_CHUNK_ROWS)))
-    # The longer chunks first: callers size their reused buffer by the first.
-    sizes = [steps // count + (1 if i < steps % count else 0) for i in range(count)]
-    bounds = [sum(sizes[:i]) for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _projected_chunks(x: Tensor, w_ih: Tensor, native, limit: int | None = None):
-    """For the compiled forward: yields (XW for steps [begin, end) as (end-begin, B, G·H),
-    begin), each chunk computed into one reused pooled buffer just before the loop needs
-    it (the bias is added in the loop's gate pass; addmm would copy it into every row)."""
-    T, B, I = x.shape
-    width = w_ih.shape[0]
-    chunks = _chunks(T, B * width * x.element_size(), limit, B)
-    buffer = _empty((chunks[0][1] - chunks[0][0], B, width), x, native)
-    for begin, end in chunks:
-        xw = buffer[: end - begin]
-        torch.mm(x[begin:end].reshape(-1, I), w_ih.t(), out=xw.view(-1, width))
-        yield xw, begin
-
-
-def _sweep_chunks(steps: int, width: int, like: Tensor, native,
-                  limit: int | None = None) -> tuple[Tensor, list[tuple[int, int]]]:
-    """For the compiled backward: a pooled dZ buffer (longest chunk, B, width) and the chunks
-    of steps, last first (the sweep runs backwards in time)."""
-    chunks = _chunks(steps, like.shape[1] * width * like.element_size(), limit, like.shape[1])
-    return _empty((chunks[0][1] - chunks[0][0], like.shape[1], width), like, native), chunks[::-1]
 
 
 def _sum_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
@@ -165,12 +85,12 @@ class _WeightGrads:
     all steps x B rows, for all steps at once or a chunk of steps at a time."""
 
     def __init__(self, x: Tensor, h_prev: Tensor, w_ih: Tensor, hidden: int, needs: tuple, native=None):
-        # From the compiled path's pool where there is one (see _empty): 58 MB of fresh
+        # From the compiled path's pool where there is one (see planning.empty): 58 MB of fresh
         # pages per step at config (d) otherwise.
         self.x, self.h_prev, self.w_ih, self.needs = x, h_prev, w_ih, needs
-        self.dx = _empty(x.shape, x, native) if needs[0] else None  # (T, B, I)
-        self.dw_ih = _empty(w_ih.shape, x, native) if needs[1] else None  # (G·H, I)
-        self.dw_hh = _empty((w_ih.shape[0], hidden), x, native) if needs[2] else None  # (G·H, H)
+        self.dx = planning.empty(x.shape, x, native) if needs[0] else None  # (T, B, I)
+        self.dw_ih = planning.empty(w_ih.shape, x, native) if needs[1] else None  # (G·H, I)
+        self.dw_hh = planning.empty((w_ih.shape[0], hidden), x, native) if needs[2] else None  # (G·H, H)
         self.beta = 0  # the first chunk overwrites (beta 0 ignores what new_empty left there)
 
     def add(self, dz: Tensor, begin: int, end: int, hidden_blocks=None) -> None:
@@ -331,101 +251,6 @@ def _carry(alive: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     return new if alive is None else torch.where(alive, new, old)
 
 
-def _packed(weight: Tensor, batch: int) -> Tensor | None:
-    """The weight packed for the compiled loop's per-step forward GEMM, or None (plain sgemm)."""
-    return native_module.packed_weight(weight, batch)
-
-
-def _folds_input(x: Tensor, hidden_size: int, native) -> bool:
-    """Whether the compiled forward runs its per-step GEMM on [x_t, h_t] instead of adding
-    a precomputed input projection (see ``fold_input_max_ratio`` in whiteboard.native).
-    Not for a few rows in all (``transpose_max_rows``: generation): joining [W_ih, W_hh]
-    copies both weights on every call, which one step cannot repay (2 x 512 LSTM with a
-    128-wide input, one token: 1,054 us folded, 720 not)."""
-    steps, batch, inputs = x.shape
-    return (native is not None and inputs <= native_module.fold_input_max_ratio * hidden_size
-            and steps * batch > native_module.transpose_max_rows)
-
-
-def one_call(x: Tensor, hidden_size: int, gates: int, mask: Tensor | None, native) -> tuple[int, bool] | None:
-    """Where a layer's direction without grad runs as one compiled call (recurrent.cpp's
-    ``rnn_inference``, ``lstm_inference``, ``gru_inference``; ``gates`` 1, 4 or 3): its
-    (steps per input-projection chunk, whether W_hh goes into panels); else None. That is
-    a few rows in all (generation: steps x batch at most ``native.transpose_max_rows``,
-    where W_hh is neither copied nor packed) and every call the panel GEMM takes on a
-    projected input (not folded: the GRU never folds), without lengths. One call replaces
-    some fifteen ATen calls from Python per layer."""
-    if native is None or mask is not None:
-        return None
-    steps, batch, _ = x.shape
-    if steps * batch <= native_module.transpose_max_rows:
-        return steps, False
-    if not _panels_pay(x.dtype, steps, batch, native) or (gates != 3 and _folds_input(x, hidden_size, native)):
-        return None
-    limit = GRU_CHUNK_BYTES if gates == 3 else CHUNK_BYTES
-    return _chunks(steps, batch * gates * hidden_size * x.element_size(), limit, batch)[0][1], True
-
-
-def _step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor, Tensor | None]:
-    """What the per-step GEMM h @ W_hhᵀ runs on, prepared once per call: (W_hhᵀ, None), or
-    for the compiled loop where oneDNN can pack it (W_hh itself, unused, and W_hh packed).
-
-    W_hhᵀ is a contiguous copy (small GEMMs against a transposed view were up to 1.6x
-    slower), except for a few rows in all (generation: one token, batch 1), where copying
-    cost more than all the steps (see native.transpose_max_rows): on the torch loop too,
-    where torch's strided copy made a 650-unit RNN layer at one token 6x slower than
-    torch.nn's (820 against 130 us)."""
-    packed = _packed(w_hh, batch) if native is not None and steps >= native_module.packed_min_steps else None
-    if packed is not None:
-        return w_hh.contiguous(), packed
-    if steps * batch <= native_module.transpose_max_rows:
-        return w_hh.t(), None
-    return (native.transposed(w_hh.contiguous()) if native is not None else w_hh.t().contiguous()), None
-
-
-def _panels_pay(dtype: torch.dtype, steps: int, batch: int, native) -> bool:
-    """Whether the compiled loops' own panel GEMMs run (recurrent.cpp's gate_panels and
-    column_panels): on (``panel_gemm`` in whiteboard.native), built (AVX-512), float32, and
-    more than a few rows in all (a token of generation: packing would cost more)."""
-    return (native is not None and native_module.panel_gemm and dtype == torch.float32
-            and steps * batch > native_module.transpose_max_rows and native.has_panels())
-
-
-def _gate_panels(weights: tuple[Tensor, ...], gates: int, batch: int, native, steps: int) -> Tensor | None:
-    """``weights`` (each (gates·H, K_i)) joined along K and packed into the compiled LSTM
-    (4 gates) or GRU (3) forward's gate panels, or None where they do not pay (see
-    _panels_pay)."""
-    if not _panels_pay(weights[0].dtype, steps, batch, native):
-        return None
-    return native.gate_panels([w.detach() for w in weights], gates)
-
-
-def _backward_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | None:
-    """W_hh (G·H, H) in the column panels of the compiled reverse sweep's per-step GEMM
-    dZ_t W_hh (LSTM, GRU and RNN alike), or None (MKL's sgemm) where they do not pay (see
-    _panels_pay and ``backward_panels_min_batch`` in whiteboard.native)."""
-    if not _panels_pay(w_hh.dtype, steps, batch, native):
-        return None
-    fits_row_blocks = w_hh.numel() * w_hh.element_size() <= native.row_blocks_max_weight_bytes()
-    if batch < native_module.backward_panels_min_batch and not fits_row_blocks:
-        return None
-    return native.column_panels(w_hh.detach())
-
-
-def _rnn_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | None:
-    """W_hhᵀ ((H, H), or [W_ih, W_hh]ᵀ when the input is folded) in the column panels the
-    compiled RNN forward's per-step GEMM runs on (64 units a panel, the activation as the
-    epilogue), or None where they do not pay (see _panels_pay)."""
-    if not _panels_pay(w_hh.dtype, steps, batch, native):
-        return None
-    return native.column_panels(native.transposed(w_hh.detach().contiguous()))
-
-
-def _native_mask(mask: Tensor | None) -> Tensor | None:
-    return None if mask is None else mask.squeeze(-1).contiguous()  # (T, B) bool
-
-
-RNN_KINDS = {"tanh": 0, "relu": 1, "sigmoid": 2}  # recurrent.cpp's Activation
 
 
 def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None):
@@ -435,26 +260,26 @@ def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None)
     T, B, _ = x.shape
     phi = _RNN_ACTIVATIONS[nonlinearity]
     bias = _sum_bias(b_ih, b_hh)
-    hs = _empty((T + 1,) + h0.shape, x, native)  # (T+1, B, H)
+    hs = planning.empty((T + 1,) + h0.shape, x, native)  # (T+1, B, H)
     hs[0] = h0
-    if _folds_input(x, h0.shape[-1], native):
+    if planning.folds_input(x, h0.shape[-1], native):
         w_cat = torch.cat((w_ih, w_hh), 1)  # (H, I+H)
-        packed = _rnn_panels(w_cat, B, native, T)
+        packed = planning.rnn_panels(w_cat, B, native, T)
         if packed is not None:
             w_cat_t = w_cat  # unused beside the panels
         else:
-            w_cat_t, packed = _step_weights(w_cat, B, native, T)  # (I+H, H)
-        if not native.rnn_forward_folded(x, bias, w_cat_t, hs, RNN_KINDS[nonlinearity], _native_mask(mask), packed):
+            w_cat_t, packed = planning.step_weights(w_cat, B, native, T)  # (I+H, H)
+        if not native.rnn_forward_folded(x, bias, w_cat_t, hs, planning.RNN_KINDS[nonlinearity], planning.native_mask(mask), packed):
             return None
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
-    packed = _rnn_panels(w_hh, B, native, T)
+    packed = planning.rnn_panels(w_hh, B, native, T)
     if packed is not None:
         w_hh_t = w_hh  # unused beside the panels
     else:
-        w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, H); see module docstring
+        w_hh_t, packed = planning.step_weights(w_hh, B, native, T)  # (H, H); see module docstring
     if native is not None:
-        for xw, begin in _projected_chunks(x, w_ih, native):
-            if not native.rnn_forward(xw, bias, w_hh_t, hs, RNN_KINDS[nonlinearity], _native_mask(mask), packed, begin):
+        for xw, begin in planning.projected_chunks(x, w_ih, native):
+            if not native.rnn_forward(xw, bias, w_hh_t, hs, planning.RNN_KINDS[nonlinearity], planning.native_mask(mask), packed, begin):
                 return None
         return hs, (hs[1:] if mask is None else hs[1:] * mask)
     xw = _input_projection(x, w_ih, bias)  # (T, B, H)
@@ -491,15 +316,15 @@ class FusedRNN(torch.autograd.Function):
         d_out = _output_grad(d_out, hs[1:])
         if native is not None:
             B, H = hs.shape[1], hs.shape[2]
-            dz_buffer, chunks = _sweep_chunks(T, H, d_out, native)  # (steps, B, H)
+            dz_buffer, chunks = planning.sweep_chunks(T, H, d_out, native)  # (steps, B, H)
             db = d_out.new_zeros(H)  # summed in the sweep
-            w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
+            w_hh, native_mask = w_hh.contiguous(), planning.native_mask(mask)
             needs = ctx.needs_input_grad
             grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]), native)
-            panels = _backward_panels(w_hh, B, native, T)
+            panels = planning.backward_panels(w_hh, B, native, T)
             for begin, end in chunks:
                 dz = dz_buffer[: end - begin]
-                native.rnn_backward(d_out, hs, w_hh, dh, dz, db, RNN_KINDS[ctx.nonlinearity], native_mask,
+                native.rnn_backward(d_out, hs, w_hh, dh, dz, db, planning.RNN_KINDS[ctx.nonlinearity], native_mask,
                                     begin, end, panels)
                 grads.add(dz, begin, end)
             return _rnn_grads(ctx, grads.result(), dh, db)
@@ -540,32 +365,32 @@ def lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, keep_gates: bool, nat
     T, B, _ = x.shape
     H = h0.shape[-1]
     bias = _sum_bias(b_ih, b_hh)
-    hs = _empty((T + 1, B, H), x, native)
-    cs = _empty((T + 1, B, H), x, native)
+    hs = planning.empty((T + 1, B, H), x, native)
+    cs = planning.empty((T + 1, B, H), x, native)
     hs[0] = h0
     cs[0] = c0
-    gates = _empty((T if keep_gates else 1, B, 4 * H), x, native)
+    gates = planning.empty((T if keep_gates else 1, B, 4 * H), x, native)
     if native is not None:
-        if _folds_input(x, H, native):
-            packed = _gate_panels((w_ih, w_hh), 4, B, native, T)
+        if planning.folds_input(x, H, native):
+            packed = planning.gate_panels((w_ih, w_hh), 4, B, native, T)
             if packed is not None:
                 w_cat_t = w_hh  # unused beside the panels
             else:
-                w_cat_t, packed = _step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, 4H)
-            if not native.lstm_forward_folded(x, bias, w_cat_t, hs, cs, gates, _native_mask(mask), packed):
+                w_cat_t, packed = planning.step_weights(torch.cat((w_ih, w_hh), 1), B, native, T)  # (I+H, 4H)
+            if not native.lstm_forward_folded(x, bias, w_cat_t, hs, cs, gates, planning.native_mask(mask), packed):
                 return None
         else:
-            packed = _gate_panels((w_hh,), 4, B, native, T)
+            packed = planning.gate_panels((w_hh,), 4, B, native, T)
             if packed is not None:
                 w_hh_t = w_hh  # unused beside the panels
             else:
-                w_hh_t, packed = _step_weights(w_hh, B, native, T)
-            for xw, begin in _projected_chunks(x, w_ih, native):  # (steps, B, 4H)
-                if not native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, _native_mask(mask), packed, begin):
+                w_hh_t, packed = planning.step_weights(w_hh, B, native, T)
+            for xw, begin in planning.projected_chunks(x, w_ih, native):  # (steps, B, 4H)
+                if not native.lstm_forward(xw, bias, w_hh_t, hs, cs, gates, planning.native_mask(mask), packed, begin):
                     return None
         return hs, cs, (gates if keep_gates else None), (hs[1:] if mask is None else hs[1:] * mask)
     xw = _input_projection(x, w_ih, bias)  # (T, B, 4H)
-    w_hh_t, _ = _step_weights(w_hh, B, None, T)  # (H, 4H); see module docstring
+    w_hh_t, _ = planning.step_weights(w_hh, B, None, T)  # (H, 4H); see module docstring
     for t in range(T):
         z = torch.addmm(xw[t], hs[t], w_hh_t)  # (B, 4H) pre-activations
         a = gates[t if keep_gates else 0]  # (B, 4H)
@@ -611,12 +436,12 @@ class FusedLSTM(torch.autograd.Function):
             dh = _state_grad(d_hn, hs[0])
             dc = _state_grad(d_cn, cs[0])
             d_out = _output_grad(d_out, hs[1:])
-            dz_buffer, chunks = _sweep_chunks(T, H4, gates, native, LSTM_SWEEP_CHUNK_BYTES)  # (steps, B, 4H)
-            w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
+            dz_buffer, chunks = planning.sweep_chunks(T, H4, gates, native, planning.LSTM_SWEEP_CHUNK_BYTES)  # (steps, B, 4H)
+            w_hh, native_mask = w_hh.contiguous(), planning.native_mask(mask)
             db = gates.new_zeros(H4)  # summed in the sweep
             needs = ctx.needs_input_grad
             grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[3], needs[4]), native)
-            panels = _backward_panels(w_hh, B, native, T)
+            panels = planning.backward_panels(w_hh, B, native, T)
             for begin, end in chunks:
                 dz = dz_buffer[: end - begin]
                 native.lstm_backward(d_out, gates, cs, w_hh, dh, dc, dz, db, native_mask, begin, end, panels)
@@ -673,20 +498,20 @@ def gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, keep: bool, native=None):
     # Panels in training too: with the epilogue's line requests spread over the K loop for
     # large steps (recurrent.cpp's spread_lines), its stores of r|z, n and W_hn h for backward
     # no longer cost more than the panels gain (benchmarks/README.md, "what each change bought").
-    packed = _gate_panels((w_hh,), 3, B, native, T)
+    packed = planning.gate_panels((w_hh,), 3, B, native, T)
     if packed is not None:
         w_hh_t = w_hh  # unused beside the panels
     else:
-        w_hh_t, packed = _step_weights(w_hh, B, native, T)  # (H, 3H)
-    hs = _empty((T + 1, B, H), x, native)
+        w_hh_t, packed = planning.step_weights(w_hh, B, native, T)  # (H, 3H)
+    hs = planning.empty((T + 1, B, H), x, native)
     hs[0] = h0
     steps = T if keep else 1
-    rz = _empty((steps, B, 2 * H), x, native)
-    n = _empty((steps, B, H), x, native)
-    hn = _empty((steps, B, H), x, native)
+    rz = planning.empty((steps, B, 2 * H), x, native)
+    n = planning.empty((steps, B, H), x, native)
+    hn = planning.empty((steps, B, H), x, native)
     if native is not None:
-        for xw, begin in _projected_chunks(x, w_ih, native, GRU_CHUNK_BYTES):  # (steps, B, 3H)
-            if not native.gru_forward(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, _native_mask(mask), packed, begin):
+        for xw, begin in planning.projected_chunks(x, w_ih, native, planning.GRU_CHUNK_BYTES):  # (steps, B, 3H)
+            if not native.gru_forward(xw, b_ih, w_hh_t, b_hh, hs, rz, n, hn, planning.native_mask(mask), packed, begin):
                 return None
         out = hs[1:] if mask is None else hs[1:] * mask
         return (hs, rz, n, hn, out) if keep else (hs, None, None, None, out)
@@ -731,12 +556,12 @@ class FusedGRU(torch.autograd.Function):
             d_out = _output_grad(d_out, n)
             # dz_x (steps, B, 3H) and dn_h, the n block of dZ_h (its r, z blocks are dz_x's),
             # share one pooled buffer per chunk of steps.
-            buffer, chunks = _sweep_chunks(T, 4 * H, x, native, GRU_CHUNK_BYTES)
-            w_hh, native_mask = w_hh.contiguous(), _native_mask(mask)
+            buffer, chunks = planning.sweep_chunks(T, 4 * H, x, native, planning.GRU_CHUNK_BYTES)
+            w_hh, native_mask = w_hh.contiguous(), planning.native_mask(mask)
             db = x.new_zeros(4 * H)  # [b_ir, b_iz, b_in | b_hn] summed in the sweep
             needs = ctx.needs_input_grad
             grads = _WeightGrads(x, hs[:-1], w_ih, H, (needs[0], needs[2], needs[3]), native)
-            panels = _backward_panels(w_hh, B, native, T)
+            panels = planning.backward_panels(w_hh, B, native, T)
             for begin, end in chunks:
                 steps = end - begin
                 dz_x = buffer.view(-1)[: steps * B * 3 * H].view(steps, B, 3 * H)
@@ -813,7 +638,7 @@ def layernorm_lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh,
     bias = _sum_bias(b_ih, b_hh)
     if bias is not None:
         base = base + bias
-    w_hh_t, _ = _step_weights(w_hh, B, None, T)  # (H, 4H)
+    w_hh_t, _ = planning.step_weights(w_hh, B, None, T)  # (H, 4H)
     hs = x.new_empty((T + 1, B, H))
     cs = x.new_empty((T + 1, B, H))
     hs[0] = h0

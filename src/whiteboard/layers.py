@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends, cells, fused, native
+from . import backends, cells, fused, native, planning
 
 __all__ = ["RNN", "LSTM", "GRU", "LayerNormLSTM", "Trace", "TRACE_FIELDS", "SEED_NAMES"]
 
@@ -396,7 +396,7 @@ class _RecurrentBase(nn.Module):
         weights = [w for layer in range(self.num_layers) for w in self.layer_weights(layer, 0)]
         if (torch.is_grad_enabled() and _any_requires_grad(x, states, weights)) or _under_functorch(x, *states, *weights):
             return None
-        kind = fused.RNN_KINDS[self.nonlinearity] if self.mode == "RNN" else 0
+        kind = planning.RNN_KINDS[self.nonlinearity] if self.mode == "RNN" else 0
         return compiled.stack_inference(self.stack_cell, x.contiguous(), states, weights, kind) or None
 
     def _stack(self, x: Tensor, states: list[Tensor], mask, lengths, trace: bool):
@@ -548,9 +548,9 @@ class RNN(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n = fused.FusedRNN.apply(x, initial[0], *weights, mask, self.nonlinearity, native)
             return out, [h_n]
-        call = fused.one_call(x, initial[0].shape[-1], 1, mask, native)
+        call = planning.one_call(x, initial[0].shape[-1], 1, mask, native)
         if call is not None:
-            result = native.rnn_inference(x.contiguous(), initial[0], *weights, fused.RNN_KINDS[self.nonlinearity],
+            result = native.rnn_inference(x.contiguous(), initial[0], *weights, planning.RNN_KINDS[self.nonlinearity],
                                           *call)
             if result:
                 return result[0], [result[1]]
@@ -605,7 +605,7 @@ class LSTM(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n, c_n = fused.FusedLSTM.apply(x, initial[0], initial[1], *weights, mask, native)
             return out, [h_n, c_n]
-        call = fused.one_call(x, initial[0].shape[-1], 4, mask, native)
+        call = planning.one_call(x, initial[0].shape[-1], 4, mask, native)
         if call is not None:
             result = native.lstm_inference(x.contiguous(), initial[0], initial[1], *weights, *call)
             if result:
@@ -645,7 +645,7 @@ class GRU(_RecurrentBase):
         if torch.is_grad_enabled() and _any_requires_grad(x, initial, weights):
             out, h_n = fused.FusedGRU.apply(x, initial[0], *weights, mask, native)
             return out, [h_n]
-        call = fused.one_call(x, initial[0].shape[-1], 3, mask, native)
+        call = planning.one_call(x, initial[0].shape[-1], 3, mask, native)
         if call is not None:
             result = native.gru_inference(x.contiguous(), initial[0], *weights, *call)
             if result:
