@@ -15,8 +15,8 @@ import time
 import torch
 from torch import nn
 
-from whiteboard.config import ModelConfig
-from whiteboard.model import LanguageModel
+from whiteboard.lm.config import ModelConfig
+from whiteboard.lm.model import LanguageModel
 
 from recurrent_speed import settle_malloc
 

@@ -18,7 +18,7 @@ from recurrent_speed import CONFIGS, print_table_header, print_table_row, select
 
 CHILD = r"""
 import json, resource, sys, torch, whiteboard
-from whiteboard import native
+from whiteboard.backends.compiled import build as native
 cell, config, which = sys.argv[1], sys.argv[2], sys.argv[3]
 layers, inp, hidden, batch, steps = json.loads(sys.argv[4])
 cls = {"lstm": (whiteboard.LSTM, torch.nn.LSTM), "gru": (whiteboard.GRU, torch.nn.GRU),

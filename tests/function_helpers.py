@@ -3,7 +3,7 @@ the compiled runtime (test_fused.py, test_planning.py, test_native_runtime.py)."
 
 import torch
 
-from whiteboard import native
+from whiteboard.backends.compiled import build as native
 from helpers import MODES
 
 T, B, I, H = 4, 2, 3, 5

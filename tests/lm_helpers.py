@@ -3,7 +3,7 @@
 import random
 from pathlib import Path
 
-from whiteboard import config as cfg
+from whiteboard.lm import config as cfg
 
 #: The CLI's options for a seconds-long model, for tests that train through main(argv).
 TINY = ["--set", "model.embedding_size=16", "--set", "model.hidden_size=16", "--set", "model.num_layers=1",

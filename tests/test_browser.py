@@ -8,10 +8,10 @@ import subprocess
 import pytest
 import torch
 
-from whiteboard import config as cfg
-from whiteboard.inspection import build_report
-from whiteboard.model import LanguageModel
-from whiteboard.vocab import Vocabulary
+from whiteboard.lm import config as cfg
+from whiteboard.inspect.traces import build_report
+from whiteboard.lm.model import LanguageModel
+from whiteboard.lm.vocab import Vocabulary
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 

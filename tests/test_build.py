@@ -17,18 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from whiteboard import native
+from whiteboard.backends.compiled import build as native
 
 TINY_SOURCE = """
 #include <pybind11/pybind11.h>
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", [] { return 42; }); }
 """
 
-# Builds the tiny module through whiteboard.native's own _build; prints where it came from.
+# Builds the tiny module through whiteboard.backends.compiled.build's own _build; prints where it came from.
 BUILD_SCRIPT = """
 import sys
 from pathlib import Path
-from whiteboard import native
+from whiteboard.backends.compiled import build as native
 native._source = lambda: Path(sys.argv[1])
 try:
     module = native._build(native.openmp_flags(), False)
@@ -136,11 +136,12 @@ def test_a_wheel_ships_the_source_and_its_install_runs_the_compiled_loops(tmp_pa
     assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("whiteboard-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "whiteboard/csrc/recurrent.cpp" in names
-    assert any(n.startswith("whiteboard/presets/") for n in names)
+    sources = {str(p.relative_to(checkout / "src")) for p in (checkout / "src").rglob("csrc/*")}
+    assert sources and sources <= set(names)
+    assert any(n.startswith("whiteboard/lm/presets/") for n in names)
     target = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(target)
-    check = ("import whiteboard, whiteboard.native as n, torch; "
+    check = ("import whiteboard, whiteboard.backends.compiled.build as n, torch; "
              "assert whiteboard.__file__.startswith(%r), whiteboard.__file__; "
              "layer = whiteboard.LSTM(4, 8); "
              "print(n.load() is not None and layer._native_for(torch.randn(3, 2, 4)) is n.load())") % str(target)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from whiteboard import cells
+from whiteboard.nn import cells
 
 
 def _copy_cell(ref, bias=True):

@@ -47,7 +47,7 @@ def test_predict_lists_top_k_with_probabilities_and_names_unknown_words(trained,
 def test_predict_probabilities_equal_the_models_softmax(trained, capsys):
     import torch
 
-    from whiteboard.checkpoint import load_run
+    from whiteboard.lm.checkpoint import load_run
 
     assert main(["predict", str(trained), "the cat", "--top-k", "1", "--json"]) == 0
     top = json.loads(capsys.readouterr().out)["predictions"][0]

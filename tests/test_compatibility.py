@@ -8,7 +8,7 @@ from pathlib import Path
 
 import whiteboard
 from whiteboard.cli import main
-from whiteboard.train import TrainingState
+from whiteboard.lm.train import TrainingState
 
 DATA = Path(__file__).parent / "data"
 
@@ -37,5 +37,5 @@ def test_the_public_names_are_where_they_were():
     for name in ("RNN", "LSTM", "GRU", "LayerNormLSTM", "Trace", "TRACE_FIELDS", "SEED_NAMES", "rnn_step", "lstm_step",
                  "gru_step", "layernorm_lstm_step"):
         assert hasattr(whiteboard, name), name
-    from whiteboard.checkpoint import atomic_write_bytes, atomic_write_text, load_run  # noqa: F401
-    from whiteboard.regularizers import LockedDropout, WeightDrop, Zoneout, zoneout_mix  # noqa: F401
+    from whiteboard.lm.checkpoint import atomic_write_bytes, atomic_write_text, load_run  # noqa: F401
+    from whiteboard.nn.regularizers import LockedDropout, WeightDrop, Zoneout, zoneout_mix  # noqa: F401

@@ -1,6 +1,6 @@
 import pytest
 
-from whiteboard import config as cfg
+from whiteboard.lm import config as cfg
 from whiteboard.errors import UsageError
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from whiteboard import data
+from whiteboard.lm import data
 from whiteboard.errors import WhiteboardError
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import whiteboard
-from whiteboard import layers
+from whiteboard.nn import layers
 
 
 @pytest.mark.parametrize("obj", [whiteboard.RNN, whiteboard.LSTM, whiteboard.GRU])

@@ -1,6 +1,6 @@
 import torch
 
-from whiteboard.generate import sample_next, top_k_filter, top_p_filter
+from whiteboard.lm.generate import sample_next, top_k_filter, top_p_filter
 
 
 def test_temperature_zero_is_greedy():

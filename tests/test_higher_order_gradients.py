@@ -7,7 +7,8 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import whiteboard
-from whiteboard import fused, native
+from whiteboard.backends import fused
+from whiteboard.backends.compiled import build as native
 from helpers import MODES, TOLERANCES, initial_state, make_pair
 
 LAYERS = {

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from whiteboard import experiments as ex
-from whiteboard import horizon, tasks
+from whiteboard.experiments import comparison as ex
+from whiteboard.experiments import horizon
+from whiteboard.experiments import tasks
 
 
 def test_log_grid_is_evenly_spaced_in_log_distance():

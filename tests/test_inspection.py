@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import whiteboard
-from whiteboard import config as cfg
-from whiteboard.generate import predict_next
-from whiteboard.inspection import (build_report, correlated_units, gradient_reach, lm_gradient_reach, pattern_signal,
+from whiteboard.lm import config as cfg
+from whiteboard.lm.generate import predict_next
+from whiteboard.inspect.traces import (build_report, correlated_units, gradient_reach, lm_gradient_reach, pattern_signal,
                                    saturation, trace_text)
-from whiteboard.model import LanguageModel
-from whiteboard.vocab import Vocabulary
+from whiteboard.lm.model import LanguageModel
+from whiteboard.lm.vocab import Vocabulary
 
 TEXT = 'the cat said " hello there " and the dog ran\nto the park'
 
@@ -154,7 +154,7 @@ def test_report_is_self_contained_and_well_formed(lm, tmp_path):
 
 
 def test_inspect_and_reach_through_the_cli(tmp_path, capsys):
-    from whiteboard.checkpoint import save_model, save_run_files
+    from whiteboard.lm.checkpoint import save_model, save_run_files
     from whiteboard.cli import main
 
     vocab = Vocabulary.build(TEXT + "\n", "word")

@@ -6,7 +6,8 @@ from torch.autograd import gradcheck
 from torch.nn import functional as F
 
 import whiteboard
-from whiteboard import cells, fused
+from whiteboard.nn import cells
+from whiteboard.backends import fused
 
 from helpers import loss_of, tolerance
 

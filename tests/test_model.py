@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from whiteboard import config as cfg
-from whiteboard.model import LanguageModel, RecurrentStack, detach_state
-from whiteboard.regularizers import LockedDropout, WeightDrop
+from whiteboard.lm import config as cfg
+from whiteboard.lm.model import LanguageModel, RecurrentStack, detach_state
+from whiteboard.nn.regularizers import LockedDropout, WeightDrop
 
 
 @pytest.mark.parametrize("cell", ["lstm", "layernorm-lstm", "gru", "rnn"])

@@ -1,4 +1,4 @@
-"""The compiled runtime (whiteboard.native): the build and its fallbacks, the buffer pool,
+"""The compiled runtime (whiteboard.backends.compiled.build): the build and its fallbacks, the buffer pool,
 the pointwise passes on torch's threads with one OpenMP runtime, row blocks per thread."""
 
 from pathlib import Path
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from whiteboard import fused, native
+from whiteboard.backends import fused
+from whiteboard.backends.compiled import build as native
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 from function_helpers import B, H, I, MASKS, T, function_inputs, function_weights
 

@@ -6,7 +6,8 @@ only; elsewhere the layers use oneDNN's or MKL's GEMM, which the rest of the sui
 import pytest
 import torch
 
-from whiteboard import native, planning
+from whiteboard.backends.compiled import build as native
+from whiteboard.backends.compiled import planning
 from helpers import TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 
 

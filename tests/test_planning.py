@@ -1,10 +1,11 @@
-"""How compiled calls are planned (whiteboard.planning): time chunks, folded inputs, packed
+"""How compiled calls are planned (whiteboard.backends.compiled.planning): time chunks, folded inputs, packed
 and transposed step weights, one call per layer or per stack; each against torch.nn."""
 
 import pytest
 import torch
 
-from whiteboard import native, planning
+from whiteboard.backends.compiled import build as native
+from whiteboard.backends.compiled import planning
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 from function_helpers import B, H, I, T, value_sites
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import whiteboard
-from whiteboard.regularizers import (EmbeddingDropout, LockedDropout, WeightDrop, Zoneout, activation_regularization,
+from whiteboard.nn.regularizers import (EmbeddingDropout, LockedDropout, WeightDrop, Zoneout, activation_regularization,
                                      temporal_activation_regularization)
 
 T, B, I, H = 6, 4, 5, 7

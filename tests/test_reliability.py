@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from whiteboard import rundir
+from whiteboard.lm import rundir
 from whiteboard.cli import main
-from whiteboard.report import _json_for_script
-from whiteboard.train import read_metrics
+from whiteboard.inspect.report import _json_for_script
+from whiteboard.lm.train import read_metrics
 from lm_helpers import TINY, start_training, write_corpus
 
 
@@ -183,7 +183,7 @@ class _NaNGradient(torch.autograd.Function):
 def test_a_nan_gradient_stops_before_the_update_and_keeps_the_last_checkpoint(run_copy, monkeypatch, capsys):
     corpus, run = run_copy
     before = _snapshot(run)
-    from whiteboard import train as train_module
+    from whiteboard.lm import train as train_module
 
     class PoisonedLoss(torch.nn.CrossEntropyLoss):
         def forward(self, logits, targets):
@@ -382,8 +382,8 @@ def test_a_tiny_temperature_samples_greedily(finished, capsys):
 
 
 def test_generation_streams_the_tokens_generate_returns(finished):
-    from whiteboard.checkpoint import load_run
-    from whiteboard.generate import generate, generate_pieces
+    from whiteboard.lm.checkpoint import load_run
+    from whiteboard.lm.generate import generate, generate_pieces
 
     model, vocab, _ = load_run(finished[1])
     for prompt in ("", "the cat"):

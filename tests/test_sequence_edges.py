@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import whiteboard
-from whiteboard import planning
+from whiteboard.backends.compiled import planning
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors
 
 IMPLEMENTATIONS = ["native", "fused", "reference"]

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from whiteboard import experiments as ex
-from whiteboard import tasks
+from whiteboard.experiments import comparison as ex
+from whiteboard.experiments import tasks
 
 
 def test_stories_are_deterministic_under_a_seed():

@@ -5,10 +5,11 @@ import os
 import pytest
 import torch
 
-from whiteboard import checkpoint, train as train_mod
-from whiteboard.checkpoint import atomic_write_bytes, load_run
+from whiteboard.lm import checkpoint
+from whiteboard.lm import train as train_mod
+from whiteboard.lm.checkpoint import atomic_write_bytes, load_run
 from whiteboard.errors import WhiteboardError
-from whiteboard.train import read_metrics, train
+from whiteboard.lm.train import read_metrics, train
 from lm_helpers import tiny_config, write_corpus
 
 
@@ -153,7 +154,7 @@ def test_loss_per_sequence_equals_token_loss_with_lr_times_bptt(tmp_path):
 
 
 def test_ntasgd_trigger_is_merity_et_als_non_monotone_criterion():
-    from whiteboard.train import ntasgd_should_switch
+    from whiteboard.lm.train import ntasgd_should_switch
 
     assert not ntasgd_should_switch([5.0, 4.0, 3.0], 3.5, nonmono=3)  # too few evaluations yet
     assert not ntasgd_should_switch([5.0, 4.0, 3.0, 2.9, 2.8], 2.95, nonmono=3)  # better than 5.0, 4.0
@@ -194,7 +195,7 @@ def test_awd_regularizers_train_and_resume_exactly(tmp_path):
     train(make(max_steps=11), tmp_path / "split", progress=False, log=quiet)
     train(make(), tmp_path / "split", resume=True, progress=False, log=quiet)
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
-    from whiteboard.checkpoint import load_run
+    from whiteboard.lm.checkpoint import load_run
 
     model, _, _ = load_run(tmp_path / "whole")
     assert type(model.recurrent).__name__ == "WeightDrop"
@@ -231,8 +232,8 @@ def test_time_limit_ends_the_run_with_a_last_evaluation_and_the_test(tmp_path):
 
 
 def test_bfloat16_decoder_only_in_training(tmp_path):
-    from whiteboard import config as cfg
-    from whiteboard.model import LanguageModel
+    from whiteboard.lm import config as cfg
+    from whiteboard.lm.model import LanguageModel
 
     config = cfg.resolve(sets=["model.embedding_size=16", "model.hidden_size=16", "model.decoder_precision=bfloat16"])
     model = LanguageModel(50, config.model)
@@ -255,7 +256,7 @@ WORDS_IN_CORPUS = set("the cat sat on a mat dog ran to park big small red blue h
 
 def test_awd_ptb_preset_runs_a_few_steps(tmp_path):
     """The full AWD-LSTM configuration (a GPU recipe), two steps on the CPU on a tiny corpus."""
-    from whiteboard import config as cfg
+    from whiteboard.lm import config as cfg
 
     corpus = write_corpus(tmp_path / "c.txt", lines=400)
     config = cfg.resolve("awd-ptb", sets=[f"data.corpus={corpus}", "train.device=cpu", "train.max_steps=2",

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from whiteboard.errors import WhiteboardError
-from whiteboard.vocab import EOS, UNK, Vocabulary, tokenize_corpus
+from whiteboard.lm.vocab import EOS, UNK, Vocabulary, tokenize_corpus
 
 
 def test_word_vocabulary_round_trip_and_eos_per_line(tmp_path):
@@ -44,7 +44,7 @@ def test_bad_vocabulary_files_are_named(tmp_path):
 
 
 def test_punctuation_is_split_from_words_as_people_type_them():
-    from whiteboard.vocab import tokenize_line
+    from whiteboard.lm.vocab import tokenize_line
 
     typed = "Alice lives in France. She is an artist. She likes to cook. She speaks"
     assert tokenize_line(typed, "word", "punctuation") == \
@@ -55,7 +55,7 @@ def test_punctuation_is_split_from_words_as_people_type_them():
 
 
 def test_the_tokenizer_is_detected_from_the_text():
-    from whiteboard.vocab import detect_tokenizer
+    from whiteboard.lm.vocab import detect_tokenizer
 
     assert detect_tokenizer("Alice lives in France. She is an artist. She likes to cook.\n" * 20) == "punctuation"
     assert detect_tokenizer("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20) == "punctuation"

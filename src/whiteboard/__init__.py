@@ -9,9 +9,14 @@ The seed's whiteboard words map onto the standard names like this:
     output gate o_t  -> selective write     cell state c_t  -> the whiteboard itself
 """
 
-from . import backends
-from .cells import gru_step, layernorm_lstm_step, lstm_step, rnn_step
-from .layers import GRU, LSTM, RNN, SEED_NAMES, TRACE_FIELDS, LayerNormLSTM, Trace
+from whiteboard import _old_names
+
+_old_names.install()  # before anything imports a module by its old name
+
+from whiteboard import backends  # noqa: E402
+from whiteboard.nn import (  # noqa: E402
+    GRU, LSTM, RNN, SEED_NAMES, TRACE_FIELDS, LayerNormLSTM, Trace, gru_step, layernorm_lstm_step, lstm_step, rnn_step,
+)
 
 __all__ = [
     "RNN",

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import UsageError, WhiteboardError
+from whiteboard.errors import UsageError, WhiteboardError
 
 EXAMPLES = """\
 commands, each with one example:
@@ -170,7 +170,7 @@ def _unit_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="whiteboard", description="Recurrent sequence models you can see into.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
+    from whiteboard import __version__
 
     parser.add_argument("--version", action="version", version=f"whiteboard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -201,8 +201,8 @@ def check_writable_folder(folder: Path, option: str) -> None:
 
 
 def cmd_train(args) -> int:
-    from . import config as cfg
-    from .train import train
+    from whiteboard.lm import config as cfg
+    from whiteboard.lm.train import train
 
     if args.list_presets:
         for name in cfg.preset_names():
@@ -218,8 +218,8 @@ def cmd_train(args) -> int:
     if args.level:
         sets.append(f"data.level={args.level}")
     if args.resume:
-        from .checkpoint import read_config
-        from .rundir import CONFIG
+        from whiteboard.lm.checkpoint import read_config
+        from whiteboard.lm.rundir import CONFIG
 
         if args.preset or args.config or args.overwrite:
             raise UsageError("--resume continues a run with its saved config; only --set may change it")
@@ -246,8 +246,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import load_run
-    from .train import bits_per_char, evaluate, perplexity, prepare_data
+    from whiteboard.lm.checkpoint import load_run
+    from whiteboard.lm.train import bits_per_char, evaluate, perplexity, prepare_data
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
@@ -276,8 +276,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .checkpoint import load_run
-    from .generate import predict_next
+    from whiteboard.lm.checkpoint import load_run
+    from whiteboard.lm.generate import predict_next
 
     if args.top_k <= 0:
         raise UsageError(f"--top-k must be positive, got {args.top_k}")
@@ -297,8 +297,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .checkpoint import load_run
-    from .generate import MAX_LENGTH, generate_pieces
+    from whiteboard.lm.checkpoint import load_run
+    from whiteboard.lm.generate import MAX_LENGTH, generate_pieces
 
     if not 0 <= args.temperature < math.inf:
         raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
@@ -323,7 +323,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from . import experiments as ex
+    from whiteboard.experiments import comparison as ex
 
     cells = [c.strip() for c in args.models.split(",") if c.strip()]
     unknown = [c for c in cells if c not in ex.CELLS]
@@ -343,15 +343,15 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import QUICK, DemoSettings, run_demo
+    from whiteboard.experiments.demo import QUICK, DemoSettings, run_demo
 
     run_demo(args.out, QUICK if args.quick else DemoSettings(), progress=not args.quiet)
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .checkpoint import load_run
-    from .inspection import build_report
+    from whiteboard.lm.checkpoint import load_run
+    from whiteboard.inspect.traces import build_report
 
     if args.top_units < 1:
         raise UsageError(f"--top-units must be positive, got {args.top_units}")
@@ -367,9 +367,9 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_reach(args) -> int:
-    from .checkpoint import load_run
-    from .inspection import lm_gradient_reach
-    from .plots import line_plot
+    from whiteboard.lm.checkpoint import load_run
+    from whiteboard.inspect.traces import lm_gradient_reach
+    from whiteboard.inspect.plots import line_plot
 
     if args.max_lag is not None and args.max_lag < 1:
         raise UsageError(f"--max-lag must be positive, got {args.max_lag}")

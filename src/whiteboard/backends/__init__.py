@@ -11,9 +11,9 @@ cell, device, dtype, trace, lengths, grad, a torch.func transform, zoneout) its
     torch-loop   could run it
     reference    could run it
 
-Registered today: ``compiled`` (the C++ time loops, :mod:`whiteboard.native`),
+Registered today: ``compiled`` (the C++ time loops, :mod:`whiteboard.backends.compiled.build`),
 ``torch-loop`` (pure-PyTorch Functions with a hand-written backward,
-:mod:`whiteboard.fused`) and ``reference`` (the loop over :mod:`whiteboard.cells`, autograd's
+:mod:`whiteboard.backends.fused`) and ``reference`` (the loop over :mod:`whiteboard.nn.cells`, autograd's
 backward). ``implementation="native"`` names ``compiled`` and ``"fused"`` names
 ``torch-loop``, as they always have. A GPU backend is one more object with ``name`` and
 ``supports`` put into :data:`BACKENDS` in its order of preference.
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from . import native
+from whiteboard.backends.compiled import build as native
 
 __all__ = ["Call", "Backend", "BACKENDS", "COMPILED", "TORCH_LOOP", "REFERENCE", "choose", "explain", "Explanation"]
 

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, rundir
-from .config import RunConfig, check_device
-from .data import batchify, check_long_enough, load_corpus, windows
-from .errors import WhiteboardError
-from .model import LanguageModel, detach_state
-from .regularizers import activation_regularization, temporal_activation_regularization
-from .vocab import Vocabulary, detect_tokenizer
+from whiteboard.lm import checkpoint
+from whiteboard.lm import rundir
+from whiteboard.lm.config import RunConfig, check_device
+from whiteboard.lm.data import batchify, check_long_enough, load_corpus, windows
+from whiteboard.errors import WhiteboardError
+from whiteboard.lm.model import LanguageModel, detach_state
+from whiteboard.nn.regularizers import activation_regularization, temporal_activation_regularization
+from whiteboard.lm.vocab import Vocabulary, detect_tokenizer
 
 
 class TrainingDiverged(WhiteboardError):
@@ -254,7 +255,7 @@ def train(
     overwrite: bool = False,
 ) -> TrainResult:
     """Train (or with ``resume`` continue) the run in ``run_dir``, which it claims for its
-    whole life (see :mod:`whiteboard.rundir`). A new run refuses a directory that holds
+    whole life (see :mod:`whiteboard.lm.rundir`). A new run refuses a directory that holds
     anything but the same run (which it continues), unless ``overwrite`` replaces it."""
     run_dir = Path(run_dir)
     check_device(config.train.device)

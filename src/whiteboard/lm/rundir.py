@@ -17,7 +17,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .errors import WhiteboardError
+from whiteboard.errors import WhiteboardError
 
 CONFIG = "config.json"
 VOCAB = "vocab.json"

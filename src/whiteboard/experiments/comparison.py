@@ -19,14 +19,49 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import horizon as memory_horizon
-from . import tasks
-from .config import ModelConfig
-from .files import atomic_write_text
-from .layers import GRU, LSTM, RNN
-from .model import LanguageModel
-from .plots import band_plot
-from .vocab import EOS, UNK, Vocabulary
+from whiteboard.experiments import horizon as memory_horizon
+from whiteboard.experiments import tasks
+from whiteboard.lm.config import ModelConfig
+from whiteboard.files import atomic_write_text
+from whiteboard.nn.layers import GRU, LSTM, RNN
+from whiteboard.lm.model import LanguageModel
+from whiteboard.inspect.plots import band_plot
+from whiteboard.lm.vocab import EOS, UNK, Vocabulary
+
+__all__ = [
+    "CELLS",
+    "STORY_LR",
+    "STORY_DISTANCES",
+    "identity_recurrence",
+    "orthogonal_recurrence",
+    "RNN_VARIANTS",
+    "set_forget_bias",
+    "matched_hidden",
+    "hidden_sizes",
+    "story_vocabulary",
+    "story_model",
+    "encode_stories",
+    "StoryScore",
+    "score_stories",
+    "Curriculum",
+    "train_story_model",
+    "lm_logits",
+    "recurrent_layer",
+    "SequenceRegressor",
+    "SequenceTagger",
+    "AddingScore",
+    "length_curriculum",
+    "train_adding",
+    "score_adding",
+    "train_copy",
+    "score_copy",
+    "METRICS",
+    "CompareResult",
+    "default_curriculum",
+    "compare",
+    "write_compare",
+    "chance_level",
+]
 
 CELLS = ("rnn", "lstm", "gru", "rnn-tanh")
 _LAYERS = {"rnn": RNN, "lstm": LSTM, "gru": GRU, "rnn-tanh": RNN}
@@ -431,7 +466,7 @@ def compare(task: str, cells: list[str], distances: list[int], steps: int, hidde
 
     stories: one model per cell and seed, trained over all distances up to the largest
     (curriculum), evaluated on test stories at each distance; each model's memory horizon
-    (:mod:`whiteboard.horizon`) over the seeds. adding / copy: one model per cell, distance
+    (:mod:`whiteboard.experiments.horizon`) over the seeds. adding / copy: one model per cell, distance
     and seed (sequence length T for adding, blank delay for copy), each trained with the
     same :func:`length_curriculum` up to that distance.
 

@@ -8,8 +8,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import WhiteboardError
-from .files import atomic_write_text
+from whiteboard.errors import WhiteboardError
+from whiteboard.files import atomic_write_text
 
 UNK = "<unk>"
 EOS = "<eos>"

@@ -14,22 +14,22 @@ and saves what the backward needs, and whose backward is the reverse sweep writt
 Why it is laid out like this (measured on 2 CPU cores with torch 2.13):
 - ``W_hhᵀ`` is copied to a contiguous tensor once per call: small GEMMs against a
   transposed view were 3-4x slower. The compiled loops instead take ``W_hh`` packed by
-  oneDNN once per call for float32 (:func:`whiteboard.native.packed_weight`).
+  oneDNN once per call for float32 (:func:`whiteboard.backends.compiled.build.packed_weight`).
 - Everything that does not depend on the reverse recurrence (the K factors) is computed
   in a few large ops before the loop, so the loop holds ~5 small ops per step.
 - Weight gradients are single GEMMs over all T·B rows rather than T small ones.
 
 The torch loop uses only device-agnostic torch ops, so it runs on CPU and CUDA alike. Each
-Function also drives the compiled loops (:mod:`whiteboard.native`, CPU float32/float64)
+Function also drives the compiled loops (:mod:`whiteboard.backends.compiled.build`, CPU float32/float64)
 where the backend boundary (:mod:`whiteboard.backends`) hands it the compiled module; how
-those calls are planned (chunks, panels, packing, folding) is :mod:`whiteboard.planning`.
+those calls are planned (chunks, panels, packing, folding) is :mod:`whiteboard.backends.compiled.planning`.
 They differ from the above:
 - buffers come from a pool that spares large ones their page faults on every call;
 - time is walked in chunks (``planning.CHUNK_BYTES``): each chunk's input projection is
   computed just before the loop reaches it, and the backward adds each chunk's weight-gradient
   GEMMs after sweeping it, so no (T, B, G·H) buffer beyond the saved ones exists;
 - with a small input (I <= H/4) the LSTM and RNN skip the input projection and run each
-  step's GEMM on [x_t, h_t] (``fold_input_max_ratio`` in :mod:`whiteboard.native`);
+  step's GEMM on [x_t, h_t] (``fold_input_max_ratio`` in :mod:`whiteboard.backends.compiled.build`);
 - biases are added, and the bias gradient summed, inside the compiled gate passes.
 
 Optional ``mask`` (T, B, 1, bool) marks valid steps of variable-length sequences: where
@@ -37,7 +37,7 @@ it is False the state is carried unchanged and the output is zero, as torch.nn d
 packed sequences.
 
 Where the written-out sweeps cannot serve, each backward recomputes the forward with
-:func:`reference_sequence` (the loop over :mod:`whiteboard.cells`) and lets autograd
+:func:`reference_sequence` (the loop over :mod:`whiteboard.nn.cells`) and lets autograd
 differentiate it: under ``create_graph=True`` (double backward: gradient penalties,
 ``gradgradcheck``) and for batched gradients (``torch.func.vmap``, ``gradcheck``'s
 ``check_batched_grad``), which neither the ``out=`` buffers of the torch sweep nor the
@@ -51,7 +51,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from . import cells, planning
+from whiteboard.nn import cells
+from whiteboard.backends.compiled import planning
 
 __all__ = [
     "FusedRNN",
@@ -121,7 +122,7 @@ def _weight_grads(dz: Tensor, x: Tensor, h_prev: Tensor, w_ih: Tensor, needs: tu
 
 
 def reference_sequence(step, x: Tensor, initial: list[Tensor], weights, mask: Tensor | None):
-    """The time loop over one of :mod:`whiteboard.cells`' steps, in ordinary torch ops that
+    """The time loop over one of :mod:`whiteboard.nn.cells`' steps, in ordinary torch ops that
     autograd differentiates to any order and that vmap batches: (output (T, B, H), final
     states). ``initial`` is [h0] or [h0, c0]; a masked step (``mask`` (T, B, 1) False)
     carries the state and outputs zero, as the Functions do."""
@@ -255,7 +256,7 @@ def _carry(alive: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
 
 def rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, native=None):
     """Forward only; returns (states (T+1, B, H), output (T, B, H)). ``native`` is the
-    compiled loop module (:mod:`whiteboard.native`) or None for the torch loop; the
+    compiled loop module (:mod:`whiteboard.backends.compiled.build`) or None for the torch loop; the
     compiled loop returns None where it met a NaN or Inf (see run_sequence)."""
     T, B, _ = x.shape
     phi = _RNN_ACTIVATIONS[nonlinearity]
@@ -629,7 +630,7 @@ def _normalize_backward(d_normalized: Tensor, normalized: Tensor, rstd: Tensor) 
 
 def layernorm_lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask,
                             keep: bool, eps: float):
-    """Forward only, see :func:`whiteboard.cells.layernorm_lstm_step`. Returns (hs, cs, out,
+    """Forward only, see :func:`whiteboard.nn.cells.layernorm_lstm_step`. Returns (hs, cs, out,
     saved): hs, cs (T+1, B, H); saved (when keep) holds what the backward sweep needs."""
     T, B, _ = x.shape
     H = h0.shape[-1]

@@ -6,8 +6,8 @@ What torch.nn cannot do is added on top:
 
 * ``layer.trace(input)`` returns, beside the usual outputs, every gate and state of every
   layer, direction and time step (a :class:`Trace`);
-* ``implementation="reference"`` runs the plain loop over :mod:`whiteboard.cells`;
-  the default ``"fused"`` runs :mod:`whiteboard.fused` (hand-written backward through time);
+* ``implementation="reference"`` runs the plain loop over :mod:`whiteboard.nn.cells`;
+  the default ``"fused"`` runs :mod:`whiteboard.backends.fused` (hand-written backward through time);
 * ``lengths=`` gives per-sequence lengths for a padded batch without packing it;
 * ``RNN(nonlinearity="sigmoid")``, the seed's own choice, beside tanh and relu.
 
@@ -32,7 +32,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends, cells, fused, native, planning
+from whiteboard import backends
+from whiteboard.nn import cells
+from whiteboard.backends import fused
+from whiteboard.backends.compiled import build as native
+from whiteboard.backends.compiled import planning
 
 __all__ = ["RNN", "LSTM", "GRU", "LayerNormLSTM", "Trace", "TRACE_FIELDS", "SEED_NAMES"]
 
@@ -53,9 +57,9 @@ SEED_NAMES: dict[str, str] = {
     "hidden": "what is shown to the next step",
 }
 
-# auto: the compiled loops (whiteboard.native) for CPU float32/float64 where they can be built,
+# auto: the compiled loops (whiteboard.backends.compiled.build) for CPU float32/float64 where they can be built,
 #       else the pure-PyTorch fused path; native: the compiled loops, or an error;
-# fused: the pure-PyTorch fused path; reference: the loop over whiteboard.cells.
+# fused: the pure-PyTorch fused path; reference: the loop over whiteboard.nn.cells.
 _IMPLEMENTATIONS = ("auto", "native", "fused", "reference")
 
 
@@ -127,7 +131,7 @@ class _RecurrentBase(nn.Module):
         self.bidirectional = bidirectional
         self.proj_size = 0  # torch.nn's attribute; projections (LSTMP) are not supported
         self.implementation = implementation
-        # Set for the duration of one call by whiteboard.regularizers.WeightDrop / Zoneout.
+        # Set for the duration of one call by whiteboard.nn.regularizers.WeightDrop / Zoneout.
         self._weight_overrides: dict[str, Tensor] | None = None
         self._zoneout: tuple[float, float, bool] | None = None
         factory = {"device": device, "dtype": dtype}
@@ -238,7 +242,7 @@ class _RecurrentBase(nn.Module):
     def trace(self, input, hx=None, *, lengths: Tensor | None = None):
         """Like ``forward`` but also returns a :class:`Trace` of every gate and state.
 
-        Runs the reference loop over :mod:`whiteboard.cells`, so it is slower than
+        Runs the reference loop over :mod:`whiteboard.nn.cells`, so it is slower than
         ``forward``; it stays differentiable (gradient-reach analysis uses that).
         Returns ``(output, state, trace)``.
         """
@@ -671,8 +675,8 @@ class LayerNormLSTM(LSTM):
     loads with ``strict=False``), plus ``gain_ih_l{k}`` (4H), ``gain_hh_l{k}`` (4H),
     ``gain_cell_l{k}`` (H) and ``bias_cell_l{k}`` (H); gains start at 1 and the shift at 0.
 
-    Implementations: ``reference`` (:func:`whiteboard.cells.layernorm_lstm_step` per step)
-    and ``fused`` (:class:`whiteboard.fused.FusedLayerNormLSTM`, hand-written backward);
+    Implementations: ``reference`` (:func:`whiteboard.nn.cells.layernorm_lstm_step` per step)
+    and ``fused`` (:class:`whiteboard.backends.fused.FusedLayerNormLSTM`, hand-written backward);
     ``auto`` picks ``fused``. There is no compiled loop for this cell yet.
     """
 

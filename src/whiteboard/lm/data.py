@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import WhiteboardError
-from .files import atomic_output
+from whiteboard.errors import WhiteboardError
+from whiteboard.files import atomic_output
 
 DATA_DIR_ENV = "WHITEBOARD_DATA_DIR"
 SPLITS = ("train", "valid", "test")

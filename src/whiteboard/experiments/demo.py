@@ -18,15 +18,15 @@ from typing import Callable
 
 import torch
 
-from . import experiments as ex
-from . import horizon as memory_horizon
-from . import tasks
-from .checkpoint import atomic_write_text, save_model, save_run_files
-from .config import RunConfig
-from .generate import predict_next
-from .inspection import build_report, lm_gradient_reach
-from .plots import band_plot, line_plot
-from .report import demo_report, esc, inline_png
+from whiteboard.experiments import comparison as ex
+from whiteboard.experiments import horizon as memory_horizon
+from whiteboard.experiments import tasks
+from whiteboard.lm.checkpoint import atomic_write_text, save_model, save_run_files
+from whiteboard.lm.config import RunConfig
+from whiteboard.lm.generate import predict_next
+from whiteboard.inspect.traces import build_report, lm_gradient_reach
+from whiteboard.inspect.plots import band_plot, line_plot
+from whiteboard.inspect.report import demo_report, esc, inline_png
 
 
 @dataclass

@@ -7,7 +7,7 @@ import base64
 import html
 from pathlib import Path
 
-from .files import atomic_write_text
+from whiteboard.files import atomic_write_text
 
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 1100px; margin: 2em auto;

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import WhiteboardError
-from .model import LanguageModel, State
-from .vocab import EOS, Vocabulary
+from whiteboard.errors import WhiteboardError
+from whiteboard.lm.model import LanguageModel, State
+from whiteboard.lm.vocab import EOS, Vocabulary
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:

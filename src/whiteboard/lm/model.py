@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .layers import GRU, LSTM, RNN, LayerNormLSTM, Trace
-from .regularizers import EmbeddingDropout, LockedDropout, WeightDrop
+from whiteboard.lm.config import ModelConfig
+from whiteboard.nn.layers import GRU, LSTM, RNN, LayerNormLSTM, Trace
+from whiteboard.nn.regularizers import EmbeddingDropout, LockedDropout, WeightDrop
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -201,7 +201,7 @@ class LanguageModel(nn.Module):
         return logits.squeeze(0), state
 
     def trace(self, tokens: Tensor, state: State | None = None):
-        """Like forward, plus the recurrent stack's :class:`~whiteboard.layers.Trace`."""
+        """Like forward, plus the recurrent stack's :class:`~whiteboard.nn.layers.Trace`."""
         emb = self.input_dropout(self.embedding_dropout(self.embedding, tokens))
         output, state, trace = self.layer.trace(emb, state)
         return self.decode(self.dropout(output)), state, trace

@@ -18,13 +18,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import plots
-from .errors import WhiteboardError
-from .generate import Prediction
-from .layers import SEED_NAMES, TRACE_FIELDS
-from .model import LanguageModel
-from .report import inspect_report
-from .vocab import Vocabulary
+from whiteboard.inspect import plots
+from whiteboard.errors import WhiteboardError
+from whiteboard.lm.generate import Prediction
+from whiteboard.nn.layers import SEED_NAMES, TRACE_FIELDS
+from whiteboard.lm.model import LanguageModel
+from whiteboard.inspect.report import inspect_report
+from whiteboard.lm.vocab import Vocabulary
 
 GATES = {"LSTM": ("input_gate", "forget_gate", "output_gate"), "GRU": ("reset_gate", "update_gate"), "RNN": ()}
 # What each layer type's heatmaps show, in order: the gates, then the state the seed calls the board.

@@ -1,7 +1,7 @@
 """Planning for the compiled time loops: how a call's time axis is cut into chunks, which
 per-step GEMM each call runs on (AVX-512 panels, oneDNN's packed weight, MKL against a copy
 or a view of W_hh^T), whether the input is folded into the per-step GEMM, and whether a
-call without grad runs as one compiled call. The torch loop in :mod:`whiteboard.fused`
+call without grad runs as one compiled call. The torch loop in :mod:`whiteboard.backends.fused`
 uses none of it; the measurements behind each threshold are in benchmarks/README.md.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import native as native_module
+from whiteboard.backends.compiled import build as native_module
 
 def empty(shape: tuple[int, ...], like: Tensor, native=None) -> Tensor:
     """An uninitialised tensor like ``like``; for the compiled path from its buffer pool
@@ -99,7 +99,7 @@ def packed_weight(weight: Tensor, batch: int) -> Tensor | None:
 
 def folds_input(x: Tensor, hidden_size: int, native) -> bool:
     """Whether the compiled forward runs its per-step GEMM on [x_t, h_t] instead of adding
-    a precomputed input projection (see ``fold_input_max_ratio`` in whiteboard.native).
+    a precomputed input projection (see ``fold_input_max_ratio`` in whiteboard.backends.compiled.build).
     Not for a few rows in all (``transpose_max_rows``: generation): joining [W_ih, W_hh]
     copies both weights on every call, which one step cannot repay (2 x 512 LSTM with a
     128-wide input, one token: 1,054 us folded, 720 not)."""
@@ -146,7 +146,7 @@ def step_weights(w_hh: Tensor, batch: int, native, steps: int) -> tuple[Tensor, 
 
 def panels_pay(dtype: torch.dtype, steps: int, batch: int, native) -> bool:
     """Whether the compiled loops' own panel GEMMs run (recurrent.cpp's gate_panels and
-    column_panels): on (``panel_gemm`` in whiteboard.native), built (AVX-512), float32, and
+    column_panels): on (``panel_gemm`` in whiteboard.backends.compiled.build), built (AVX-512), float32, and
     more than a few rows in all (a token of generation: packing would cost more)."""
     return (native is not None and native_module.panel_gemm and dtype == torch.float32
             and steps * batch > native_module.transpose_max_rows and native.has_panels())
@@ -164,7 +164,7 @@ def gate_panels(weights: tuple[Tensor, ...], gates: int, batch: int, native, ste
 def backward_panels(w_hh: Tensor, batch: int, native, steps: int) -> Tensor | None:
     """W_hh (G·H, H) in the column panels of the compiled reverse sweep's per-step GEMM
     dZ_t W_hh (LSTM, GRU and RNN alike), or None (MKL's sgemm) where they do not pay (see
-    panels_pay and ``backward_panels_min_batch`` in whiteboard.native)."""
+    panels_pay and ``backward_panels_min_batch`` in whiteboard.backends.compiled.build)."""
     if not panels_pay(w_hh.dtype, steps, batch, native):
         return None
     fits_row_blocks = w_hh.numel() * w_hh.element_size() <= native.row_blocks_max_weight_bytes()

@@ -79,7 +79,7 @@ def cache_dir() -> Path:
 
 
 def _source() -> Path:
-    return Path(str(resources.files("whiteboard") / "csrc" / "recurrent.cpp"))
+    return Path(str(resources.files("whiteboard.backends.compiled") / "csrc" / "recurrent.cpp"))
 
 
 def build_key(openmp: list[str] | None = None) -> str:

@@ -25,12 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import RunConfig, from_json
-from . import rundir
-from .errors import WhiteboardError
-from .files import atomic_write_bytes, atomic_write_text  # noqa: F401 (the run files' writer, re-exported)
-from .model import LanguageModel
-from .vocab import Vocabulary
+from whiteboard.lm.config import RunConfig, from_json
+from whiteboard.lm import rundir
+from whiteboard.errors import WhiteboardError
+from whiteboard.files import atomic_write_bytes, atomic_write_text  # noqa: F401 (the run files' writer, re-exported)
+from whiteboard.lm.model import LanguageModel
+from whiteboard.lm.vocab import Vocabulary
 
 FORMAT = "whiteboard-lm-1"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError, WhiteboardError
+from whiteboard.errors import UsageError, WhiteboardError
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ModelConfig:
     tie_weights: bool = False
     nonlinearity: str = "tanh"  # rnn only: tanh | relu | sigmoid
     init_range: float = 0.1  # all weights ~ U(-r, r) as in Zaremba et al.; 0 = torch.nn defaults
-    # AWD-LSTM's regularizers (whiteboard.regularizers), each its own knob; 0 / false = off.
+    # AWD-LSTM's regularizers (whiteboard.nn.regularizers), each its own knob; 0 / false = off.
     variational: bool = False  # the embedding and output dropouts use one mask per sequence
     embedding_dropout: float = 0.0  # drop whole words from the embedding matrix
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
@@ -182,7 +182,7 @@ def parse_set(assignments: list[str]) -> dict:
 
 
 def preset_names() -> list[str]:
-    folder = resources.files("whiteboard") / "presets"
+    folder = resources.files("whiteboard.lm") / "presets"
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
@@ -208,7 +208,7 @@ def resolve(preset: str | None = None, file: Path | None = None, sets: list[str]
     if preset:
         if preset not in preset_names():
             raise UsageError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
-        path = resources.files("whiteboard") / "presets" / f"{preset}.toml"
+        path = resources.files("whiteboard.lm") / "presets" / f"{preset}.toml"
         apply(config, tomllib.loads(path.read_text(encoding="utf-8")), f"preset {preset}")
     if file:
         apply(config, load_toml(Path(file)), str(file))

@@ -1,0 +1,2 @@
+"""The compiled CPU backend: C++ time loops (``csrc/``) built at first use
+(:mod:`.build`), planned per call (:mod:`.planning`)."""
