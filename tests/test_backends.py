@@ -8,14 +8,27 @@ import whiteboard
 from whiteboard import backends
 
 
-def _ran(layer, x, monkeypatch, **kwargs):
-    """Which backend a call ran on: the fused direction with or without the compiled module,
-    or the reference direction."""
+def _record_runs(monkeypatch) -> list[str]:
+    """The names of the backends whose run() (one layer, one direction) or run_stack() (a
+    whole stack, where it gives one) the calls after this make."""
     seen = []
-    fused, reference = layer._fused_direction, layer._reference_direction
-    monkeypatch.setattr(layer, "_fused_direction", lambda x_, i, w, m, module: seen.append(
-        "compiled" if module is not None else "torch-loop") or fused(x_, i, w, m, module))
-    monkeypatch.setattr(layer, "_reference_direction", lambda *a: seen.append("reference") or reference(*a))
+    for backend in backends.BACKENDS:
+        for method in ("run", "run_stack"):
+            original = getattr(backend, method)
+
+            def recorded(*args, _original=original, _name=backend.name, _method=method):
+                result = _original(*args)
+                if _method == "run" or result is not None:
+                    seen.append(_name)
+                return result
+
+            monkeypatch.setattr(backend, method, recorded)
+    return seen
+
+
+def _ran(layer, x, monkeypatch, **kwargs):
+    """Which backends a call ran on."""
+    seen = _record_runs(monkeypatch)
     layer(x, **kwargs)
     return set(seen)
 
@@ -50,11 +63,9 @@ def test_a_trace_or_zoneout_runs_on_the_reference_whatever_is_named(monkeypatch)
     x = torch.randn(5, 3, 4)
     explanation = backends.explain(layer, x, trace=True)
     assert explanation.chosen == "reference" and "trace" in explanation.reasons["compiled"]
-    seen = []
-    reference = layer._reference_direction
-    monkeypatch.setattr(layer, "_reference_direction", lambda *a: seen.append(1) or reference(*a))
+    seen = _record_runs(monkeypatch)
     layer.trace(x)
-    assert seen
+    assert set(seen) == {"reference"}
 
 
 def test_a_named_backend_that_cannot_run_the_call_says_why():
@@ -75,9 +86,36 @@ def test_a_backend_added_to_the_registry_is_chosen_where_it_is_preferred(monkeyp
         def supports(self, call):
             return None if call.mode == "GRU" else "GRU only"
 
+        def run(self, call, x, initial, weights, mask):
+            calls.append(call)
+            return backends.REFERENCE.run(call, x, initial, weights, mask)
+
+    calls = []
+
     monkeypatch.setattr(backends, "BACKENDS", [Everything(), *backends.BACKENDS])
     gru = backends.call_of(whiteboard.GRU(4, 6), torch.randn(5, 3, 4))
     lstm = backends.call_of(whiteboard.LSTM(4, 6), torch.randn(5, 3, 4))
     assert backends.choose(gru).name == "everything"
     assert backends.choose(lstm).name == "compiled"
     assert backends.explain(whiteboard.LSTM(4, 6), torch.randn(5, 3, 4)).reasons["everything"] == "GRU only"
+    layer = whiteboard.GRU(4, 6, num_layers=2)
+    x = torch.randn(5, 3, 4)
+    output, h_n = layer(x)
+    assert len(calls) == 2 and calls[0].mode == "GRU"  # one run per layer
+    reference = torch.nn.GRU(4, 6, num_layers=2)
+    reference.load_state_dict(layer.state_dict())
+    expected, expected_h = reference(x)
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(h_n, expected_h)
+
+
+def test_a_stack_without_grad_for_one_token_runs_in_one_compiled_call(monkeypatch):
+    layer = whiteboard.LSTM(4, 6, num_layers=3)
+    seen = _record_runs(monkeypatch)
+    with torch.no_grad():
+        layer(torch.randn(1, 1, 4))
+    assert seen == ["compiled"]  # run_stack gave the result: no per-layer run
+    seen.clear()
+    with torch.no_grad():
+        layer(torch.randn(50, 8, 4))  # too many rows for one stacked call: layer by layer
+    assert seen == ["compiled"] * 3

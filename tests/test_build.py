@@ -144,7 +144,8 @@ def test_a_wheel_ships_the_source_and_its_install_runs_the_compiled_loops(tmp_pa
     check = ("import whiteboard, whiteboard.backends.compiled.build as n, torch; "
              "assert whiteboard.__file__.startswith(%r), whiteboard.__file__; "
              "layer = whiteboard.LSTM(4, 8); "
-             "print(n.load() is not None and layer._native_for(torch.randn(3, 2, 4)) is n.load())") % str(target)
+             "call = whiteboard.backends.call_of(layer, torch.randn(3, 2, 4)); "
+             "print(n.load() is not None and whiteboard.backends.choose(call).name == 'compiled')") % str(target)
     env = {**os.environ, "PYTHONPATH": str(target)}
     ran = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600, env=env)
     assert ran.returncode == 0 and ran.stdout.strip() == "True", ran.stderr

@@ -37,5 +37,13 @@ def test_the_public_names_are_where_they_were():
     for name in ("RNN", "LSTM", "GRU", "LayerNormLSTM", "Trace", "TRACE_FIELDS", "SEED_NAMES", "rnn_step", "lstm_step",
                  "gru_step", "layernorm_lstm_step"):
         assert hasattr(whiteboard, name), name
-    from whiteboard.lm.checkpoint import atomic_write_bytes, atomic_write_text, load_run  # noqa: F401
-    from whiteboard.nn.regularizers import LockedDropout, WeightDrop, Zoneout, zoneout_mix  # noqa: F401
+    # The flat module names from before the subpackages (whiteboard._old_names).
+    from whiteboard.checkpoint import atomic_write_bytes, atomic_write_text, load_run  # noqa: F401
+    from whiteboard.regularizers import LockedDropout, WeightDrop, Zoneout, zoneout_mix  # noqa: F401
+    from whiteboard.layers import GRU, LSTM, RNN, LayerNormLSTM, Trace, _RecurrentBase  # noqa: F401
+    from whiteboard.fused import FusedGRU, FusedLSTM, FusedRNN, FusedLayerNormLSTM  # noqa: F401
+    from whiteboard.native import enabled, load  # noqa: F401
+    from whiteboard.config import RunConfig, resolve  # noqa: F401
+    from whiteboard.experiments import CELLS, compare  # noqa: F401
+    from whiteboard.inspection import build_report  # noqa: F401
+    from whiteboard.generate import predict_next  # noqa: F401

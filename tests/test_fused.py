@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from whiteboard.backends import fused
+from whiteboard.backends import functions as fused
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors
 from function_helpers import B, BACKENDS, H, I, MASKS, T, compiled_or_none, function_inputs, function_weights, value_sites
 

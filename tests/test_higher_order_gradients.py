@@ -7,7 +7,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import whiteboard
-from whiteboard.backends import fused
+from whiteboard.backends import functions as fused
 from whiteboard.backends.compiled import build as native
 from helpers import MODES, TOLERANCES, initial_state, make_pair
 

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 import whiteboard
 from whiteboard.nn import cells
-from whiteboard.backends import fused
+from whiteboard.backends import functions as fused
 
 from helpers import loss_of, tolerance
 

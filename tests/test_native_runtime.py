@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from whiteboard.backends import fused
+from whiteboard import backends
+from whiteboard.backends import functions as fused
 from whiteboard.backends.compiled import build as native
+from whiteboard.backends.compiled import tuning
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 from function_helpers import B, H, I, MASKS, T, function_inputs, function_weights
 
@@ -19,8 +21,8 @@ def test_native_loops_build_and_are_the_cpu_default():
     assert native.load() is not None, f"the compiled loops must build on this machine: {native._failed}"
     layer = whiteboard.LSTM(I, H)
     assert layer.implementation == "auto"
-    assert layer._native_for(torch.randn(T, B, I)) is native.load()
-    assert layer._native_for(torch.randn(T, B, I, dtype=torch.float16)) is None
+    assert backends.choose(backends.call_of(layer, torch.randn(T, B, I))) is backends.COMPILED
+    assert backends.choose(backends.call_of(layer, torch.randn(T, B, I, dtype=torch.float16))) is backends.TORCH_LOOP
 
 
 def test_failed_build_falls_back_to_the_torch_path_with_one_warning(monkeypatch):
@@ -91,7 +93,7 @@ def pool():
     if module is None:
         pytest.skip("the compiled loops are not built here")
     yield module
-    module.set_pool_limits(native.POOL_MIN_BYTES, native.pool_max_idle_bytes())
+    module.set_pool_limits(tuning.POOL_MIN_BYTES, tuning.pool_max_idle_bytes())
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -172,13 +174,13 @@ def test_compiled_finite_check(dtype, bad, pool):
 
 def test_pool_size_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("WHITEBOARD_POOL_MB", raising=False)
-    assert native.pool_max_idle_bytes() == 1024 << 20
+    assert tuning.pool_max_idle_bytes() == 1024 << 20
     monkeypatch.setenv("WHITEBOARD_POOL_MB", "0.5")
-    assert native.pool_max_idle_bytes() == 1 << 19
+    assert tuning.pool_max_idle_bytes() == 1 << 19
     for bad in ("lots", "-1", "nan"):
         monkeypatch.setenv("WHITEBOARD_POOL_MB", bad)
         with pytest.raises(ValueError, match="WHITEBOARD_POOL_MB must be a number of megabytes"):
-            native.pool_max_idle_bytes()
+            tuning.pool_max_idle_bytes()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -296,7 +298,7 @@ def test_forward_in_row_blocks_matches_torch_nn(mode, dtype, lengths, fold, grad
     """Each thread runs the whole time loop, forward and backward, on its own rows (9 rows:
     blocks of 4 and 5), both directions; the GRU never folds its input, so it runs the
     same test twice."""
-    monkeypatch.setattr(native, "fold_input_max_ratio", fold)
+    monkeypatch.setattr(tuning, "fold_input_max_ratio", fold)
     steps, batch, inputs, hidden = 7, 9, 6, 5
     assert row_blocks.row_block_count(batch, torch.empty(4 * hidden, hidden), False) == 2
     layer, reference = make_pair(mode, inputs, hidden, dtype=dtype, implementation="native", num_layers=2,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from whiteboard.backends.compiled import build as native
+from whiteboard.backends.compiled import tuning
 from whiteboard.backends.compiled import planning
 from helpers import TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 
@@ -87,7 +88,7 @@ def test_panels_are_used_only_where_they_pay(module, monkeypatch):
     assert planning.backward_panels(large, 32, module, 35) is not None
     assert planning.backward_panels(w, 2, module, 6) is None
     assert planning.backward_panels(w.double(), 8, module, 6) is None
-    monkeypatch.setattr(native, "panel_gemm", False)
+    monkeypatch.setattr(tuning, "panel_gemm", False)
     assert planning.gate_panels((w,), 4, 8, module, 6) is None
     assert planning.backward_panels(w, 8, module, 6) is None
 
@@ -211,8 +212,8 @@ def test_panel_forward_matches_torch_nn(module, split, step_size_paths, panel_ca
                                         monkeypatch):
     """Outputs, final states and (when training) every gradient as torch.nn's, however the
     work is split."""
-    monkeypatch.setattr(native, "fold_input_max_ratio", fold)
-    monkeypatch.setattr(native, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
+    monkeypatch.setattr(tuning, "fold_input_max_ratio", fold)
+    monkeypatch.setattr(tuning, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
     run = _TwoLayersBothWays("lstm", hidden, batch, grad, lengths)
     # every layer and direction packed its own panels: W_hh, or [W_ih, W_hh] when folded
     inputs = 7
@@ -281,7 +282,7 @@ def test_gru_panel_forward_matches_torch_nn(module, split, step_size_paths, pane
     """The GRU's panels hold 3 gates (8-row chunks: 13 rows are 8 + 5, 17 are 8 + 8 + 1):
     outputs, final states and gradients as torch.nn's, however the work is split; the
     reverse sweep's dZ_h W_hh (the direct path dh z added after it) on column panels."""
-    monkeypatch.setattr(native, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
+    monkeypatch.setattr(tuning, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
     run = _TwoLayersBothWays("gru", hidden, batch, grad, lengths, bias=bias)
     # W_hh of every layer and direction, with grad or without
     assert panel_calls == [((3 * hidden, hidden),)] * 4
@@ -323,8 +324,8 @@ def test_rnn_panel_forward_matches_torch_nn(module, split, step_size_paths, pane
     """The RNN's column panels hold 64 units (70 = 64 + 6: a ragged second panel), of W_hhᵀ
     or, folded, of [W_ih, W_hh]ᵀ, and the reverse sweep's of W_hh: outputs, final states
     and gradients as torch.nn's, however the work is split."""
-    monkeypatch.setattr(native, "fold_input_max_ratio", fold)
-    monkeypatch.setattr(native, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
+    monkeypatch.setattr(tuning, "fold_input_max_ratio", fold)
+    monkeypatch.setattr(tuning, "backward_panels_min_batch", 1)  # the reverse sweep's panels at every split
     run = _TwoLayersBothWays(mode, hidden, batch, grad, lengths)
     if fold:  # [W_ih, W_hh] of every layer and direction: 7 inputs below, 2H above
         expected = [("rnn", (hidden, 7 + hidden))] * 2 + [("rnn", (hidden, 3 * hidden))] * 2
@@ -342,12 +343,12 @@ def test_rnn_sigmoid_on_panels_matches_the_plain_gemm(module, panel_calls, monke
     """torch.nn has no sigmoid RNN; the panel path must match the ATen-GEMM path."""
     import whiteboard
 
-    monkeypatch.setattr(native, "fold_input_max_ratio", 0.0)
+    monkeypatch.setattr(tuning, "fold_input_max_ratio", 0.0)
     layer = whiteboard.RNN(7, 70, nonlinearity="sigmoid", implementation="native")
     x = torch.randn(6, 9, 7)
     with torch.no_grad():
         ours = layer(x)[0]
-        monkeypatch.setattr(native, "panel_gemm", False)
+        monkeypatch.setattr(tuning, "panel_gemm", False)
         plain = layer(x)[0]
     assert panel_calls == [("rnn", (70, 70))]
     torch.testing.assert_close(ours, plain, **TOLERANCES[torch.float32])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from whiteboard.backends.compiled import build as native
+from whiteboard.backends.compiled import tuning
 from whiteboard.backends.compiled import planning
 from helpers import MODES, TOLERANCES, initial_state, loss_of, make_pair, state_tensors, torch_nn_run
 from function_helpers import B, H, I, T, value_sites
@@ -19,19 +20,19 @@ def test_packed_weight_gemms_match_plain_ones(mode, lengths, monkeypatch):
         pytest.skip("this torch has no oneDNN")
     layer, reference = make_pair(mode, I, H, dtype=torch.float32, implementation="native", num_layers=2)
     x = torch.randn(T, B, I)
-    monkeypatch.setattr(native, "packed_gemm_min_macs", 0)  # tiny sizes here: pack anyway
-    monkeypatch.setattr(native, "packed_min_steps", 0)
+    monkeypatch.setattr(tuning, "packed_gemm_min_macs", 0)  # tiny sizes here: pack anyway
+    monkeypatch.setattr(tuning, "packed_min_steps", 0)
     results = {}
     for packed in (True, False):
-        monkeypatch.setattr(native, "packed_gemm", packed)
+        monkeypatch.setattr(tuning, "packed_gemm", packed)
         calls = []
-        original = native.packed_weight
-        monkeypatch.setattr(native, "packed_weight", lambda w, b: calls.append(tuple(w.shape)) or original(w, b))
+        original = tuning.packed_weight
+        monkeypatch.setattr(tuning, "packed_weight", lambda w, b: calls.append(tuple(w.shape)) or original(w, b))
         x_in = x.clone().requires_grad_()
         output, state = layer(x_in, lengths=None if lengths is None else torch.tensor(lengths))
         grads = torch.autograd.grad(loss_of(output, state), [x_in, *layer.parameters()])
         results[packed] = (output, state_tensors(state), grads)
-        monkeypatch.setattr(native, "packed_weight", original)
+        monkeypatch.setattr(tuning, "packed_weight", original)
         if packed:
             G = {"lstm": 4, "gru": 3}.get(mode, 1)
             # 2 layers, each packing W_hh for the forward sweep (the backward's GEMM is MKL's)
@@ -44,10 +45,10 @@ def test_packed_weight_gemms_match_plain_ones(mode, lengths, monkeypatch):
 
 
 def test_small_per_step_gemms_are_not_packed():
-    assert native.packed_weight(torch.randn(800, 200), 20) is None  # 3.2 M multiply-adds per step
+    assert tuning.packed_weight(torch.randn(800, 200), 20) is None  # 3.2 M multiply-adds per step
     if torch.backends.mkldnn.is_available():
-        assert native.packed_weight(torch.randn(2048, 512), 64) is not None  # 67 M
-    assert native.packed_weight(torch.randn(2048, 512, dtype=torch.float64), 64) is None
+        assert tuning.packed_weight(torch.randn(2048, 512), 64) is not None  # 67 M
+    assert tuning.packed_weight(torch.randn(2048, 512, dtype=torch.float64), 64) is None
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -68,7 +69,7 @@ def test_folded_input_matches_the_input_projection(mode, dtype, lengths, monkeyp
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a), raising=False)
     results = []
     for ratio in (0.0, 0.25):  # off; on for layer 1 (4 <= 0.25 x 16), off for layer 2 (16 > 4)
-        monkeypatch.setattr(native, "fold_input_max_ratio", ratio)
+        monkeypatch.setattr(tuning, "fold_input_max_ratio", ratio)
         calls.clear()
         x_in = x.clone().requires_grad_()
         size = None if lengths is None else torch.tensor(lengths)
@@ -175,8 +176,8 @@ def test_step_weights_as_a_copy_or_a_view_match_torch_nn(mode, copy_rows, dtype,
     give torch.nn's outputs and gradients."""
     if implementation == "native" and native.load() is None:
         pytest.skip("the compiled loops are not built here")
-    monkeypatch.setattr(native, "transpose_max_rows", copy_rows)
-    monkeypatch.setattr(native, "panel_gemm", False)  # the LSTM's own GEMM does not use _step_weights
+    monkeypatch.setattr(tuning, "transpose_max_rows", copy_rows)
+    monkeypatch.setattr(tuning, "panel_gemm", False)  # the LSTM's own GEMM does not use _step_weights
     layer, reference = make_pair(mode, I, H, dtype=dtype, implementation=implementation, num_layers=2)
     x = torch.randn(T, B, I, dtype=dtype)
     views = []
@@ -306,7 +307,7 @@ def test_stack_in_one_call_only_where_the_layers_would_each_make_one_call(case, 
     kwargs = {"bidirectional": case == "bidirectional", "dropout": 0.5 if case == "dropout-in-training" else 0.0}
     cls = whiteboard.LayerNormLSTM if case == "layernorm" else whiteboard.GRU
     layer = cls(I, H, num_layers=2, implementation="fused" if case == "fused" else "auto", **kwargs)
-    steps = 40 if case == "rows-over-the-limit" else 1  # 40 x 1 rows: over native.transpose_max_rows
+    steps = 40 if case == "rows-over-the-limit" else 1  # 40 x 1 rows: over tuning.transpose_max_rows
     x = torch.randn(steps, 1, I, requires_grad=case == "grad")
     lengths = torch.tensor([steps]) if case == "lengths" else None
     with torch.set_grad_enabled(case == "grad"):

@@ -96,7 +96,7 @@ MODEL_FLOAT32 = dict(rtol=1e-3, atol=1e-4)
 def test_float32_at_model_size_matches_torch_nn(mode, implementation, steps, batch, monkeypatch):
     """2 x 200 units (panels of 16 units: the last one ragged), batch 20 as in Zaremba's
     models, 13 (no multiple of 6- or 8-row kernel blocks), 1, and 40, where even one step has
-    rows enough (over native.transpose_max_rows) for the panel kernels; at 37 steps the chunk
+    rows enough (over tuning.transpose_max_rows) for the panel kernels; at 37 steps the chunk
     limits are set to 16 steps, so 37 steps walk 13 + 12 + 12."""
     hidden, dtype = 200, torch.float32
     if steps == 37:

@@ -2,7 +2,6 @@
 
 import random
 
-import pytest
 import torch
 
 from whiteboard.experiments import comparison as ex

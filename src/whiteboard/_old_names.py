@@ -18,7 +18,7 @@ MOVED = {
     "whiteboard.cells": "whiteboard.nn.cells",
     "whiteboard.layers": "whiteboard.nn.layers",
     "whiteboard.regularizers": "whiteboard.nn.regularizers",
-    "whiteboard.fused": "whiteboard.backends.fused",
+    "whiteboard.fused": "whiteboard.backends.functions",
     "whiteboard.planning": "whiteboard.backends.compiled.planning",
     "whiteboard.native": "whiteboard.backends.compiled.build",
     "whiteboard.config": "whiteboard.lm.config",

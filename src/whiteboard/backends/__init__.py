@@ -11,12 +11,18 @@ cell, device, dtype, trace, lengths, grad, a torch.func transform, zoneout) its
     torch-loop   could run it
     reference    could run it
 
-Registered today: ``compiled`` (the C++ time loops, :mod:`whiteboard.backends.compiled.build`),
-``torch-loop`` (pure-PyTorch Functions with a hand-written backward,
-:mod:`whiteboard.backends.fused`) and ``reference`` (the loop over :mod:`whiteboard.nn.cells`, autograd's
-backward). ``implementation="native"`` names ``compiled`` and ``"fused"`` names
-``torch-loop``, as they always have. A GPU backend is one more object with ``name`` and
-``supports`` put into :data:`BACKENDS` in its order of preference.
+Registered, in order of preference:
+
+- ``compiled`` (:mod:`.compiled`): C++ time loops for CPU float32/float64;
+- ``torch-loop`` (:mod:`.torch_loop`): the same hand-written backward on plain PyTorch ops,
+  any device and dtype;
+- ``reference`` (:mod:`.reference`): the loop over :mod:`whiteboard.nn.cells`, autograd's
+  backward; the only one that records a trace or mixes in zoneout.
+
+``implementation="native"`` names ``compiled`` and ``"fused"`` names ``torch-loop``, as
+they always have. A new backend is one module with a :class:`Backend` object (``name``,
+``implementation``, ``supports``, ``run``) put into :data:`BACKENDS` in its order of
+preference.
 """
 
 from __future__ import annotations
@@ -27,78 +33,14 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from whiteboard.backends.compiled import build as native
+from whiteboard.backends.base import Backend, Call, reference_only, under_functorch
+from whiteboard.backends.compiled.backend import COMPILED
+from whiteboard.backends.reference import REFERENCE
+from whiteboard.backends.torch_loop import TORCH_LOOP
 
-__all__ = ["Call", "Backend", "BACKENDS", "COMPILED", "TORCH_LOOP", "REFERENCE", "choose", "explain", "Explanation"]
+__all__ = ["Call", "Backend", "BACKENDS", "COMPILED", "TORCH_LOOP", "REFERENCE", "choose", "explain", "Explanation",
+           "call_of", "under_functorch"]
 
-_COMPILED_DTYPES = (torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class Call:
-    """What decides the backend of one layer call."""
-
-    mode: str  # "RNN", "LSTM", "GRU"
-    layer_norm: bool  # a LayerNormLSTM
-    device_type: str
-    dtype: torch.dtype
-    trace: bool = False  # gates and states of every step are wanted
-    zoneout: bool = False
-    lengths: bool = False  # a PackedSequence or lengths=
-    functorch: bool = False  # tensors wrapped by a torch.func transform (grad, vjp, vmap)
-
-
-def _reference_only(call: Call) -> str | None:
-    """Why only the reference can run a call (None where others can too)."""
-    if call.trace:
-        return "a trace is requested: only the reference loop records every gate"
-    if call.zoneout:
-        return "zoneout mixes states inside the step: only the reference loop runs it"
-    if call.functorch:
-        return "under a torch.func transform: only the reference loop's plain torch ops are transformed"
-    return None
-
-
-class Backend:
-    name = ""
-    implementation = ""  # the implementation= value that names it
-
-    def supports(self, call: Call) -> str | None:
-        raise NotImplementedError
-
-
-class _Compiled(Backend):
-    name, implementation = "compiled", "native"
-
-    def supports(self, call: Call) -> str | None:
-        if call.layer_norm:
-            return "there is no compiled loop for the layer-norm LSTM"
-        if call.device_type != "cpu":
-            return f"on {call.device_type}: the compiled loops are CPU-only"
-        if call.dtype not in _COMPILED_DTYPES:
-            return f"{str(call.dtype).replace('torch.', '')}: the compiled loops cover float32 and float64"
-        if not native.enabled():
-            return "turned off (WHITEBOARD_NATIVE=0)"
-        if native.load() is None:
-            return f"could not be built ({native._failed})"
-        return _reference_only(call)
-
-
-class _TorchLoop(Backend):
-    name, implementation = "torch-loop", "fused"
-
-    def supports(self, call: Call) -> str | None:
-        return _reference_only(call)
-
-
-class _Reference(Backend):
-    name, implementation = "reference", "reference"
-
-    def supports(self, call: Call) -> str | None:
-        return None
-
-
-COMPILED, TORCH_LOOP, REFERENCE = _Compiled(), _TorchLoop(), _Reference()
 #: In order of preference for implementation="auto".
 BACKENDS: list[Backend] = [COMPILED, TORCH_LOOP, REFERENCE]
 
@@ -107,7 +49,7 @@ def choose(call: Call, implementation: str = "auto") -> Backend:
     """The backend that runs ``call``. ``"auto"`` takes the first of BACKENDS that supports
     it; a named one runs it or, where it cannot, raises with its reason. A trace, zoneout or
     a torch.func transform runs on the reference whatever is named (only it can)."""
-    if _reference_only(call) is not None:
+    if reference_only(call) is not None:
         return REFERENCE
     if implementation == "auto":
         return next(b for b in BACKENDS if b.supports(call) is None)
@@ -143,8 +85,8 @@ def call_of(layer, input, lengths=None, trace: bool = False) -> Call:
     parameters = list(layer.parameters())
     return Call(
         mode=layer.mode, layer_norm=layer.layer_norm, device_type=x.device.type, dtype=x.dtype, trace=trace,
-        zoneout=layer._zoneout is not None, lengths=lengths is not None or isinstance(input, PackedSequence),
-        functorch=wrapped(x) or any(wrapped(p) for p in parameters),
+        zoneout=layer._zoneout, lengths=lengths is not None or isinstance(input, PackedSequence),
+        functorch=wrapped(x) or any(wrapped(p) for p in parameters), nonlinearity=getattr(layer, "nonlinearity", "tanh"),
     )
 
 

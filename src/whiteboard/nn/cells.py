@@ -25,8 +25,16 @@ __all__ = [
     "layernorm_lstm_step",
     "LAYER_NORM_EPS",
     "NONLINEARITIES",
+    "TRACE_FIELDS",
     "zoneout_mix",
 ]
+
+#: What each cell records per step in a trace (whiteboard.nn.layers.Trace), in order.
+TRACE_FIELDS: dict[str, tuple[str, ...]] = {
+    "RNN": ("preactivation", "hidden"),
+    "LSTM": ("input_gate", "forget_gate", "cell_candidate", "output_gate", "cell", "hidden"),
+    "GRU": ("reset_gate", "update_gate", "candidate", "hidden"),
+}
 
 NONLINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,

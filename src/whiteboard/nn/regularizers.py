@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from whiteboard.nn.cells import zoneout_mix  # noqa: F401 (part of the regularizers' API)
-from whiteboard.nn.layers import _RecurrentBase
+from whiteboard.nn.recurrent import _RecurrentBase
 
 
 class LockedDropout(nn.Module):

@@ -1,6 +1,6 @@
-"""The compiled time loops (``csrc/recurrent.cpp``): built at first use, cached on disk.
+"""Building the compiled time loops (``csrc/``): at first use, cached on disk.
 
-Why a C++ extension: on CPU the pure-PyTorch fused path spends most of its time in
+Why a C++ extension: on CPU the pure-PyTorch torch loop spends most of its time in
 per-op Python dispatch (5-15 us per op per step). Moving only the time loops to C++
 removes that while the GEMMs still go through ATen, i.e. the BLAS torch ships with (MKL
 here) and torch's own thread pool; no second thread pool is ever started. ``torch.compile``
@@ -11,7 +11,7 @@ The build is keyed by a hash of the source, the compiler flags, torch's version,
 Python ABI and the CPU's instruction sets (it is compiled with ``-march=native``), and
 cached under ``$WHITEBOARD_CACHE`` (default ``~/.cache/whiteboard``). Set
 ``WHITEBOARD_NATIVE=0`` to never build or use it. Where it cannot be built (no compiler,
-say) whiteboard warns once and uses the pure-PyTorch fused path.
+say) whiteboard warns once and uses the torch loop.
 
 Each build runs in a private temporary directory and publishes the finished module with
 one atomic rename, under an exclusive ``flock`` per key: a process that finds another one
@@ -40,7 +40,9 @@ from pathlib import Path
 
 import torch
 
-# -ffinite-math-only lets gcc vectorise the clamps in the gate math; fused.py sends only
+from whiteboard.backends.compiled import tuning
+
+# -ffinite-math-only lets gcc vectorise the clamps in the gate math; the Functions send only
 # finite inputs to the compiled loops (see recurrent.cpp).
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
           "-ffinite-math-only"]
@@ -55,7 +57,7 @@ def openmp_flags() -> list[str]:
     compiled with -fopenmp: until that flag was added every pass ran on one thread. Linking
     it adds a dependency on libgomp.so.1, which the loader resolves to the copy torch has
     already loaded (same soname), so there is still one OpenMP runtime and one thread pool
-    in the process (tests/test_fused.py checks)."""
+    in the process (tests/test_native_runtime.py checks)."""
     return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
 
 
@@ -92,6 +94,11 @@ def build_key(openmp: list[str] | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
+def failure() -> str | None:
+    """Why the compiled loops could not be built, or None."""
+    return _failed
+
+
 def enabled() -> bool:
     return os.environ.get("WHITEBOARD_NATIVE", "1") != "0"
 
@@ -119,10 +126,10 @@ def load(verbose: bool = False):
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: fall back, loudly once
         _failed = _last_line(exc)
         warnings.warn(f"whiteboard: the compiled time loops could not be built ({_failed}); "
-                      "using the pure-PyTorch fused path", RuntimeWarning, stacklevel=2)
+                      "using the torch loop", RuntimeWarning, stacklevel=2)
         return None
     build_seconds = time.perf_counter() - started
-    _module.set_pool_limits(POOL_MIN_BYTES, pool_max_idle_bytes())
+    _module.set_pool_limits(tuning.POOL_MIN_BYTES, tuning.pool_max_idle_bytes())
     return _module
 
 
@@ -245,94 +252,3 @@ def _put_scripts_on_path() -> None:
     scripts = sysconfig.get_path("scripts")
     if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-
-
-#: Buffers of the compiled path from this size up come from its pool (recurrent.cpp,
-#: BufferPool): below it glibc's heap already reuses memory without fresh page faults.
-POOL_MIN_BYTES = 1 << 20
-
-
-def pool_max_idle_bytes() -> int:
-    """How much freed buffer memory the pool keeps for reuse: ``WHITEBOARD_POOL_MB``
-    (default 1024; 0 keeps none). Call the module's ``release_pool()`` to return it early."""
-    value = os.environ.get("WHITEBOARD_POOL_MB", "1024")
-    try:
-        megabytes = float(value)
-    except ValueError:
-        megabytes = -1.0
-    if not megabytes >= 0:  # also NaN
-        raise ValueError(f"WHITEBOARD_POOL_MB must be a number of megabytes >= 0, got {value!r}")
-    return int(megabytes * (1 << 20))
-
-
-#: Per-step GEMMs against a weight oneDNN packed once per call (see recurrent.cpp's
-#: step_gemm); ``WHITEBOARD_PACKED_GEMM=0`` (or setting this False) uses MKL's plain sgemm.
-packed_gemm = os.environ.get("WHITEBOARD_PACKED_GEMM", "1") != "0"
-#: Below this many multiply-adds per step the packed call's fixed cost (a oneDNN primitive
-#: lookup and a fresh output per step) outweighs its faster kernel. Measured on the 2-core
-#: AVX-512/AMX Xeon (benchmarks/README.md): packed loses at B x N x K = 2-8 M (configs (a)
-#: and the RNN at (b)) and wins from about 25 M (LSTM/GRU at (b), (c), (d)).
-packed_gemm_min_macs = 20_000_000
-
-
-#: Preparing W_hh once per call pays only over enough steps. oneDNN's packing costs about
-#: one step's GEMM and gains ~10 % per step (LSTM (c): reorder 0.44 ms, step 0.51 -> 0.46
-#: ms), so it needs this many steps. A contiguous copy of W_hhᵀ (torch's strided copy:
-#: 0.1 ms at H 200, 1.6 ms at H 650) is skipped, and the GEMM runs on the transposed view,
-#: when steps x batch is at most transpose_max_rows: per step the view cost 2.7 us more at
-#: H 200, batch 1 (break-even 38 steps), 19 us at batch 20 (5 steps), 11 us at H 650, batch
-#: 1 (145 steps), 107 us at batch 20 (15 steps). Generation (one token, batch 1) was 33 %
-#: slower than torch.nn's per call at 2 x 200 from that copy alone.
-packed_min_steps = 8
-transpose_max_rows = 32
-
-#: The compiled LSTM and RNN forwards fold the input into the per-step GEMM ([x_t, h_t]
-#: against [W_ih, W_hh], see recurrent.cpp) when input_size <= this x hidden_size, rather
-#: than reading a precomputed input projection back from memory. Each step's GEMM grows
-#: by I / H, so this pays for small inputs only (char-level models: embedding 64, H 512).
-#: GRU cannot fold: its candidate gate multiplies W_hn h, but not W_in x, by r.
-fold_input_max_ratio = 0.25
-
-
-#: The LSTM and GRU forward's per-step GEMM on the compiled loop's own AVX-512 microkernel,
-#: the gate math as its epilogue, against W packed into panels of 16 units once per call
-#: (see recurrent.cpp's gate_panels); ``WHITEBOARD_PANEL_GEMM=0`` (or setting this False) goes
-#: back to oneDNN's packed or MKL's plain GEMM. Used for float32 on CPUs with AVX-512, for
-#: every call but a few rows in all (``transpose_max_rows``): packing (0.3 ms for a 650-unit
-#: W_hh) paid off from one step, at batch 40 (1.9 -> 1.5 ms a layer).
-panel_gemm = os.environ.get("WHITEBOARD_PANEL_GEMM", "1") != "0"
-#: The reverse sweep's dZ_t W_hh takes column panels (recurrent.cpp's column_panels) from
-#: this batch size on, or where W_hh fits the row-block limit (each thread then runs all
-#: panels for its own rows): below it, with a W_hh too large for one core's L2, MKL's sgemm
-#: was as fast or faster for all three cells (benchmarks/README.md, "what each change bought").
-backward_panels_min_batch = 32
-
-
-def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """``weight`` (N, K) in oneDNN's blocked layout for per-step ``y = x @ weight.T`` with
-    ``batch`` rows, or None where that path is off, unavailable (float64 included) or too
-    small to pay. Only the forward sweep packs: for the reverse sweep's dZ_t W_hh (long K,
-    short N) packing W_hhᵀ, after transposing it, cost more than it gained (20-30 % slower
-    at batch 20; even at (c), 1-2 % slower at (d), measured end to end)."""
-    global packed_gemm
-    if not packed_gemm or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return None
-    if batch * weight.shape[0] * weight.shape[1] < packed_gemm_min_macs:
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch)
-    except (RuntimeError, AttributeError) as exc:  # an older torch, or a CPU oneDNN will not pack for
-        packed_gemm = False
-        warnings.warn(f"whiteboard: oneDNN weight packing is unavailable ({exc}); using plain GEMMs",
-                      RuntimeWarning, stacklevel=2)
-        return None
-
-
-def usable_for(tensor: torch.Tensor) -> bool:
-    """Compiled loops cover CPU float32/float64; anything else takes the torch path."""
-    # (is_cpu, not device.type: this runs for every layer of every call, and building a
-    # torch.device took several us of a one-token call)
-    return tensor.is_cpu and tensor.dtype in _COMPILED_DTYPES and (_module is not None or load() is not None)
-
-
-_COMPILED_DTYPES = (torch.float32, torch.float64)

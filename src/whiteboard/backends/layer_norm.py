@@ -1,0 +1,139 @@
+"""The layer-normalized LSTM on the torch loop (it has no compiled loop): the forward over
+the whole sequence and its hand-written backward through time, as an autograd Function.
+The equations are :func:`whiteboard.nn.cells.layernorm_lstm_step`'s."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from whiteboard.backends.common import carry, input_projection, output_grad, state_grad, sum_bias
+from whiteboard.backends.compiled import planning
+from whiteboard.backends.reference import autograd_backward, flat_reference, needs_autograd_backward
+from whiteboard.nn import cells
+
+
+def _normalize(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(z - mean) * rstd over the last dimension, and rstd (..., 1), in one ATen call."""
+    normalized, _, rstd = torch.native_layer_norm(z, (z.shape[-1],), None, None, eps)
+    return normalized, rstd.view(*z.shape[:-1], 1)
+
+
+def _normalize_backward(d_normalized: Tensor, normalized: Tensor, rstd: Tensor) -> Tensor:
+    """Gradient through z -> (z - mean) * rstd, given the normalized values."""
+    mean_d = d_normalized.mean(-1, keepdim=True)
+    mean_dn = (d_normalized * normalized).mean(-1, keepdim=True)
+    return rstd * (d_normalized - mean_d - normalized * mean_dn)
+
+
+def layernorm_lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask,
+                            keep: bool, eps: float):
+    """Forward only, see :func:`whiteboard.nn.cells.layernorm_lstm_step`. Returns (hs, cs, out,
+    saved): hs, cs (T+1, B, H); saved (when keep) holds what the backward sweep needs."""
+    T, B, _ = x.shape
+    H = h0.shape[-1]
+    xw_hat, rstd_ih = _normalize(input_projection(x, w_ih, None), eps)  # (T, B, 4H), (T, B, 1)
+    base = xw_hat * gain_ih  # (T, B, 4H)
+    bias = sum_bias(b_ih, b_hh)
+    if bias is not None:
+        base = base + bias
+    w_hh_t, _ = planning.step_weights(w_hh, B, None, T)  # (H, 4H)
+    hs = x.new_empty((T + 1, B, H))
+    cs = x.new_empty((T + 1, B, H))
+    hs[0] = h0
+    cs[0] = c0
+    steps = T if keep else 1
+    gates = x.new_empty((steps, B, 4 * H))  # activated i|f|g|o
+    hw_hat = x.new_empty((steps, B, 4 * H))
+    rstd_hh = x.new_empty((steps, B, 1))
+    c_hat = x.new_empty((steps, B, H))
+    rstd_c = x.new_empty((steps, B, 1))
+    tanh_y = x.new_empty((steps, B, H))  # tanh(LN(c_t))
+    for t in range(T):
+        s = t if keep else 0
+        normalized, rstd_hh[s] = _normalize(torch.mm(hs[t], w_hh_t), eps)
+        hw_hat[s] = normalized
+        z = torch.addcmul(base[t], normalized, gain_hh)  # (B, 4H)
+        torch.sigmoid(z, out=gates[s])
+        gates[s, :, 2 * H : 3 * H] = torch.tanh(z[:, 2 * H : 3 * H])
+        i, f, g, o = gates[s].chunk(4, dim=1)
+        c_new = torch.addcmul(f * cs[t], i, g)
+        normalized, rstd_c[s] = _normalize(c_new, eps)
+        c_hat[s] = normalized
+        torch.tanh(torch.addcmul(bias_cell, normalized, gain_cell), out=tanh_y[s])
+        h_new = o * tanh_y[s]
+        if mask is None:
+            hs[t + 1] = h_new
+            cs[t + 1] = c_new
+        else:
+            torch.where(mask[t], h_new, hs[t], out=hs[t + 1])
+            torch.where(mask[t], c_new, cs[t], out=cs[t + 1])
+    out = hs[1:] if mask is None else hs[1:] * mask
+    saved = (xw_hat, rstd_ih, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y) if keep else None
+    return hs, cs, out, saved
+
+
+class FusedLayerNormLSTM(torch.autograd.Function):
+    """Layer-norm LSTM, whole sequence, with the backward sweep written out.
+
+    Beyond the LSTM's, the reverse step carries the two per-step normalizations
+    (of W h_{t-1} and of c_t) back through their mean and variance; the input side's
+    normalization, the gains and all weight gradients are done for all steps at once
+    after the sweep.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, eps):
+        hs, cs, out, saved = layernorm_lstm_sequence(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, True, eps
+        )
+        ctx.has_bias = b_ih is not None
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask,
+                              hs, cs, *saved)
+        return out, hs[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, hs, cs, *saved = \
+            ctx.saved_tensors
+        if needs_autograd_backward((d_out, d_hn, d_cn)):
+            inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask)
+            return autograd_backward(ctx, inputs, (d_out, d_hn, d_cn), flat_reference(cells.layernorm_lstm_step, 2))
+        xw_hat, rstd_ih, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y = saved
+        T, B, H4 = gates.shape
+        i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
+        # Factors that do not depend on the reverse recurrence, for all steps at once.
+        k = torch.stack((g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g)), dim=2)  # (T, B, 3, H)
+        k_o = tanh_y * o * (1 - o)  # (T, B, H)
+        dy_from_dh = o * (1 - tanh_y * tanh_y)  # d tanh(LN(c)) / d LN(c), times o
+        f = f.contiguous()
+        dz = x.new_empty((T, B, H4))
+        d_hw = x.new_empty((T, B, H4))  # gradient of W h_{t-1}, before its normalization
+        d_y = x.new_empty((T, B, gain_cell.shape[0]))  # gradient of LN(c_t)
+        dh = state_grad(d_hn, hs[0])
+        dc = state_grad(d_cn, cs[0])
+        d_out = output_grad(d_out, tanh_y)
+        for t in range(T - 1, -1, -1):
+            m = None if mask is None else mask[t]
+            dh_t = d_out[t] + dh if m is None else (d_out[t] + dh) * m
+            torch.mul(dh_t, dy_from_dh[t], out=d_y[t])
+            dc_t = _normalize_backward(d_y[t] * gain_cell, c_hat[t], rstd_c[t])
+            dc_t += dc if m is None else dc * m
+            dz_t = dz[t].view(B, 4, H4 // 4)
+            torch.mul(dc_t.unsqueeze(1), k[t], out=dz_t[:, :3])
+            torch.mul(dh_t, k_o[t], out=dz_t[:, 3])
+            d_hw[t] = _normalize_backward(dz[t] * gain_hh, hw_hat[t], rstd_hh[t])
+            dh_prev = torch.mm(d_hw[t], w_hh)  # (B, H)
+            dh, dc = carry(m, dh_prev, dh), carry(m, dc_t * f[t], dc)
+        needs = ctx.needs_input_grad
+        rows = lambda t: t.reshape(T * B, t.shape[-1])  # noqa: E731
+        d_xw = _normalize_backward(dz * gain_ih, xw_hat, rstd_ih)  # (T, B, 4H)
+        dx = torch.mm(rows(d_xw), w_ih).view(T, B, w_ih.shape[1]) if needs[0] else None
+        dw_ih = torch.mm(rows(d_xw).t(), rows(x)) if needs[3] else None
+        dw_hh = torch.mm(rows(d_hw).t(), rows(hs[:-1])) if needs[4] else None
+        db = dz.sum((0, 1)) if ctx.has_bias and (needs[5] or needs[6]) else None
+        d_gain_ih = (dz * xw_hat).sum((0, 1)) if needs[7] else None
+        d_gain_hh = (dz * hw_hat).sum((0, 1)) if needs[8] else None
+        d_gain_cell = (d_y * c_hat).sum((0, 1)) if needs[9] else None
+        d_bias_cell = d_y.sum((0, 1)) if needs[10] else None
+        return dx, dh, dc, dw_ih, dw_hh, db, db, d_gain_ih, d_gain_hh, d_gain_cell, d_bias_cell, None, None
