@@ -116,8 +116,8 @@ def test_old_module_names_give_the_moved_module_itself(old, new):
 def test_old_names_work_in_from_imports_and_the_old_experiments_module():
     from whiteboard import experiments, layers, native  # noqa: F401 (old names)
     from whiteboard.backends.compiled import build
-    from whiteboard.experiments import comparison
+    from whiteboard.experiments import comparison, models
     from whiteboard.nn import layers as moved_layers
 
     assert layers is moved_layers and native is build
-    assert experiments.compare is comparison.compare and experiments.CELLS == comparison.CELLS
+    assert experiments.compare is comparison.compare and experiments.CELLS is models.CELLS

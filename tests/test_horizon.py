@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from whiteboard.experiments import comparison as ex
+from whiteboard import experiments as ex
+from whiteboard.experiments import comparison
 from whiteboard.experiments import horizon
 from whiteboard.experiments import tasks
 
@@ -111,7 +112,7 @@ def test_the_learning_rate_sweep_never_sees_a_test_story(monkeypatch):
 def test_the_adding_sweep_chooses_on_validation_batches_alone(monkeypatch):
     seeds = []
     score = ex.score_adding
-    monkeypatch.setattr(ex, "score_adding", lambda model, d, count=1000, seed=12345: seeds.append(seed)
+    monkeypatch.setattr(comparison, "score_adding", lambda model, d, count=1000, seed=12345: seeds.append(seed)
                         or score(model, d, count, seed))
     result = ex.compare("adding", ["rnn"], [6], steps=4, hidden=4, progress=False, learning_rates=[1e-3, 3e-3],
                         log=lambda m: None)

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from whiteboard.experiments import comparison as ex
+from whiteboard import experiments as ex
 from whiteboard.experiments import tasks
 
 

@@ -323,7 +323,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from whiteboard.experiments import comparison as ex
+    from whiteboard import experiments as ex
 
     cells = [c.strip() for c in args.models.split(",") if c.strip()]
     unknown = [c for c in cells if c not in ex.CELLS]

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from whiteboard.experiments import comparison as ex
+from whiteboard import experiments as ex
 from whiteboard.experiments import horizon as memory_horizon
 from whiteboard.experiments import tasks
 from whiteboard.lm.checkpoint import atomic_write_text, save_model, save_run_files
