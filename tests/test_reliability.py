@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from whiteboard.lm import rundir
 from whiteboard.cli import main
 from whiteboard.inspect.report import _json_for_script
-from whiteboard.lm.train import read_metrics
+from whiteboard.lm.records import read_metrics
 from lm_helpers import TINY, start_training, write_corpus
 
 

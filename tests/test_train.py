@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 
-from whiteboard.lm import checkpoint
+from whiteboard.lm import checkpoint, optim
 from whiteboard.lm import train as train_mod
 from whiteboard.lm.checkpoint import atomic_write_bytes, load_run
 from whiteboard.errors import WhiteboardError
-from whiteboard.lm.train import read_metrics, train
+from whiteboard.lm.records import read_metrics
+from whiteboard.lm.train import train
 from lm_helpers import tiny_config, write_corpus
 
 
@@ -125,7 +126,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, m
 
 def test_lr_schedule_halves_after_decay_start(tmp_path):
     config = tiny_config(write_corpus(tmp_path / "c.txt"), lr=1.0, lr_decay=0.5, decay_start=2)
-    assert [train_mod._scheduled_lr(config, e, 1.0) for e in (1, 2, 3, 4)] == [1.0, 1.0, 0.5, 0.25]
+    assert [optim.scheduled_lr(config, e, 1.0) for e in (1, 2, 3, 4)] == [1.0, 1.0, 0.5, 0.25]
 
 
 def test_char_level_reports_bits_per_char(tmp_path):
@@ -154,7 +155,7 @@ def test_loss_per_sequence_equals_token_loss_with_lr_times_bptt(tmp_path):
 
 
 def test_ntasgd_trigger_is_merity_et_als_non_monotone_criterion():
-    from whiteboard.lm.train import ntasgd_should_switch
+    from whiteboard.lm.optim import ntasgd_should_switch
 
     assert not ntasgd_should_switch([5.0, 4.0, 3.0], 3.5, nonmono=3)  # too few evaluations yet
     assert not ntasgd_should_switch([5.0, 4.0, 3.0, 2.9, 2.8], 2.95, nonmono=3)  # better than 5.0, 4.0
@@ -202,7 +203,7 @@ def test_awd_regularizers_train_and_resume_exactly(tmp_path):
 
 
 def test_anneal_factor_is_constant_then_linear_to_zero():
-    factor = train_mod.anneal_factor
+    factor = optim.anneal_factor
     assert [factor(0.25, p) for p in (0.0, 0.5, 0.75, 0.875, 1.0, 1.2)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
     assert factor(0.0, 0.99) == 1.0
 

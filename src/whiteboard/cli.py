@@ -247,7 +247,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from whiteboard.lm.checkpoint import load_run
-    from whiteboard.lm.train import bits_per_char, evaluate, perplexity, prepare_data
+    from whiteboard.lm.evaluation import bits_per_char, evaluate, perplexity, prepare_data
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")

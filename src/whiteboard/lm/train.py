@@ -8,12 +8,9 @@ uninterrupted run would have had.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,229 +18,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from whiteboard.lm import checkpoint
-from whiteboard.lm import rundir
-from whiteboard.lm.config import RunConfig, check_device
-from whiteboard.lm.data import batchify, check_long_enough, load_corpus, windows
 from whiteboard.errors import WhiteboardError
+from whiteboard.lm import checkpoint, rundir
+from whiteboard.lm.config import RunConfig, check_device
+from whiteboard.lm.data import batchify, check_long_enough, windows
+from whiteboard.lm.evaluation import (PreparedData, bits_per_char, evaluate, loss_words,  # noqa: F401 (re-exported)
+                                      perplexity, prepare_data)
+from whiteboard.lm.guards import (StopFlag, TrainingDiverged, check_loss,  # noqa: F401 (re-exported)
+                                  check_parameters, check_updated_model)
 from whiteboard.lm.model import LanguageModel, detach_state
+from whiteboard.lm.vocab import Vocabulary
+from whiteboard.lm.optim import (AveragedWeights, anneal_factor, make_optimizer,  # noqa: F401 (re-exported)
+                                 ntasgd_should_switch, scheduled_lr)
+from whiteboard.lm.records import MetricsLog, TrainingState, TrainResult, read_metrics  # noqa: F401 (read_metrics: re-exported)
 from whiteboard.nn.regularizers import activation_regularization, temporal_activation_regularization
-from whiteboard.lm.vocab import Vocabulary, detect_tokenizer
-
-
-class TrainingDiverged(WhiteboardError):
-    pass
-
-
-#: A loss above this many times ln(V), the loss of a uniform guess over the vocabulary, is
-#: taken as divergence (train.lr=1e30 gave a validation loss of 1.6e30, which was reported
-#: as a result). High enough that no recovering run passes it: lr 30 on a 17-word corpus
-#: peaks at 6.5 times ln(V) and recovers.
-ABSURD_LOSS_FACTOR = 100.0
-
-
-def _check_loss(value: float, vocab_size: int, what: str, where: str, run_dir: Path) -> None:
-    """Stop with TrainingDiverged where a loss is NaN, infinite or absurd."""
-    if math.isfinite(value) and value <= ABSURD_LOSS_FACTOR * math.log(max(2, vocab_size)):
-        return
-    raise TrainingDiverged(
-        f"{what} became {value:.4g} {where}; stopped, the last good checkpoint in {run_dir} is kept "
-        "(try a lower train.lr or train.clip)"
-    )
-
-
-@dataclass
-class PreparedData:
-    vocab: Vocabulary
-    ids: dict[str, torch.Tensor]  # split -> (N,) token ids
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    epochs_done: int
-    best_valid_loss: float
-    test_loss: float | None
-    interrupted: bool
-    elapsed_s: float
-    train_tokens_per_s: float
-    level: str
-    #: The signal that interrupted the run (SIGINT, SIGTERM), if one did.
-    signal: int | None = None
-    #: The run had already finished before this call: nothing was trained or evaluated.
-    already_finished: bool = False
-
-    def summary(self) -> str:
-        if math.isfinite(self.best_valid_loss):
-            text = f"best validation {_loss_words(self.best_valid_loss, self.level)}"
-        else:
-            text = "stopped before the first evaluation"
-        if self.test_loss is not None:
-            text += f"; test {_loss_words(self.test_loss, self.level)}"
-        return text + f"; {self.steps} steps in {self.elapsed_s:.0f} s ({self.train_tokens_per_s:,.0f} tokens/s)"
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
-
-
-def bits_per_char(loss: float) -> float:
-    return loss / math.log(2)
-
-
-def _loss_words(loss: float, level: str) -> str:
-    text = f"loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
-    if level == "char":
-        text += f", {bits_per_char(loss):.4f} bits/char"
-    return text
-
-
-def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> PreparedData:
-    """Load the corpus, build (or reuse) the vocabulary and encode every split."""
-    d = config.data
-    if not d.corpus:
-        raise WhiteboardError("no corpus given: pass a named corpus, a text file or a folder (data.corpus)")
-    texts, corpus_level = load_corpus(d.corpus, Path(d.data_dir) if d.data_dir else None, d.download)
-    level = d.level or corpus_level or "word"
-    if vocab is None:
-        # Named corpora come tokenized; a file or folder is read for how it was written.
-        tokenizer = d.tokenizer or ("whitespace" if corpus_level else detect_tokenizer(texts["train"]))
-        vocab = Vocabulary.build(texts["train"], level, min_freq=d.min_freq, max_size=d.max_vocab or None,
-                                 tokenizer=tokenizer)
-    elif vocab.level != level:
-        raise WhiteboardError(f"the run's vocabulary is {vocab.level}-level but the corpus is read at {level} level")
-    ids = {split: torch.tensor(vocab.encode_text(text, corpus=True), dtype=torch.long) for split, text in texts.items()}
-    return PreparedData(vocab, ids)
-
-
-def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int, device) -> float:
-    """Mean cross-entropy per token over a whole split, state carried across windows."""
-    streams = batchify(ids, batch_size).to(device)
-    model.eval()
-    total, count = 0.0, 0
-    state = model.init_state(streams.shape[1])
-    with torch.no_grad():
-        for window in windows(streams, bptt):
-            logits, state = model(window.inputs, state)
-            total += nn.functional.cross_entropy(logits.flatten(0, 1), window.targets.flatten(), reduction="sum").item()
-            count += window.targets.numel()
-    return total / count
-
-
-def ntasgd_should_switch(previous: list[float], current: float, nonmono: int) -> bool:
-    """Merity et al.'s non-monotone trigger: switch to averaged SGD once the validation loss
-    is worse than the best of all evaluations before the last ``nonmono``."""
-    return len(previous) > nonmono and current > min(previous[:-nonmono])
-
-
-class _AveragedWeights:
-    """While active, the model holds ASGD's averaged weights (for evaluation and saving)."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.pairs = []
-        if isinstance(optimizer, torch.optim.ASGD):
-            self.pairs = [(p, optimizer.state[p]["ax"]) for p in model.parameters() if "ax" in optimizer.state[p]]
-
-    def __enter__(self):
-        self.saved = [p.detach().clone() for p, _ in self.pairs]
-        with torch.no_grad():
-            for p, ax in self.pairs:
-                p.copy_(ax)
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for (p, _), saved in zip(self.pairs, self.saved):
-                p.copy_(saved)
-
-
-def _make_optimizer(model: nn.Module, config: RunConfig, averaged: bool = False) -> torch.optim.Optimizer:
-    t = config.train
-    if averaged:
-        return torch.optim.ASGD(model.parameters(), lr=t.lr, t0=0, lambd=0.0, weight_decay=t.weight_decay)
-    if t.optimizer in ("sgd", "ntasgd"):
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-
-
-def anneal_factor(anneal: float, progress: float) -> float:
-    """1 until the last ``anneal`` fraction of the run, then linearly down to 0 at its end."""
-    if anneal <= 0:
-        return 1.0
-    return min(1.0, max(0.0, (1.0 - progress) / anneal))
-
-
-def _scheduled_lr(config: RunConfig, epoch: int, plateau_factor: float) -> float:
-    """Zaremba et al.: constant, then multiplied by lr_decay each epoch after decay_start."""
-    t = config.train
-    factor = t.lr_decay ** max(0, epoch - t.decay_start) if t.decay_start > 0 else 1.0
-    return t.lr * factor * plateau_factor
-
-
-class _StopFlag:
-    """The first Ctrl-C, or a SIGTERM (what schedulers and ``timeout`` send), asks the loop
-    to checkpoint and stop after the current step; a second one interrupts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self):
-        for number in self.SIGNALS:
-            try:
-                self._previous[number] = signal.signal(number, self._handle)
-            except ValueError:  # not the main thread: no handler, signals behave as usual
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-
-
-class _Metrics:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def keep_up_to(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        checkpoint.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / rundir.METRICS
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def train(
@@ -297,36 +85,6 @@ def _saved_config(run_dir: Path) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
-@dataclass
-class TrainingState:
-    """What a run carries from step to step and saves at every checkpoint (as JSON in the
-    training state's metadata; keys a checkpoint lacks keep their defaults, so older
-    checkpoints load)."""
-
-    epoch: int = 1
-    position: int = 0  # token offset of the next window in the epoch's streams
-    step: int = 0
-    best_valid: float = math.inf
-    bad_evals: int = 0  # evaluations since the last improvement
-    plateau: float = 1.0  # the lr factor plateau decay has reached
-    log_loss: float = 0.0  # summed since the last training-loss line
-    log_tokens: int = 0
-    train_tokens: int = 0
-    train_seconds: float = 0.0
-    asgd: bool = False  # NT-ASGD has switched to averaging
-    valid_history: list[float] = field(default_factory=list)
-    wall_seconds: float = 0.0  # over every session of the run
-    finished: bool = False
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainingState":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
 class _Trainer:
     """One session of a run: the loop over windows as named steps (train_step, evaluate,
     save, the stop checks), with everything it carries in ``self.state``."""
@@ -337,8 +95,8 @@ class _Trainer:
         torch.manual_seed(self.t.seed)
         self.data_generator = torch.Generator().manual_seed(self.t.seed)
         self.model = LanguageModel(len(self.vocab), config.model).to(device)
-        self.optimizer = _make_optimizer(self.model, config)
-        self.metrics = _Metrics(run_dir / rundir.METRICS)
+        self.optimizer = make_optimizer(self.model, config)
+        self.metrics = MetricsLog(run_dir / rundir.METRICS)
         self.state = TrainingState()
         self.hidden = None
         self.loss_fn = nn.CrossEntropyLoss()
@@ -354,7 +112,7 @@ class _Trainer:
     def resume(self) -> bool:
         """Load the resume point; False where the run has finished already."""
         counters = checkpoint.read_training_counters(self.run_dir)
-        self.optimizer = _make_optimizer(self.model, self.config, averaged=counters.get("asgd", False))
+        self.optimizer = make_optimizer(self.model, self.config, averaged=counters.get("asgd", False))
         counters, self.hidden = checkpoint.load_training_state(self.run_dir, self.model, self.optimizer,
                                                                self.data_generator, self.device)
         self.state = TrainingState.from_dict(counters)
@@ -404,7 +162,7 @@ class _Trainer:
         loss = self.loss_fn(logits.flatten(0, 1), window.targets.flatten())
         value = loss.item()
         where = f"at step {s.step + 1} (epoch {s.epoch})"
-        _check_loss(value, len(self.vocab), "training loss", where, self.run_dir)
+        check_loss(value, len(self.vocab), "training loss", where, self.run_dir)
         self.optimizer.zero_grad(set_to_none=True)
         objective = loss * window.inputs.shape[0] if t.loss_per == "sequence" else loss
         if t.ar_alpha:
@@ -454,14 +212,14 @@ class _Trainer:
         """Validation loss; the best model saved; NT-ASGD's switch and plateau decay decided."""
         t, s, vocab = self.t, self.state, self.vocab
         self.evaluated_at = s.step
-        with _AveragedWeights(self.model, self.optimizer):
+        with AveragedWeights(self.model, self.optimizer):
             valid_loss = evaluate(self.model, self.data.ids["valid"], t.eval_batch_size, t.bptt, self.device)
-            _check_loss(valid_loss, len(vocab), "the validation loss", f"at step {s.step}", self.run_dir)
+            check_loss(valid_loss, len(vocab), "the validation loss", f"at step {s.step}", self.run_dir)
             improved = valid_loss < s.best_valid
             if improved:
                 checkpoint.save_model(self.run_dir, self.model, s.step)
         if t.optimizer == "ntasgd" and not s.asgd and ntasgd_should_switch(s.valid_history, valid_loss, t.nonmono):
-            self.optimizer = _make_optimizer(self.model, self.config, averaged=True)
+            self.optimizer = make_optimizer(self.model, self.config, averaged=True)
             s.asgd = True
             self.log(f"step {s.step}: validation stopped improving, switching to averaged SGD (NT-ASGD)")
         s.valid_history.append(valid_loss)
@@ -478,15 +236,15 @@ class _Trainer:
         if vocab.level == "char":
             record["bpc"] = bits_per_char(valid_loss)
         self.metrics.write(record)
-        self.log(f"step {s.step} (epoch {s.epoch}): validation {_loss_words(valid_loss, vocab.level)}"
+        self.log(f"step {s.step} (epoch {s.epoch}): validation {loss_words(valid_loss, vocab.level)}"
                  + ("" if improved else " (no improvement)"))
         self.model.train()
 
     def save(self, hidden) -> None:
         """The resume point, after checking that what it would keep is sane."""
-        _check_parameters(self.model, self.state, self.run_dir)
+        check_parameters(self.model, self.state, self.run_dir)
         if self.last_step is not None:
-            _check_updated_model(self.model, self.last_step, self.loss_fn, len(self.vocab), self.state, self.run_dir)
+            check_updated_model(self.model, self.last_step, self.loss_fn, len(self.vocab), self.state, self.run_dir)
         self.state.wall_seconds = self.wall_seconds()
         checkpoint.save_training_state(self.run_dir, self.model, self.optimizer, self.state.to_dict(), hidden,
                                        self.data_generator)
@@ -496,9 +254,9 @@ class _Trainer:
     def run(self) -> TrainResult:
         t, s = self.t, self.state
         interrupted = stop_early = time_up = False
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while s.epoch <= t.epochs and not stop_early and not self.steps_done():
-                epoch_lr = _scheduled_lr(self.config, s.epoch, s.plateau)
+                epoch_lr = scheduled_lr(self.config, s.epoch, s.plateau)
                 self.model.train()
                 if s.position == 0 or self.hidden is None:
                     self.hidden = self.model.init_state(t.batch_size)
@@ -551,7 +309,7 @@ class _Trainer:
         if not (self.run_dir / rundir.MODEL).exists():
             # Stopped before the first evaluation: still leave a usable model (not logged as a
             # validation result, so a resumed run's metrics equal an uninterrupted run's).
-            _check_parameters(self.model, s, self.run_dir)
+            check_parameters(self.model, s, self.run_dir)
             checkpoint.save_model(self.run_dir, self.model, s.step)
         if not finished:
             return None
@@ -616,28 +374,3 @@ def _nothing_to_train(t, counters: dict) -> bool:
     return (counters["epoch"] > t.epochs or bool(t.max_steps and counters["step"] >= t.max_steps)
             or bool(t.time_limit and counters.get("wall_seconds", 0.0) >= t.time_limit * 60)
             or bool(t.early_stop and counters["bad_evals"] >= t.early_stop))
-
-
-def _check_updated_model(model: LanguageModel, last_step, loss_fn, vocab_size: int, state: "TrainingState",
-                         run_dir: Path) -> None:
-    """Before a checkpoint is written: the last window's loss under the updated weights is
-    sane. A finite but absurd update (train.lr=1e30) leaves finite weights that only the next
-    step's loss would show, after they had been checkpointed. Run in eval mode, which draws
-    no random numbers, so an exact resume is unaffected."""
-    window, hidden = last_step
-    model.eval()
-    with torch.no_grad():
-        logits, _ = model(window.inputs, hidden)
-        loss = float(loss_fn(logits.flatten(0, 1), window.targets.flatten()))
-    model.train()
-    _check_loss(loss, vocab_size, "the loss after the update", f"at step {state.step}", run_dir)
-
-
-def _check_parameters(model: nn.Module, state: "TrainingState", run_dir: Path) -> None:
-    """Before any checkpoint is written: every weight finite, or stop and keep the last one."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise TrainingDiverged(
-            f"the weights became non-finite ({', '.join(bad[:3])}) by step {state.step}; stopped, the last "
-            f"good checkpoint in {run_dir} is kept (try a lower train.lr or train.clip)"
-        )

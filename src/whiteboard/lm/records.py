@@ -1,0 +1,104 @@
+"""What a training run records: its state between steps (saved with every checkpoint),
+its metrics log (one JSON line per logged step, cut back to the checkpoint on resume)
+and its result."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from whiteboard.files import atomic_write_text
+from whiteboard.lm import rundir
+from whiteboard.lm.evaluation import loss_words
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def keep_up_to(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / rundir.METRICS
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_done: int
+    best_valid_loss: float
+    test_loss: float | None
+    interrupted: bool
+    elapsed_s: float
+    train_tokens_per_s: float
+    level: str
+    #: The signal that interrupted the run (SIGINT, SIGTERM), if one did.
+    signal: int | None = None
+    #: The run had already finished before this call: nothing was trained or evaluated.
+    already_finished: bool = False
+
+    def summary(self) -> str:
+        if math.isfinite(self.best_valid_loss):
+            text = f"best validation {loss_words(self.best_valid_loss, self.level)}"
+        else:
+            text = "stopped before the first evaluation"
+        if self.test_loss is not None:
+            text += f"; test {loss_words(self.test_loss, self.level)}"
+        return text + f"; {self.steps} steps in {self.elapsed_s:.0f} s ({self.train_tokens_per_s:,.0f} tokens/s)"
+
+
+@dataclass
+class TrainingState:
+    """What a run carries from step to step and saves at every checkpoint (as JSON in the
+    training state's metadata; keys a checkpoint lacks keep their defaults, so older
+    checkpoints load)."""
+
+    epoch: int = 1
+    position: int = 0  # token offset of the next window in the epoch's streams
+    step: int = 0
+    best_valid: float = math.inf
+    bad_evals: int = 0  # evaluations since the last improvement
+    plateau: float = 1.0  # the lr factor plateau decay has reached
+    log_loss: float = 0.0  # summed since the last training-loss line
+    log_tokens: int = 0
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    asgd: bool = False  # NT-ASGD has switched to averaging
+    valid_history: list[float] = field(default_factory=list)
+    wall_seconds: float = 0.0  # over every session of the run
+    finished: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainingState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
