@@ -114,6 +114,26 @@ def test_load_falls_back_to_the_torch_loop_when_the_wait_runs_out(monkeypatch):
     assert len(caught) == 1  # no second try without OpenMP: that would wait again
 
 
+def test_the_build_key_covers_every_part_the_source_includes(tmp_path, monkeypatch):
+    source = tmp_path / "main.cpp"
+    source.write_text('#include "part.h"\n')
+    part = tmp_path / "part.h"
+    part.write_text("int x = 1;\n")
+    monkeypatch.setattr(native, "_source", lambda: source)
+    key = native.build_key()
+    part.write_text("int x = 2;\n")
+    assert native.build_key() != key
+    (tmp_path / "another.h").write_text("\n")
+    assert native.build_key() not in (key,)
+
+
+def test_the_real_source_is_split_into_parts_and_all_of_them_are_included():
+    source = native._source()
+    parts = sorted(p.name for p in source.parent.glob("*.h"))
+    included = [line.split('"')[1] for line in source.read_text().splitlines() if line.startswith('#include "')]
+    assert len(parts) >= 5 and sorted(included) == parts
+
+
 def test_the_build_key_separates_python_abis(monkeypatch):
     key = native.build_key()
     real = native.sysconfig.get_config_var

@@ -81,12 +81,17 @@ def cache_dir() -> Path:
 
 
 def _source() -> Path:
+    """The one translation unit; it includes the parts beside it (csrc/*.h)."""
     return Path(str(resources.files("whiteboard.backends.compiled") / "csrc" / "recurrent.cpp"))
 
 
 def build_key(openmp: list[str] | None = None) -> str:
     digest = hashlib.sha256()
-    digest.update(_source().read_bytes())
+    source = _source()
+    # The translation unit and the parts it includes (csrc/*.h), in a fixed order.
+    for path in [source, *sorted(source.parent.glob("*.h"))]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     digest.update(" ".join(CFLAGS + (openmp_flags() if openmp is None else openmp)).encode())
     digest.update(torch.__version__.encode())
     digest.update(str(sysconfig.get_config_var("EXT_SUFFIX")).encode())  # the module is CPython-ABI specific
