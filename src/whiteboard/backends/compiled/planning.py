@@ -24,30 +24,22 @@ def empty(shape: tuple[int, ...], like: Tensor, compiled=None) -> Tensor:
 
 #: The compiled path walks the time axis in chunks whose per-step buffers (the input
 #: projection forward, dZ backward) stay under this many bytes; one chunk for most sizes.
-#: A (T, B, G·H) buffer for all steps was as large as everything saved for backward (105 MB
-#: at config (d)) and made the GRU's peak exceed torch.nn's, which walks the steps one by one.
-#: Per chunk the GEMMs still see (steps x B) rows: about 1,900 at (d), near full speed.
+#: A (T, B, G·H) buffer for all steps would be as large as everything saved for backward,
+#: and would lift the peak memory above torch.nn's, which walks the steps one by one; per
+#: chunk the GEMMs still see enough rows to run near full speed.
 CHUNK_BYTES = 32 << 20
 #: The GRU's chunks are smaller: it saves more per step for backward (r, z, n and W_hn h)
-#: than the LSTM, and with 32 MB chunks its peak at config (d) was 299 MiB against
-#: torch.nn's 292 (in torch.nn's low mode); with 16 MB it is 269, and its step 0.8 % slower
-#: at (d) and (c), within noise. (The LSTM lost 3-4 % at (d) with 16 MB chunks.)
+#: than the LSTM, and with 32 MB chunks its peak exceeded torch.nn's.
 GRU_CHUNK_BYTES = 16 << 20
 #: The LSTM's reverse sweep walks larger chunks: each chunk after the first re-reads and
-#: rewrites dW_ih and dW_hh (16 MB each at (d)) in its weight-gradient GEMMs. One 105 MB
-#: chunk at (d) made the training step 2.2 % faster than four of 32 MB (interleaved, in one
-#: process), and its peak stays well under torch.nn's (memory.py: 401 against 543 MiB; at
-#: (c) 188 against 241).
+#: rewrites dW_ih and dW_hh in its weight-gradient GEMMs, and its peak stays well under
+#: torch.nn's even so.
 LSTM_SWEEP_CHUNK_BYTES = 128 << 20
 #: Where one step's buffer takes at least LARGE_STEP_BYTES, a chunk holds at least
 #: MIN_CHUNK_ROWS rows (steps x batch) where the steps allow, above its byte limit if need
 #: be: the GEMMs over a chunk's rows (the input projection, dX, and dW accumulated chunk by
-#: chunk) lose speed on fewer. At config (d) the GRU's 16 MB chunks were 10 steps forward
-#: and 8 backward (1,280 and 1,024 rows); at 17 + 17 + 16 steps its training step was 2.5
-#: and 3.3 % faster (interleaved, two runs), the LSTM's (forward chunks 13 -> 17 steps) even.
-#: Smaller steps keep the byte limit alone: at (c) (0.4-0.5 MB a step) the same rule made
-#: the GRU's 25-step backward chunks 34 steps, and its step 2.5 % slower (twice): their dZ
-#: was less often still in cache for the GEMMs that read it.
+#: chunk) lose speed on fewer. Smaller steps keep the byte limit alone: there, longer chunks
+#: left dZ less often in cache for the GEMMs that read it.
 LARGE_STEP_BYTES = 1 << 20
 MIN_CHUNK_ROWS = 2048
 

@@ -30,20 +30,17 @@ def pool_max_idle_bytes() -> int:
 #: step_gemm); ``WHITEBOARD_PACKED_GEMM=0`` (or setting this False) uses MKL's plain sgemm.
 packed_gemm = os.environ.get("WHITEBOARD_PACKED_GEMM", "1") != "0"
 #: Below this many multiply-adds per step the packed call's fixed cost (a oneDNN primitive
-#: lookup and a fresh output per step) outweighs its faster kernel. Measured on the 2-core
-#: AVX-512/AMX Xeon (benchmarks/README.md): packed loses at B x N x K = 2-8 M (configs (a)
-#: and the RNN at (b)) and wins from about 25 M (LSTM/GRU at (b), (c), (d)).
+#: lookup and a fresh output per step) outweighs its faster kernel (measured: benchmarks/README.md,
+#: "Why each threshold is where it is").
 packed_gemm_min_macs = 20_000_000
 
 
-#: Preparing W_hh once per call pays only over enough steps. oneDNN's packing costs about
-#: one step's GEMM and gains ~10 % per step (LSTM (c): reorder 0.44 ms, step 0.51 -> 0.46
-#: ms), so it needs this many steps. A contiguous copy of W_hhᵀ (torch's strided copy:
-#: 0.1 ms at H 200, 1.6 ms at H 650) is skipped, and the GEMM runs on the transposed view,
-#: when steps x batch is at most transpose_max_rows: per step the view cost 2.7 us more at
-#: H 200, batch 1 (break-even 38 steps), 19 us at batch 20 (5 steps), 11 us at H 650, batch
-#: 1 (145 steps), 107 us at batch 20 (15 steps). Generation (one token, batch 1) was 33 %
-#: slower than torch.nn's per call at 2 x 200 from that copy alone.
+#: Preparing W_hh once per call pays only over enough steps: oneDNN's packing costs about
+#: one step's GEMM and gains a little on every step. A contiguous copy of W_hhᵀ is skipped,
+#: and the GEMM runs on the transposed view, for at most transpose_max_rows rows (steps x
+#: batch) in all: for so few the copy costs more than the slower GEMMs (generation, one
+#: token at a time, was the case that needed it). Measured: benchmarks/README.md, "Why each
+#: threshold is where it is".
 packed_min_steps = 8
 transpose_max_rows = 32
 
@@ -57,10 +54,9 @@ fold_input_max_ratio = 0.25
 
 #: The LSTM and GRU forward's per-step GEMM on the compiled loop's own AVX-512 microkernel,
 #: the gate math as its epilogue, against W packed into panels of 16 units once per call
-#: (see recurrent.cpp's gate_panels); ``WHITEBOARD_PANEL_GEMM=0`` (or setting this False) goes
-#: back to oneDNN's packed or MKL's plain GEMM. Used for float32 on CPUs with AVX-512, for
-#: every call but a few rows in all (``transpose_max_rows``): packing (0.3 ms for a 650-unit
-#: W_hh) paid off from one step, at batch 40 (1.9 -> 1.5 ms a layer).
+#: (see csrc/panels_gemm.h); ``WHITEBOARD_PANEL_GEMM=0`` (or setting this False) goes back to
+#: oneDNN's packed or MKL's plain GEMM. Used for float32 on CPUs with AVX-512, for every call
+#: but a few rows in all (``transpose_max_rows``): packing pays off from one step.
 panel_gemm = os.environ.get("WHITEBOARD_PANEL_GEMM", "1") != "0"
 #: The reverse sweep's dZ_t W_hh takes column panels (recurrent.cpp's column_panels) from
 #: this batch size on, or where W_hh fits the row-block limit (each thread then runs all

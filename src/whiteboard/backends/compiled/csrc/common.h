@@ -132,12 +132,8 @@ void for_rows(int64_t rows, int64_t row_elements, const F& body) {
 // step instead, each step's GEMM output crosses between the cores and every step pays two
 // fork/joins. With larger weights each thread would stream all of W_hh every step where
 // the per-step split streams half, so those keep the per-step split. The forward loops
-// and the backward sweeps use it.
-// Inference x torch.nn, per-step split -> row blocks, in one process: at 1 x 128/128,
-// batch 64, 100 steps: LSTM 1.15 -> 1.06, GRU 0.56 -> 0.51, RNN 0.62 -> 0.45; at config
-// (a): LSTM 1.02 -> 0.98, GRU 0.60 -> 0.57, RNN 0.70 -> 0.54. Training with both sweeps in
-// blocks, at (a): LSTM 0.70 -> 0.63, GRU 0.46 -> 0.42, RNN 0.59 -> 0.51. Above 1 MB of weight
-// (2 x 300 to 1 x 512, up to 4 MB) blocks measured even or worse, hence the default.
+// and the backward sweeps use it. Blocks won for weights up to 1 MB and measured even or
+// worse above it, hence the default (benchmarks/README.md).
 std::atomic<int64_t> g_row_blocks_max_weight_bytes{1 << 20};
 constexpr int64_t kRowBlockMinRows = 4;  // below this many rows per thread MKL's small-M GEMM loses
 

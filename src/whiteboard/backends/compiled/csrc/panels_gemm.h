@@ -9,22 +9,16 @@ enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };  // the RNN's 
 // Where a step's gate pre-activations (B x 4H floats) take at least this many bytes, the
 // epilogue's lines are requested a few at a time during the K loop (EpilogueLines), and
 // c_{t-1}, c_t and h_t with them; below it, XW_t's and the saved gates' all at once before
-// it. At config (d) (2 MB a step) the step's 16 MB weight stream has evicted them all, and
-// spreading the requests made the forward loop 6-9 % faster (loop alone, interleaved
-// medians: 193 -> 176 ms training); at batch 20 (200-650 units: 16-208 kB) the lines
-// are near and the requests in the K loop cost 4-9 %. 512 kB is config (c), which gained 4 %.
+// it. With large steps the weight stream has evicted those lines by the time the epilogue
+// needs them; with small ones they are still near, and requests in the K loop only cost.
 std::atomic<int64_t> g_spread_lines_min_step_bytes{512 << 10};
 bool spread_lines(int64_t step_bytes) { return step_bytes >= g_spread_lines_min_step_bytes.load(std::memory_order_relaxed); }
 void set_spread_lines_min_step_bytes(int64_t bytes) { g_spread_lines_min_step_bytes.store(bytes); }
 int64_t spread_lines_min_step_bytes() { return g_spread_lines_min_step_bytes.load(); }
 
 // Where the rows of a reverse sweep's dZ_t W_hh (B x G·H floats) take at least this many
-// bytes, its column-panel GEMM walks K in blocks (column_panel_product_blocked). At config
-// (d) (2 MB) the LSTM's sweep alone took 186 -> 169 ms (interleaved medians); at (c)
-// (512 kB) it was even, at batch 20 with 650 units 13 % slower (its 11 panels split 6 / 5
-// over two threads, where (panel, row chunk) items split evenly). The GRU's (d) (1.5 MB)
-// is blocked too; 128 kB instead, which blocks the RNN's (d) and both at (c), was within
-// noise of this (seventh session).
+// bytes, its column-panel GEMM walks K in blocks (column_panel_product_blocked): large
+// sweeps gain from keeping a block of A in cache; small ones lose evenly split work.
 std::atomic<int64_t> g_column_blocks_min_bytes{1 << 20};
 void set_column_blocks_min_bytes(int64_t bytes) { g_column_blocks_min_bytes.store(bytes); }
 int64_t column_blocks_min_bytes() { return g_column_blocks_min_bytes.load(std::memory_order_relaxed); }
@@ -41,10 +35,8 @@ int64_t column_k_block() { return g_column_k_block.load(std::memory_order_relaxe
 // k of a panel is four zmm registers and a 6-row microkernel keeps 6 x 4 accumulators.
 // The accumulators of one row are then the four gates of 16 units: their activations, c
 // and h are computed while the panel's output is still in registers and L1, by the thread
-// that computed it. Against the same (B, 4H) = (B, K) x (K, 4H) products on two threads,
-// medians of interleaved runs on the 2-core AVX-512 Xeon (us per step; MKL sgemm on W^T,
-// oneDNN's packed linear): B 20, K 650: 302 / 387 / 426; B 10, K 200: 12 / 20 / 47;
-// B 64, K 576, H 512: 479 / 676 / 605; B 128, K 1024: 3275 / 3811 / 3487. The units of
+// that computed it. At batch-sized M this beats MKL's sgemm and oneDNN's packed linear at
+// every size measured (benchmarks/README.md). The units of
 // a step are split over the threads (each streams its own panels of W); where the whole
 // packed weight fits a core's L2, each thread instead runs every step for its own rows.
 #if defined(__AVX512F__)
@@ -256,9 +248,8 @@ void panel_time_loop(int64_t B, int64_t steps, const at::Tensor& panels, int64_t
 }
 
 // A (K, N) matrix (row stride N) in panels of 64 columns: (ceil(N / 64), K, 64), zeros past
-// N. For the reverse sweeps' dh_{t-1} = dZ_t W_hh, W_hh (G·H, H) packed once per call. Against
-// MKL's sgemm on the plain W_hh, in us per step on two threads (medians, interleaved): B 20,
-// H 200: 23 / 38; B 20, H 650: 281 / 308; B 64, H 512: 391 / 452; B 128, H 1024: 3305 / 3239.
+// N. For the reverse sweeps' dh_{t-1} = dZ_t W_hh, W_hh (G·H, H) packed once per call: as
+// fast as MKL's sgemm on the plain W_hh or faster, but at the largest size measured.
 at::Tensor column_panels(const at::Tensor& matrix) {
   TORCH_CHECK(matrix.dim() == 2 && matrix.scalar_type() == at::kFloat && matrix.device().is_cpu(),
               "column_panels: a float32 CPU matrix");
