@@ -14,15 +14,19 @@ from whiteboard import _old_names
 _old_names.install()  # before anything imports a module by its old name
 
 from whiteboard import backends  # noqa: E402
-from whiteboard.nn import (  # noqa: E402
-    GRU, LSTM, RNN, SEED_NAMES, TRACE_FIELDS, LayerNormLSTM, Trace, gru_step, layernorm_lstm_step, lstm_step, rnn_step,
-)
+from whiteboard.nn.cell_modules import GRUCell, LayerNormLSTMCell, LSTMCell, RNNCell  # noqa: E402
+from whiteboard.nn.cells import gru_step, layernorm_lstm_step, lstm_step, rnn_step  # noqa: E402
+from whiteboard.nn.layers import GRU, LSTM, RNN, SEED_NAMES, TRACE_FIELDS, LayerNormLSTM, Trace  # noqa: E402
 
 __all__ = [
     "RNN",
     "LSTM",
     "GRU",
     "LayerNormLSTM",
+    "RNNCell",
+    "LSTMCell",
+    "GRUCell",
+    "LayerNormLSTMCell",
     "Trace",
     "TRACE_FIELDS",
     "SEED_NAMES",

@@ -35,6 +35,10 @@ class ModelConfig:
     tie_weights: bool = False
     nonlinearity: str = "tanh"  # rnn only: tanh | relu | sigmoid
     init_range: float = 0.1  # all weights ~ U(-r, r) as in Zaremba et al.; 0 = torch.nn defaults
+    # LSTMs: the forget gates' starting bias (Jozefowicz et al. 2015 use 1); 0 = leave it to
+    # init_range / torch.nn's uniform initialisation.
+    forget_bias: float = 0.0
+    recurrent_init: str = "uniform"  # uniform | orthogonal (each gate's block of W_hh)
     # AWD-LSTM's regularizers (whiteboard.nn.regularizers), each its own knob; 0 / false = off.
     variational: bool = False  # the embedding and output dropouts use one mask per sequence
     embedding_dropout: float = 0.0  # drop whole words from the embedding matrix
@@ -229,6 +233,10 @@ def validate(config: RunConfig) -> None:
     for name in ("input_dropout", "hidden_dropout"):
         if not getattr(m, name) < 1:
             raise UsageError(f"model.{name} must be below 1 (negative = same as model.dropout), got {getattr(m, name)}")
+    if not -math.inf < m.forget_bias < math.inf:
+        raise UsageError(f"model.forget_bias must be a finite number, got {m.forget_bias}")
+    if m.recurrent_init not in ("uniform", "orthogonal"):
+        raise UsageError(f"model.recurrent_init must be uniform or orthogonal, got {m.recurrent_init!r}")
     if not 0 <= m.init_range < math.inf:
         raise UsageError(f"model.init_range must be a finite number >= 0, got {m.init_range}")
     for name in ("epochs", "batch_size", "bptt", "eval_batch_size"):

@@ -26,10 +26,12 @@ def layer_sizes(config: ModelConfig) -> list[int]:
 
 
 def _recurrent_layer(config: ModelConfig, input_size: int, hidden_size: int, **kwargs):
+    kwargs["recurrent_init"] = config.recurrent_init
+    forget_bias = config.forget_bias or None  # 0: not set
     if config.cell == "lstm":
-        return LSTM(input_size, hidden_size, **kwargs)
+        return LSTM(input_size, hidden_size, forget_bias=forget_bias, **kwargs)
     if config.cell == "layernorm-lstm":
-        return LayerNormLSTM(input_size, hidden_size, **kwargs)
+        return LayerNormLSTM(input_size, hidden_size, forget_bias=forget_bias, **kwargs)
     if config.cell == "gru":
         return GRU(input_size, hidden_size, **kwargs)
     return RNN(input_size, hidden_size, nonlinearity=config.nonlinearity, **kwargs)
@@ -155,6 +157,8 @@ class LanguageModel(nn.Module):
             for module in self.modules():
                 if isinstance(module, LayerNormLSTM):
                     module.reset_normalization()
+                if isinstance(module, (LSTM, GRU, RNN)):
+                    module.apply_init_options()  # forget_bias, recurrent_init: after init_range
         else:
             nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
             self.layer.reset_parameters()

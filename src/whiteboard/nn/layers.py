@@ -24,6 +24,8 @@ with G = 1 (RNN), 4 (LSTM: i|f|g|o) or 3 (GRU: r|z|n), D = 2 if bidirectional el
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from whiteboard.nn import cells
@@ -112,9 +114,12 @@ class LSTM(_RecurrentBase):
     mode = "LSTM"
     gate_count = 4
 
-    def __init__(self, *args, proj_size: int = 0, **kwargs):
+    def __init__(self, *args, proj_size: int = 0, forget_bias: float | None = None, **kwargs):
         if proj_size:
             raise ValueError("LSTM: proj_size (LSTMP) is not supported; use proj_size=0")
+        if forget_bias is not None and not math.isfinite(forget_bias):
+            raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
+        self.forget_bias = None if forget_bias is None else float(forget_bias)
         super().__init__(*args, **kwargs)
 
 

@@ -31,6 +31,8 @@ SEED_NAMES: dict[str, str] = {
 # auto: the first backend that can run the call (whiteboard.backends.BACKENDS); native:
 # the compiled loops, or an error; fused: the torch loop; reference: the loop over whiteboard.nn.cells.
 _IMPLEMENTATIONS = ("auto", "native", "fused", "reference")
+#: recurrent_init=: torch.nn's uniform initialisation of weight_hh, or orthogonal gate blocks.
+RECURRENT_INITS = ("uniform", "orthogonal")
 
 
 @dataclass
@@ -77,8 +79,14 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         dtype=None,
         *,
         implementation: str = "auto",
+        recurrent_init: str = "uniform",
     ) -> None:
         super().__init__()
+        if recurrent_init not in RECURRENT_INITS:
+            raise ValueError(f"recurrent_init must be one of {RECURRENT_INITS}, got {recurrent_init!r}")
+        self.recurrent_init = recurrent_init
+        if not hasattr(self, "forget_bias"):
+            self.forget_bias = None  # set by LSTM's constructor
         check_constructor_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         if dropout > 0 and num_layers == 1:
             warnings.warn(
@@ -151,10 +159,29 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         return {}
 
     def reset_parameters(self) -> None:
-        """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
+        """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)); then the
+        layer's ``recurrent_init`` and ``forget_bias``, where set (:meth:`apply_init_options`)."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
+        self.apply_init_options()
+
+    def apply_init_options(self) -> None:
+        """``recurrent_init="orthogonal"``: each gate's (H, H) block of every ``weight_hh`` an
+        orthogonal matrix (Saxe et al. 2014). ``forget_bias`` (LSTMs): the forget gates'
+        summed bias ``bias_ih + bias_hh`` starts at that value (its ``bias_ih`` block set,
+        its ``bias_hh`` block zero; Gers et al. 2000, Jozefowicz et al. 2015). Called after
+        any other initialisation that should not undo them (the LM's ``init_range``)."""
+        H = self.hidden_size
+        with torch.no_grad():
+            for names in self._all_weights:
+                for name in names:
+                    parameter = getattr(self, name)
+                    if name.startswith("weight_hh") and self.recurrent_init == "orthogonal":
+                        for block in parameter.split(H, 0):
+                            nn.init.orthogonal_(block)
+                    elif name.startswith("bias_") and self.forget_bias is not None:
+                        parameter[H : 2 * H].fill_(self.forget_bias if name.startswith("bias_ih") else 0.0)
 
     def flatten_parameters(self) -> None:
         """Accepted for drop-in compatibility with torch.nn; nothing to flatten here."""
@@ -193,6 +220,10 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
             s += f", bidirectional={self.bidirectional}"
         if self.implementation != "auto":
             s += f", implementation={self.implementation!r}"
+        if self.recurrent_init != "uniform":
+            s += f", recurrent_init={self.recurrent_init!r}"
+        if self.forget_bias is not None:
+            s += f", forget_bias={self.forget_bias}"
         return s
 
     # ----------------------------------------------------------------- the call
