@@ -79,29 +79,38 @@ def test_turning_the_compiled_loops_off_is_a_reason(monkeypatch):
     assert explanation.chosen == "torch-loop" and "WHITEBOARD_NATIVE=0" in explanation.reasons["compiled"]
 
 
-def test_a_backend_added_to_the_registry_is_chosen_where_it_is_preferred(monkeypatch):
-    class Everything(backends.Backend):
-        name, implementation = "everything", "everything"
+class _GRUOnly(backends.Backend):
+    name, implementation = "gru-only", "gru-only"
 
-        def supports(self, call):
-            return None if call.mode == "GRU" else "GRU only"
+    def __init__(self):
+        self.calls = []
 
-        def run(self, call, x, initial, weights, mask):
-            calls.append(call)
-            return backends.REFERENCE.run(call, x, initial, weights, mask)
+    def supports(self, call):
+        return None if call.mode == "GRU" else "GRU only"
 
-    calls = []
+    def run(self, call, x, initial, weights, mask):
+        self.calls.append(call)
+        return backends.REFERENCE.run(call, x, initial, weights, mask)
 
-    monkeypatch.setattr(backends, "BACKENDS", [Everything(), *backends.BACKENDS])
-    gru = backends.call_of(whiteboard.GRU(4, 6), torch.randn(5, 3, 4))
-    lstm = backends.call_of(whiteboard.LSTM(4, 6), torch.randn(5, 3, 4))
-    assert backends.choose(gru).name == "everything"
-    assert backends.choose(lstm).name == "compiled"
-    assert backends.explain(whiteboard.LSTM(4, 6), torch.randn(5, 3, 4)).reasons["everything"] == "GRU only"
-    layer = whiteboard.GRU(4, 6, num_layers=2)
-    x = torch.randn(5, 3, 4)
-    output, h_n = layer(x)
-    assert len(calls) == 2 and calls[0].mode == "GRU"  # one run per layer
+
+def test_a_backend_added_to_the_registry_is_chosen_where_it_is_preferred():
+    added = _GRUOnly()
+    backends.register(added, before=backends.COMPILED)
+    try:
+        gru = backends.call_of(whiteboard.GRU(4, 6), torch.randn(5, 3, 4))
+        lstm = backends.call_of(whiteboard.LSTM(4, 6), torch.randn(5, 3, 4))
+        assert backends.choose(gru).name == "gru-only"
+        assert backends.choose(lstm).name == "compiled"
+        assert backends.explain(whiteboard.LSTM(4, 6), torch.randn(5, 3, 4)).reasons["gru-only"] == "GRU only"
+        layer = whiteboard.GRU(4, 6, num_layers=2)
+        x = torch.randn(5, 3, 4)
+        output, h_n = layer(x)
+        assert len(added.calls) == 2 and added.calls[0].mode == "GRU"  # one run per layer
+        with pytest.raises(ValueError, match="already registered"):
+            backends.register(_GRUOnly())
+    finally:
+        backends.unregister(added)
+    assert [b.name for b in backends.BACKENDS] == ["compiled", "torch-loop", "reference"]
     reference = torch.nn.GRU(4, 6, num_layers=2)
     reference.load_state_dict(layer.state_dict())
     expected, expected_h = reference(x)

@@ -353,13 +353,22 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
     def _direction(self, x, initial, weights, mask, trace: bool):
         """One layer, one direction over (T, B, I), on the backend whiteboard.backends
         chooses. Returns (output, finals, fields)."""
+        if torch.compiler.is_compiling() and not trace and self._zoneout is None:
+            # One custom operator that torch.compile and torch.export see whole; it chooses
+            # the backend when it runs (whiteboard.backends.ops).
+            cell = "layernorm-lstm" if self.layer_norm else self.mode.lower()
+            weights = [x.new_empty(0) if w is None else w for w in weights]  # the operator's missing bias
+            outputs = backends.direction_op(cell, getattr(self, "nonlinearity", "tanh"), self.implementation,
+                                            x.contiguous(), list(initial), weights, mask)
+            return outputs[0], list(outputs[1:]), None
         call = self._call(x, (*initial, *weights), mask, trace)
         return backends.choose(call, self.implementation).run(call, x, initial, weights, mask)
 
     def _stack_in_one_call(self, x: Tensor, states: list[Tensor]) -> list[Tensor] | None:
         """All layers at once where the backend offers it for a plain stack (one direction,
         no dropout between layers to apply, no zoneout): [output, h_n (, c_n)], else None."""
-        if self.bidirectional or self._zoneout is not None or (self.dropout > 0 and self.training and self.num_layers > 1):
+        if (self.bidirectional or self._zoneout is not None or (self.dropout > 0 and self.training and self.num_layers > 1)
+                or torch.compiler.is_compiling()):
             return None
         weights = [self.layer_weights(layer, 0) for layer in range(self.num_layers)]
         call = self._call(x, (*states, *(w for layer in weights for w in layer)))
