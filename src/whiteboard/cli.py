@@ -23,6 +23,7 @@ commands, each with one example:
   demo       whiteboard demo --out demo-out
   inspect    whiteboard inspect demo-out/models/lstm "Alice lives in France . She speaks" --out report.html
   reach      whiteboard reach demo-out/models/rnn demo-out/models/lstm --text "Alice lives in France . She speaks"
+  export     whiteboard export runs/mine --format torch --out exported/mine
 
 'whiteboard COMMAND --help' shows a command's options.
 """
@@ -155,6 +156,14 @@ def _add_reach(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="a trained run for plain PyTorch (no whiteboard needed) or for ONNX")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", choices=["torch", "onnx"], default="torch",
+                   help="torch: model.safetensors + load_model.py for torch.nn; onnx: model.onnx")
+    p.add_argument("--out", type=Path, required=True, help="a new folder for the export (never an existing one)")
+
+
 def _unit_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -180,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_inspect(sub)
     _add_reach(sub)
+    _add_export(sub)
     return parser
 
 
@@ -189,7 +199,7 @@ def _err(message: str) -> None:
 
 COMMANDS = {"train": commands.cmd_train, "evaluate": commands.cmd_evaluate, "predict": commands.cmd_predict,
             "generate": commands.cmd_generate, "compare": commands.cmd_compare, "demo": commands.cmd_demo,
-            "inspect": commands.cmd_inspect, "reach": commands.cmd_reach}
+            "inspect": commands.cmd_inspect, "reach": commands.cmd_reach, "export": commands.cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,3 +218,16 @@ def cmd_reach(args) -> int:
             print(f"{k:>5} " + " ".join(f"{v[k]:>12.3e}" if k < len(v) else f"{'-':>12}" for v in curves.values()))
         print(f"wrote {args.out}")
     return 0
+
+
+def cmd_export(args) -> int:
+    from whiteboard.lm.checkpoint import load_run
+    from whiteboard.lm.export import export_run
+
+    model, vocab, _ = load_run(args.run_dir)
+    written = export_run(model, vocab, args.out, args.format)
+    print(f"wrote {args.out}: {', '.join(p.name for p in written)}")
+    if args.format == "torch":
+        print(f"load it with: import sys; sys.path.insert(0, '{args.out}'); from load_model import load; "
+              f"model, vocab = load('{args.out}')")
+    return 0

@@ -26,7 +26,7 @@ def atomic_output(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
             handle.flush()
             # mkstemp makes the file private (0600); a written file gets the permissions any
             # new file would (0666 less the umask), as open() would have given it.
-            os.fchmod(handle.fileno(), 0o666 & ~_umask())
+            os.fchmod(handle.fileno(), 0o666 & ~umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
@@ -42,7 +42,7 @@ def atomic_output(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
         pass
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)
     return mask
