@@ -115,8 +115,8 @@ def test_our_own_arguments_are_checked():
         whiteboard.RNN(5, 7, nonlinearity="gelu")
     with pytest.raises(ValueError, match="implementation must be one of"):
         whiteboard.RNN(5, 7, implementation="cuda-magic")
-    with pytest.raises(ValueError, match="proj_size"):
-        whiteboard.LSTM(5, 7, proj_size=3)
+    with pytest.raises(ValueError, match="proj_size has to be smaller than hidden_size"):
+        whiteboard.LSTM(5, 7, proj_size=7)
 
 
 def test_mismatched_state_dict_keys_are_named():

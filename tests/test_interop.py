@@ -154,3 +154,8 @@ def test_onnx_export_uses_onnxs_recurrent_operators_and_matches_in_onnxruntime(n
 def test_onnx_export_of_a_layer_norm_lstm_says_why_not(tmp_path):
     with pytest.raises(Exception, match="LayerNormLSTM has no ONNX operator"):
         _onnx_run(whiteboard.LayerNormLSTM(4, 6).eval(), torch.randn(5, 3, 4), torch.randn(5, 3, 4), tmp_path)
+
+
+def test_onnx_export_of_a_projected_lstm_says_why_not(tmp_path):
+    with pytest.raises(Exception, match="no projection"):
+        _onnx_run(whiteboard.LSTM(4, 6, proj_size=2).eval(), torch.randn(5, 3, 4), torch.randn(5, 3, 4), tmp_path)

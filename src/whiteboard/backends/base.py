@@ -23,6 +23,7 @@ class Call:
     lengths: bool = False  # a PackedSequence or lengths=
     functorch: bool = False  # tensors wrapped by a torch.func transform (grad, vjp, vmap)
     nonlinearity: str = "tanh"  # the RNN's
+    projection: bool = False  # an LSTM with projections (proj_size > 0): weights end with W_hr
 
 
 def reference_only(call: Call) -> str | None:

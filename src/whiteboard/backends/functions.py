@@ -12,8 +12,8 @@ reference loop and lets autograd differentiate it
 (``torch.func.vmap``, ``gradcheck``'s ``check_batched_grad``), which neither the ``out=``
 buffers of the torch sweep nor the compiled calls can take part in.
 
-The layer-norm LSTM's Function, which has no compiled loop, is in
-:mod:`whiteboard.backends.layer_norm`.
+The layer-norm LSTM's Function and the LSTM with projections', which have no compiled loop,
+are in :mod:`whiteboard.backends.layer_norm` and :mod:`whiteboard.backends.projection`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from whiteboard.backends import torch_sweeps
 from whiteboard.backends.base import Call, needs_grad
 from whiteboard.backends.compiled import loops
 from whiteboard.backends.layer_norm import FusedLayerNormLSTM, layernorm_lstm_sequence
+from whiteboard.backends.projection import run_lstmp
 from whiteboard.backends.reference import autograd_backward, flat_reference, needs_autograd_backward
 from whiteboard.nn import cells
 
@@ -171,6 +172,9 @@ def run_direction(call: Call, x: Tensor, initial: list[Tensor], weights: tuple, 
     only what the next step needs. ``compiled``: the compiled module, or None for the
     torch loop."""
     h0 = initial[0]
+    if call.projection:
+        out, finals = run_lstmp(x, initial, weights, mask, needs_grad(x, *initial, *weights))
+        return out, finals, None
     if needs_grad(x, *initial, *weights):
         if call.layer_norm:
             out, h_n, c_n = FusedLayerNormLSTM.apply(x, h0, initial[1], *weights, mask, cells.LAYER_NORM_EPS)

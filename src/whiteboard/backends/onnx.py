@@ -38,6 +38,8 @@ def _gates(weight, count: int, order: list[int]):
 def _direction(cell: str, nonlinearity: str, implementation: str, x, states, weights, mask):
     if cell == "layernorm-lstm":
         raise OnnxExportError("LayerNormLSTM has no ONNX operator; export a model with cell lstm, gru or rnn")
+    if len(weights) == 5:
+        raise OnnxExportError("ONNX's LSTM operator has no projection (proj_size); export a model without one")
     w_ih, w_hh, b_ih, b_hh = weights
     hidden = w_hh.shape[1]
     if not isinstance(hidden, int):

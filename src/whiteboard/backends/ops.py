@@ -28,9 +28,10 @@ from whiteboard.backends.registry import choose
 __all__ = ["direction"]
 
 
-def _call(cell: str, nonlinearity: str, x: Tensor, mask: Optional[Tensor]) -> Call:
+def _call(cell: str, nonlinearity: str, x: Tensor, mask: Optional[Tensor], weights) -> Call:
     return Call(mode="LSTM" if cell == "layernorm-lstm" else cell.upper(), layer_norm=cell == "layernorm-lstm",
-                device_type=x.device.type, dtype=x.dtype, lengths=mask is not None, nonlinearity=nonlinearity)
+                device_type=x.device.type, dtype=x.dtype, lengths=mask is not None, nonlinearity=nonlinearity,
+                projection=cell == "lstm" and len(weights) == 5)  # an LSTMP's weights end with W_hr
 
 
 def _state_count(cell: str) -> int:
@@ -45,7 +46,7 @@ def _weights(weights: list[Tensor]) -> tuple:
 
 
 def _run(cell, nonlinearity, implementation, x, states, weights, mask):
-    call = _call(cell, nonlinearity, x, mask)
+    call = _call(cell, nonlinearity, x, mask, weights)
     output, finals, _ = choose(call, implementation).run(call, x, list(states), _weights(weights), mask)
     return output, finals
 

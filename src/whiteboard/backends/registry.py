@@ -71,6 +71,7 @@ def call_of(layer, input, lengths=None, trace: bool = False) -> Call:
         mode=layer.mode, layer_norm=layer.layer_norm, device_type=x.device.type, dtype=x.dtype, trace=trace,
         zoneout=layer._zoneout, lengths=lengths is not None or isinstance(input, PackedSequence),
         functorch=wrapped(x) or any(wrapped(p) for p in parameters), nonlinearity=getattr(layer, "nonlinearity", "tanh"),
+        projection=getattr(layer, "proj_size", 0) > 0,
     )
 
 

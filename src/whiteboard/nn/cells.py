@@ -99,8 +99,10 @@ def lstm_step(
     w_hh: Tensor,
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
 ) -> LSTMStep:
-    """LSTM step, exactly torch.nn.LSTM's (no peepholes), gate order i, f, g, o.
+    """LSTM step, exactly torch.nn.LSTM's (no peepholes), gate order i, f, g, o; with
+    ``w_hr`` (P, H) the LSTM with projections (LSTMP, Sak et al. 2014), whose h is P wide.
 
     .. math::
         i_t = \\sigma(U_i x_t + W_i h_{t-1} + b_i)      selective read
@@ -108,11 +110,13 @@ def lstm_step(
         g_t = \\tanh(U_g x_t + W_g h_{t-1} + b_g)       candidate
         o_t = \\sigma(U_o x_t + W_o h_{t-1} + b_o)      selective write
         c_t = f_t \\odot c_{t-1} + i_t \\odot g_t        the whiteboard
-        h_t = o_t \\odot \\tanh(c_t)
+        h_t = o_t \\odot \\tanh(c_t)                 (LSTMP: h_t = W_hr (o_t \\odot \\tanh(c_t)))
     """
     z = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)  # (B, 4H)
     i, f, g, o, c_new = _lstm_gates_and_cell(z, c)
     h_new = o * torch.tanh(c_new)
+    if w_hr is not None:
+        h_new = _linear(h_new, w_hr, None)  # (B, P)
     return LSTMStep(h_new, c_new, i, f, g, o)
 
 

@@ -35,10 +35,13 @@ class TorchNNInputs:
     def _initial_states(self, hx, batch: int, x: Tensor, unbatched: bool) -> list[Tensor]:
         count = self._state_count()
         layers = self.num_layers * self.num_directions
-        expected = (layers, batch, self.hidden_size)
+        # h is proj_size wide in an LSTM with projections (LSTMP); c is always hidden_size.
+        shapes = [(layers, batch, self.proj_size or self.hidden_size), (layers, batch, self.hidden_size)][:count]
         if hx is None:
-            zeros = x.new_zeros(expected)
-            return [zeros] * count
+            if shapes[0] == shapes[-1]:
+                zeros = x.new_zeros(shapes[0])
+                return [zeros] * count
+            return [x.new_zeros(shape) for shape in shapes]
         if self.mode == "LSTM":
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(h, Tensor) for h in hx)):
                 raise TypeError("LSTM: hx must be a tuple of two Tensors (h_0, c_0)")
@@ -56,7 +59,7 @@ class TorchNNInputs:
             kind = "unbatched 2-D" if unbatched else "batched 3-D"
             raise RuntimeError(f"For {kind} input, {subject} should also be {rank}-D but got {ranks}")
         states = []
-        for message, state in zip(messages, given):
+        for message, state, expected in zip(messages, given, shapes):
             state = state.unsqueeze(1) if unbatched else state
             if _shape(state) != expected:
                 raise RuntimeError(message.format(expected, list(state.shape)))

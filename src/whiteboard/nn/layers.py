@@ -82,7 +82,7 @@ class RNN(_RecurrentBase):
 
 
 class LSTM(_RecurrentBase):
-    """LSTM, torch.nn.LSTM-compatible (no peepholes, no projection).
+    """LSTM, torch.nn.LSTM-compatible (no peepholes), with torch.nn's ``proj_size``.
 
     .. math::
         i_t = \\sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi})    input gate  (selective read)
@@ -90,9 +90,13 @@ class LSTM(_RecurrentBase):
         g_t = \\tanh(W_{ig} x_t + b_{ig} + W_{hg} h_{t-1} + b_{hg})     candidate
         o_t = \\sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho})    output gate (selective write)
         c_t = f_t \\odot c_{t-1} + i_t \\odot g_t                        cell state  (the whiteboard)
-        h_t = o_t \\odot \\tanh(c_t)
+        h_t = o_t \\odot \\tanh(c_t)       (proj_size > 0: h_t = W_{hr} (o_t \\odot \\tanh(c_t)), LSTMP)
 
-    Args: as :class:`RNN` without ``nonlinearity``.
+    Args: as :class:`RNN` without ``nonlinearity``, and
+        proj_size: P > 0 projects h to P features (Sak et al. 2014), as torch.nn does: h_0,
+            h_n and the output are P wide (c stays H), ``weight_hr_l{k}`` is (P, H) and
+            ``weight_hh_l{k}`` (4H, P). Runs on the torch loop and the reference.
+        forget_bias: where set, the forget gates' summed bias starts at this value.
 
     Shapes:
         input: (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or a PackedSequence.
@@ -115,8 +119,11 @@ class LSTM(_RecurrentBase):
     gate_count = 4
 
     def __init__(self, *args, proj_size: int = 0, forget_bias: float | None = None, **kwargs):
-        if proj_size:
-            raise ValueError("LSTM: proj_size (LSTMP) is not supported; use proj_size=0")
+        if len(args) > 7:  # torch.nn.LSTM's positional order: ..., bidirectional, proj_size, device, dtype
+            proj_size, args = args[7], args[:7] + args[8:]
+        if proj_size and self.layer_norm:
+            raise ValueError("LayerNormLSTM: proj_size (projections) is not supported; use proj_size=0")
+        kwargs["proj_size"] = proj_size
         if forget_bias is not None and not math.isfinite(forget_bias):
             raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
         self.forget_bias = None if forget_bias is None else float(forget_bias)

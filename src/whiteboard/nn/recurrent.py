@@ -80,6 +80,7 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         *,
         implementation: str = "auto",
         recurrent_init: str = "uniform",
+        proj_size: int | None = None,
     ) -> None:
         super().__init__()
         if recurrent_init not in RECURRENT_INITS:
@@ -88,6 +89,13 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         if not hasattr(self, "forget_bias"):
             self.forget_bias = None  # set by LSTM's constructor
         check_constructor_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
+        if proj_size is not None and self.mode != "LSTM":
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        proj_size = proj_size or 0
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"dropout={dropout} has no effect with num_layers=1: dropout is applied "
@@ -101,7 +109,7 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
-        self.proj_size = 0  # torch.nn's attribute; projections (LSTMP) are not supported
+        self.proj_size = proj_size  # LSTMP (Sak et al. 2014): h is W_hr (o * tanh(c)), proj_size wide
         self.implementation = implementation
         # Set for the duration of one call by whiteboard.nn.regularizers.WeightDrop / Zoneout.
         self._weight_overrides: dict[str, Tensor] | None = None
@@ -112,13 +120,16 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         # torch.nn's lists of parameter names: per layer and direction, and all in order.
         self._all_weights: list[list[str]] = []
         self._flat_weights_names: list[str] = []
+        state_size = proj_size or hidden_size  # what h_t is, and what feeds back through W_hh
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * directions
+            layer_input = input_size if layer == 0 else state_size * directions
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                shapes = {"weight_ih": (gate_rows, layer_input), "weight_hh": (gate_rows, hidden_size)}
+                shapes = {"weight_ih": (gate_rows, layer_input), "weight_hh": (gate_rows, state_size)}
                 if bias:
                     shapes.update(bias_ih=(gate_rows,), bias_hh=(gate_rows,))
+                if proj_size:
+                    shapes.update(weight_hr=(proj_size, hidden_size))
                 names = [f"{name}{suffix}" for name in shapes]
                 for name, shape in zip(names, shapes.values()):
                     self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
@@ -186,16 +197,18 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
     def flatten_parameters(self) -> None:
         """Accepted for drop-in compatibility with torch.nn; nothing to flatten here."""
 
-    def layer_weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction."""
+    def layer_weights(self, layer: int, direction: int) -> tuple:
+        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction, and weight_hr
+        after them in an LSTM with projections."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         w_ih = self._weight(f"weight_ih{suffix}")
         w_hh = self._weight(f"weight_hh{suffix}")
         if self._weight_overrides:
             w_hh = self._weight_overrides.get(f"weight_hh{suffix}", w_hh)
-        if not self.bias:
-            return w_ih, w_hh, None, None
-        return w_ih, w_hh, self._weight(f"bias_ih{suffix}"), self._weight(f"bias_hh{suffix}")
+        biases = (self._weight(f"bias_ih{suffix}"), self._weight(f"bias_hh{suffix}")) if self.bias else (None, None)
+        if self.proj_size:
+            return w_ih, w_hh, *biases, self._weight(f"weight_hr{suffix}")
+        return w_ih, w_hh, *biases
 
     def _weight(self, name: str) -> Tensor:
         # From the parameter dict first: through nn.Module.__getattr__ the four lookups of a
@@ -208,6 +221,8 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
     def extra_repr(self) -> str:
         # torch.nn's RNNBase.extra_repr, then what only whiteboard has.
         s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         if self.bias is not True:
@@ -348,7 +363,7 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         """What decides the backend of a call on x (and ``tensors``: states, weights)."""
         return backends.Call(self.mode, self.layer_norm, x.device.type, x.dtype, trace, self._zoneout,
                              mask is not None, backends.under_functorch(x, *tensors),
-                             getattr(self, "nonlinearity", "tanh"))
+                             getattr(self, "nonlinearity", "tanh"), projection=self.proj_size > 0)
 
     def _direction(self, x, initial, weights, mask, trace: bool):
         """One layer, one direction over (T, B, I), on the backend whiteboard.backends

@@ -25,6 +25,8 @@ class _Compiled(Backend):
     def supports(self, call: Call) -> str | None:
         if call.layer_norm:
             return "there is no compiled loop for the layer-norm LSTM"
+        if call.projection:
+            return "projections (proj_size): the compiled loops have none"
         if call.device_type != "cpu":
             return f"on {call.device_type}: the compiled loops are CPU-only"
         if call.dtype not in COMPILED_DTYPES:
