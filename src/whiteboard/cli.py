@@ -54,6 +54,9 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --run-dir (its files are deleted first)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train data-parallel on N processes of this machine (starts torchrun; for several "
+                        "machines run torchrun -m whiteboard train yourself)")
 
 
 def _add_evaluate(sub) -> None:
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that starts itself again (--nproc)
     handler = COMMANDS[args.command]
     try:
         return handler(args)

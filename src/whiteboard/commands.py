@@ -33,6 +33,8 @@ def cmd_train(args) -> int:
         for name in cfg.preset_names():
             print(name)
         return 0
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     sets = list(args.set)
     if args.corpus:
         sets.append(f"data.corpus={args.corpus}")
@@ -58,8 +60,15 @@ def cmd_train(args) -> int:
             raise UsageError("train needs --run-dir (where the checkpoints go), or --resume RUN_DIR")
         config = cfg.resolve(args.preset, args.config, sets)
         run_dir = args.run_dir
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from whiteboard.lm.distributed import World
+
+        World(size=args.nproc).check_batch(config.train.batch_size)  # refused here, once, before any start
+        return _start_torchrun(args.nproc, args.argv)
     result = train(config, run_dir, resume=bool(args.resume), progress=not args.quiet,
                    log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports for the job
     if result.already_finished:
         print(f"{run_dir} has finished already; evaluate it with: whiteboard evaluate {run_dir}")
         return 0
@@ -231,3 +240,24 @@ def cmd_export(args) -> int:
         print(f"load it with: import sys; sys.path.insert(0, '{args.out}'); from load_model import load; "
               f"model, vocab = load('{args.out}')")
     return 0
+
+
+def _start_torchrun(nproc: int, argv: list[str]) -> int:
+    """``whiteboard train ... --nproc N``: the same command under torchrun on this machine,
+    one process per share of the batch. Returns torchrun's exit status (non-zero when any
+    process failed; torchrun then stops the others)."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "whiteboard", *rest]
+    print(f"starting {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m whiteboard "
+          + " ".join(rest), file=sys.stderr)
+    return subprocess.run(command).returncode

@@ -152,11 +152,16 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], info: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_training_state(run_dir: Path, model, optimizer, counters: dict, hidden, data_generator: torch.Generator) -> None:
+def save_training_state(run_dir: Path, model, optimizer, counters: dict, hidden, data_generator: torch.Generator,
+                        rank_rng_states: list[torch.Tensor] | None = None) -> None:
+    """``rank_rng_states``: in a distributed run, every rank's torch generator state (rank
+    0's is the usual ``rng.torch``, rank r's ``rng.torch.r``); ``hidden`` the whole batch's."""
     tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
     opt_tensors, opt_info = _optimizer_tensors(optimizer)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
+    for rank, state in list(enumerate(rank_rng_states or []))[1:]:
+        tensors[f"rng.torch.{rank}"] = state
     tensors["rng.data"] = data_generator.get_state()
     hidden_list = list(hidden) if isinstance(hidden, tuple) else [hidden]
     for i, h in enumerate(hidden_list):
@@ -171,15 +176,16 @@ def read_training_counters(run_dir: Path) -> dict:
     return json.loads(metadata["counters"])
 
 
-def load_training_state(run_dir: Path, model, optimizer, data_generator: torch.Generator, device):
-    """Restore model, optimizer and RNGs; return (counters, hidden state)."""
+def load_training_state(run_dir: Path, model, optimizer, data_generator: torch.Generator, device, rank: int = 0):
+    """Restore model, optimizer and RNGs (``rank``'s torch generator where the checkpoint has
+    one for it); return (counters, hidden state of the whole batch)."""
     path = Path(run_dir) / rundir.TRAINING_STATE
     tensors, metadata = _read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise WhiteboardError(f"{path} was not written by whiteboard")
     load_model_tensors(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
     optimizer.load_state_dict(_optimizer_state(tensors, json.loads(metadata["optimizer"])))
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors["rng.torch"]) if rank else tensors["rng.torch"])
     data_generator.set_state(tensors["rng.data"])
     hidden = [tensors[f"hidden.{i}"].to(device) for i in range(2) if f"hidden.{i}" in tensors]
     state = tuple(hidden) if len(hidden) == 2 else hidden[0]

@@ -97,6 +97,7 @@ class TrainConfig:
     nonmono: int = 5  # ntasgd: switch to averaged SGD when validation is worse than the best of all but the last N
     seed: int = 1234
     device: str = "cpu"
+    dtype: str = "float32"  # float32 | float64 (the weights and the recurrence; tests of exactness)
     threads: int = 0  # 0 = torch's default
 
 
@@ -258,6 +259,8 @@ def validate(config: RunConfig) -> None:
         raise UsageError(f"train.anneal must be a fraction in [0, 1], got {t.anneal}")
     if config.data.min_freq < 1 or config.data.max_vocab < 0:
         raise UsageError("data.min_freq must be >= 1 and data.max_vocab >= 0")
+    if t.dtype not in ("float32", "float64"):
+        raise UsageError(f"train.dtype must be float32 or float64, got {t.dtype!r}")
     try:
         torch.device(t.device)
     except (RuntimeError, ValueError):

@@ -57,13 +57,24 @@ def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> Prepared
 
 def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int, device) -> float:
     """Mean cross-entropy per token over a whole split, state carried across windows."""
-    streams = batchify(ids, batch_size).to(device)
-    model.eval()
+    total, count = evaluate_sums(model, ids, batch_size, bptt, device)
+    return total / count
+
+
+def evaluate_sums(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int, device,
+                  columns: slice = slice(None)) -> tuple[float, int]:
+    """(summed cross-entropy, token count) over the split's ``columns`` of its
+    ``batch_size`` streams: one process's share of a distributed evaluation, whose sums
+    over the processes give the mean a single process would."""
+    streams = batchify(ids, batch_size)[:, columns].to(device)
     total, count = 0.0, 0
+    if streams.shape[1] == 0:
+        return total, count
+    model.eval()
     state = model.init_state(streams.shape[1])
     with torch.no_grad():
         for window in windows(streams, bptt):
             logits, state = model(window.inputs, state)
             total += nn.functional.cross_entropy(logits.flatten(0, 1), window.targets.flatten(), reduction="sum").item()
             count += window.targets.numel()
-    return total / count
+    return total, count

@@ -178,10 +178,12 @@ class LanguageModel(nn.Module):
         RNN/LSTM/GRU, or a :class:`RecurrentStack`; both have ``trace``."""
         return _inner(self.recurrent)
 
-    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """tokens (T, B) -> logits (T, B, V) and the final state."""
-        logits, state, _, _ = self.forward_with_outputs(tokens, state)
-        return logits, state
+    def forward(self, tokens: Tensor, state: State | None = None, with_outputs: bool = False):
+        """tokens (T, B) -> logits (T, B, V) and the final state; ``with_outputs``: also the
+        last layer's raw and dropped-out outputs (what forward_with_outputs returns), so
+        that a DistributedDataParallel wrapper, which hooks forward() alone, sees them."""
+        logits, state, raw, dropped = self.forward_with_outputs(tokens, state)
+        return (logits, state, raw, dropped) if with_outputs else (logits, state)
 
     def forward_with_outputs(self, tokens: Tensor, state: State | None = None):
         """Also the last layer's raw and dropped-out outputs (T, B, H), for AR/TAR."""

@@ -15,12 +15,14 @@ from whiteboard.lm import rundir
 from whiteboard.lm.evaluation import loss_words
 
 class MetricsLog:
-    def __init__(self, path: Path):
-        self.path = path
+    """metrics.jsonl. ``writer``: whether this process writes it (rank 0 of a distributed run)."""
+
+    def __init__(self, path: Path, writer: bool = True):
+        self.path, self.writer = path, writer
 
     def keep_up_to(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint (they will be logged again)."""
-        if not self.path.exists():
+        if not self.writer or not self.path.exists():
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -33,6 +35,8 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
+        if not self.writer:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
@@ -94,6 +98,7 @@ class TrainingState:
     valid_history: list[float] = field(default_factory=list)
     wall_seconds: float = 0.0  # over every session of the run
     finished: bool = False
+    world_size: int = 1  # processes the run last trained on (whiteboard.lm.distributed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

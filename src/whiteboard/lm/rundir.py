@@ -11,6 +11,7 @@ files that a kill during an atomic write left behind.
 from __future__ import annotations
 
 import errno
+import json
 import fcntl
 import os
 import re
@@ -116,3 +117,35 @@ def remove_run_files(run_dir: Path) -> None:
     """What ``--overwrite`` removes: a run's own files; anything else in the folder stays."""
     for name in RUN_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def fresh_or_same_run(config_json: str, run_dir: Path, overwrite: bool, log) -> bool:
+    """For a new run: True where ``run_dir`` holds a resumable run of this very config (it
+    is continued), False where the directory is empty (or emptied by ``overwrite``)."""
+    present = run_files_in(run_dir)
+    if not present:
+        return False
+    if overwrite:
+        log(f"--overwrite: replacing the run in {run_dir}")
+        remove_run_files(run_dir)
+        leftover = run_files_in(run_dir)
+        if leftover:
+            log(f"kept what is not a whiteboard run file: {', '.join(leftover)}")
+        return False
+    saved = _saved_config(run_dir)
+    if (run_dir / TRAINING_STATE).exists() and saved == json.loads(config_json):
+        log(f"{run_dir} holds this run (same config): continuing it")
+        return True
+    what = "a run with another config" if saved is not None else f"other files ({', '.join(present[:5])})"
+    raise WhiteboardError(
+        f"{run_dir} is not empty: it holds {what}. Choose another --run-dir, continue a run with "
+        f"--resume {run_dir}, or pass --overwrite to replace it"
+    )
+
+
+def _saved_config(run_dir: Path) -> dict | None:
+    try:
+        saved = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None

@@ -8,7 +8,6 @@ uninterrupted run would have had.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -16,14 +15,15 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from whiteboard.errors import WhiteboardError
-from whiteboard.lm import checkpoint, rundir
+from whiteboard.lm import checkpoint, distributed, rundir
 from whiteboard.lm.config import RunConfig, check_device
 from whiteboard.lm.data import batchify, check_long_enough, windows
-from whiteboard.lm.evaluation import (PreparedData, bits_per_char, evaluate, loss_words,  # noqa: F401 (re-exported)
-                                      perplexity, prepare_data)
+from whiteboard.lm.evaluation import (PreparedData, bits_per_char, evaluate, evaluate_sums,  # noqa: F401
+                                      loss_words, perplexity, prepare_data)
 from whiteboard.lm.guards import (StopFlag, TrainingDiverged, check_loss,  # noqa: F401 (re-exported)
                                   check_parameters, check_updated_model)
 from whiteboard.lm.model import LanguageModel, detach_state
@@ -47,60 +47,48 @@ def train(
     anything but the same run (which it continues), unless ``overwrite`` replaces it."""
     run_dir = Path(run_dir)
     check_device(config.train.device)
-    with rundir.RunDirectoryClaim(run_dir):
-        if not resume:
-            resume = _fresh_or_same_run(config, run_dir, overwrite, log)
-        return _train(config, run_dir, resume, progress, log)
-
-
-def _fresh_or_same_run(config: RunConfig, run_dir: Path, overwrite: bool, log) -> bool:
-    """For a new run: True where ``run_dir`` holds a resumable run of this very config (it
-    is continued), False where the directory is empty (or emptied by ``overwrite``)."""
-    present = rundir.run_files_in(run_dir)
-    if not present:
-        return False
-    if overwrite:
-        log(f"--overwrite: replacing the run in {run_dir}")
-        rundir.remove_run_files(run_dir)
-        leftover = rundir.run_files_in(run_dir)
-        if leftover:
-            log(f"kept what is not a whiteboard run file: {', '.join(leftover)}")
-        return False
-    saved = _saved_config(run_dir)
-    if (run_dir / rundir.TRAINING_STATE).exists() and saved == json.loads(config.to_json()):
-        log(f"{run_dir} holds this run (same config): continuing it")
-        return True
-    what = "a run with another config" if saved is not None else f"other files ({', '.join(present[:5])})"
-    raise WhiteboardError(
-        f"{run_dir} is not empty: it holds {what}. Choose another --run-dir, continue a run with "
-        f"--resume {run_dir}, or pass --overwrite to replace it"
-    )
-
-
-def _saved_config(run_dir: Path) -> dict | None:
+    world = distributed.world(config.train.device)
+    clean = False
     try:
-        saved = json.loads((run_dir / rundir.CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return saved if isinstance(saved, dict) else None
+        world.check_batch(config.train.batch_size)
+        if not world.main:  # rank 0 alone claims the directory, logs and shows progress
+            if not resume:
+                resume = world.decide(False)
+            result = _train(config, run_dir, resume, False, lambda message: None, world)
+        else:
+            with rundir.RunDirectoryClaim(run_dir):
+                if not resume:
+                    resume = world.decide(rundir.fresh_or_same_run(config.to_json(), run_dir, overwrite, log))
+                result = _train(config, run_dir, resume, progress, log, world)
+        clean = True
+        return result
+    finally:
+        distributed.leave(world, clean)
 
 
 class _Trainer:
     """One session of a run: the loop over windows as named steps (train_step, evaluate,
     save, the stop checks), with everything it carries in ``self.state``."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, data: PreparedData, device, progress: bool, log) -> None:
+    def __init__(self, config: RunConfig, run_dir: Path, data: PreparedData, device, progress: bool, log,
+                 world: distributed.World) -> None:
         self.config, self.t, self.run_dir, self.data, self.device = config, config.train, run_dir, data, device
-        self.vocab, self.progress_bar, self.log = data.vocab, progress, log
+        self.vocab, self.progress_bar, self.log, self.world = data.vocab, progress, log, world
         torch.manual_seed(self.t.seed)
-        self.data_generator = torch.Generator().manual_seed(self.t.seed)
-        self.model = LanguageModel(len(self.vocab), config.model).to(device)
+        self.data_generator = torch.Generator().manual_seed(self.t.seed)  # the same on every rank
+        self.model = LanguageModel(len(self.vocab), config.model).to(device, getattr(torch, self.t.dtype))
+        if world.distributed:
+            # The same initial weights everywhere (DDP checks), then each rank its own dropout draws.
+            torch.manual_seed(self.t.seed + world.rank)
+        self.forward = DistributedDataParallel(self.model) if world.distributed else self.model
         self.optimizer = make_optimizer(self.model, config)
-        self.metrics = MetricsLog(run_dir / rundir.METRICS)
-        self.state = TrainingState()
+        self.metrics = MetricsLog(run_dir / rundir.METRICS, writer=world.main)
+        self.state = TrainingState(world_size=world.size)
         self.hidden = None
         self.loss_fn = nn.CrossEntropyLoss()
-        self.streams = batchify(data.ids["train"], self.t.batch_size).to(device)
+        self.local_batch = self.t.batch_size // world.size
+        # This rank's columns of the global batch's streams: together, one process's data.
+        self.streams = batchify(data.ids["train"], self.t.batch_size)[:, world.columns(self.t.batch_size)].to(device)
         self.windows_per_epoch = math.ceil((self.streams.shape[0] - 1) / self.t.bptt)
         self.last_step = None  # (window, the hidden state it started from): what save() re-checks
         self.evaluated_at = -1
@@ -113,9 +101,18 @@ class _Trainer:
         """Load the resume point; False where the run has finished already."""
         counters = checkpoint.read_training_counters(self.run_dir)
         self.optimizer = make_optimizer(self.model, self.config, averaged=counters.get("asgd", False))
-        counters, self.hidden = checkpoint.load_training_state(self.run_dir, self.model, self.optimizer,
-                                                               self.data_generator, self.device)
+        counters, hidden = checkpoint.load_training_state(self.run_dir, self.model, self.optimizer,
+                                                          self.data_generator, self.device, self.world.rank)
+        columns = self.world.columns(self.t.batch_size)
+        self.hidden = tuple(h[:, columns] for h in hidden) if isinstance(hidden, tuple) else hidden[:, columns]
         self.state = TrainingState.from_dict(counters)
+        if self.state.world_size != self.world.size:
+            # The streams and the hidden state carry over exactly (the batch divides); each
+            # rank's dropout generator cannot: draw them afresh.
+            torch.manual_seed(self.t.seed + self.world.rank + 7919 * self.state.step)
+            self.log(f"resuming a run trained on {self.state.world_size} process(es) on {self.world.size}: the data "
+                     "and hidden state continue exactly, dropout's random draws differ from an uninterrupted run's")
+            self.state.world_size = self.world.size
         self.wall_before = self.state.wall_seconds
         if self.state.finished and _nothing_to_train(self.t, counters):
             return False
@@ -158,7 +155,7 @@ class _Trainer:
         started = time.perf_counter()
         self.hidden = detach_state(self.hidden)
         self.last_step = (window, self.hidden)
-        logits, self.hidden, raw_output, dropped_output = model.forward_with_outputs(window.inputs, self.hidden)
+        logits, self.hidden, raw_output, dropped_output = self.forward(window.inputs, self.hidden, with_outputs=True)
         loss = self.loss_fn(logits.flatten(0, 1), window.targets.flatten())
         value = loss.item()
         where = f"at step {s.step + 1} (epoch {s.epoch})"
@@ -188,14 +185,15 @@ class _Trainer:
         self.optimizer.step()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        tokens = window.targets.numel()
+        # Over all ranks (one small all-reduce), so the log and tokens/s are the job's.
+        loss_sum, tokens = self.world.all_sum([value * window.targets.numel(), window.targets.numel()])
         s.step += 1
         s.position = window.start + window.inputs.shape[0]
-        s.log_loss += value * tokens
-        s.log_tokens += tokens
-        s.train_tokens += tokens
+        s.log_loss += loss_sum
+        s.log_tokens += int(tokens)
+        s.train_tokens += int(tokens)
         s.train_seconds += time.perf_counter() - started
-        return value
+        return loss_sum / tokens
 
     def log_training(self, lr: float) -> None:
         s = self.state
@@ -213,10 +211,10 @@ class _Trainer:
         t, s, vocab = self.t, self.state, self.vocab
         self.evaluated_at = s.step
         with AveragedWeights(self.model, self.optimizer):
-            valid_loss = evaluate(self.model, self.data.ids["valid"], t.eval_batch_size, t.bptt, self.device)
+            valid_loss = self.evaluate_split(self.model, "valid")
             check_loss(valid_loss, len(vocab), "the validation loss", f"at step {s.step}", self.run_dir)
             improved = valid_loss < s.best_valid
-            if improved:
+            if improved and self.world.main:
                 checkpoint.save_model(self.run_dir, self.model, s.step)
         if t.optimizer == "ntasgd" and not s.asgd and ntasgd_should_switch(s.valid_history, valid_loss, t.nonmono):
             self.optimizer = make_optimizer(self.model, self.config, averaged=True)
@@ -240,14 +238,29 @@ class _Trainer:
                  + ("" if improved else " (no improvement)"))
         self.model.train()
 
+    def evaluate_split(self, model: LanguageModel, split: str) -> float:
+        """Mean loss over a split; in a distributed run each rank evaluates its columns of
+        the evaluation batch and the sums are added up, so it equals one process's."""
+        t = self.t
+        total, count = evaluate_sums(model, self.data.ids[split], t.eval_batch_size, t.bptt, self.device,
+                                     self.world.columns(t.eval_batch_size))
+        total, count = self.world.all_sum([total, count])
+        return total / count
+
     def save(self, hidden) -> None:
-        """The resume point, after checking that what it would keep is sane."""
+        """The resume point, after checking that what it would keep is sane. In a distributed
+        run every rank takes part (the whole batch's hidden state and every rank's dropout
+        generator are gathered) and rank 0 writes."""
         check_parameters(self.model, self.state, self.run_dir)
         if self.last_step is not None:
             check_updated_model(self.model, self.last_step, self.loss_fn, len(self.vocab), self.state, self.run_dir)
         self.state.wall_seconds = self.wall_seconds()
-        checkpoint.save_training_state(self.run_dir, self.model, self.optimizer, self.state.to_dict(), hidden,
-                                       self.data_generator)
+        states = list(hidden) if isinstance(hidden, tuple) else [hidden]
+        whole = [self.world.gather_columns(h) for h in states]
+        rng = self.world.gather_bytes(torch.get_rng_state()) if self.world.distributed else None
+        if self.world.main:
+            checkpoint.save_training_state(self.run_dir, self.model, self.optimizer, self.state.to_dict(),
+                                           tuple(whole) if len(whole) == 2 else whole[0], self.data_generator, rng)
 
     # ------------------------------------------------------------------ the loop
 
@@ -259,7 +272,7 @@ class _Trainer:
                 epoch_lr = scheduled_lr(self.config, s.epoch, s.plateau)
                 self.model.train()
                 if s.position == 0 or self.hidden is None:
-                    self.hidden = self.model.init_state(t.batch_size)
+                    self.hidden = self.model.init_state(self.local_batch)
                 bar = tqdm(total=self.windows_per_epoch, initial=min(self.windows_per_epoch, s.position // t.bptt),
                            desc=f"epoch {s.epoch}/{t.epochs}", disable=None if self.progress_bar else True,
                            leave=False, unit="win", dynamic_ncols=True)
@@ -279,22 +292,23 @@ class _Trainer:
                         if self.stopping_early():
                             stop_early = True
                             break
-                        time_up = self.time_is_up()
-                        if stop.requested or self.steps_done() or time_up:
-                            interrupted = stop.requested
+                        # Every rank stops at the same step: the clock or a signal on any of them.
+                        time_up, requested = self.world.any(self.time_is_up(), stop.requested)
+                        if requested or self.steps_done() or time_up:
+                            interrupted = requested
                             break
                 if time_up and not interrupted:
                     self.log(f"time limit of {t.time_limit:g} minutes reached at step {s.step}")
                     if self.evaluated_at != s.step:
                         self.evaluate()
-                if stop.requested or self.steps_done() or stop_early or time_up:
+                if interrupted or self.steps_done() or stop_early or time_up:
                     self.save(self.hidden)
                     break
                 if not t.eval_every:
                     self.evaluate()
                 s.epoch += 1
                 s.position = 0
-                self.save(self.model.init_state(t.batch_size))
+                self.save(self.model.init_state(self.local_batch))
                 if self.stopping_early():
                     break
         finished = not interrupted and (time_up or not (self.steps_done() and s.epoch <= t.epochs))
@@ -306,7 +320,7 @@ class _Trainer:
         """A usable model in any case; for a finished run, the test split and the mark that
         keeps a resume from training or testing it again. Returns the test loss."""
         t, s = self.t, self.state
-        if not (self.run_dir / rundir.MODEL).exists():
+        if self.world.main and not (self.run_dir / rundir.MODEL).exists():
             # Stopped before the first evaluation: still leave a usable model (not logged as a
             # validation result, so a resumed run's metrics equal an uninterrupted run's).
             check_parameters(self.model, s, self.run_dir)
@@ -316,19 +330,20 @@ class _Trainer:
         test_loss = None
         test = self.data.ids.get("test")
         if test is not None and test.numel() // t.eval_batch_size >= 2:
+            self.world.barrier()  # rank 0's best model is on disk for every rank to read
             best, _, _ = checkpoint.load_run(self.run_dir, str(self.device))
-            test_loss = evaluate(best, test, t.eval_batch_size, t.bptt, self.device)
+            test_loss = self.evaluate_split(best, "test")
             record = {"step": s.step, "epoch": s.epoch - 1, "split": "test", "loss": test_loss,
                       "ppl": perplexity(test_loss)}
             if self.vocab.level == "char":
                 record["bpc"] = bits_per_char(test_loss)
             self.metrics.write(record)
         s.finished = True
-        self.save(self.hidden if self.hidden is not None else self.model.init_state(t.batch_size))
+        self.save(self.hidden if self.hidden is not None else self.model.init_state(self.local_batch))
         return test_loss
 
 
-def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log) -> TrainResult:
+def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log, world: distributed.World) -> TrainResult:
     t = config.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
@@ -343,15 +358,20 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log) 
     vocab = data.vocab
     check_long_enough(data.ids["train"], t.batch_size, "train")
     check_long_enough(data.ids["valid"], t.eval_batch_size, "valid")
-    trainer = _Trainer(config, run_dir, data, device, progress, log)
+    trainer = _Trainer(config, run_dir, data, device, progress, log, world)
     if resume:
         if not trainer.resume():
             log(f"{run_dir} has finished its run already: nothing to train")
             return _result(trainer.state.to_dict(), None, False, vocab.level, already_finished=True)
-        checkpoint.save_run_files(run_dir, config, vocab)  # the config this session trains with
+        if world.main:
+            checkpoint.save_run_files(run_dir, config, vocab)  # the config this session trains with
         log(f"resuming {run_dir} at epoch {trainer.state.epoch}, step {trainer.state.step}")
     else:
-        checkpoint.save_run_files(run_dir, config, vocab)
+        if world.main:
+            checkpoint.save_run_files(run_dir, config, vocab)
+        if world.distributed:
+            log(f"training on {world.size} processes, {config.train.batch_size // world.size} of the batch's "
+                f"{config.train.batch_size} streams each")
         log(f"{trainer.model.parameter_count():,} parameters; vocabulary {len(vocab):,} ({vocab.level} level); "
             f"{data.ids['train'].numel():,} training tokens")
     return trainer.run()
