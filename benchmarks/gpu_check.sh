@@ -17,3 +17,7 @@ timeout 120 python3 -m whiteboard train /tmp/c.txt --run-dir /tmp/run --set trai
 timeout 200 python3 -m whiteboard train /tmp/c.txt --preset awd-ptb --run-dir /tmp/awd --set train.max_steps=30 --set train.log_every=10 --quiet 2>&1 | tail -3
 grep train /tmp/awd/metrics.jsonl | tail -1
 if [ "${1:-}" = "--bench" ]; then timeout 300 python3 benchmarks/recurrent_speed.py --device cuda --rounds 7 --repeats 5; fi
+# Data-parallel on every GPU the machine has (NCCL), where it has more than one: the same
+# smoke run as above under torchrun, each process one GPU's share of the batch.
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "${GPUS:-0}" -gt 1 ]; then timeout 200 python3 -m torch.distributed.run --standalone --nproc-per-node="$GPUS" -m whiteboard train /tmp/c.txt --run-dir /tmp/ddp --set train.device=cuda --set train.epochs=2 --set train.batch_size=$((GPUS * 10)) --set model.hidden_size=32 --set model.embedding_size=32 --quiet 2>&1 | tail -3; fi

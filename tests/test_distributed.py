@@ -93,17 +93,22 @@ def test_evaluation_perplexity_is_the_single_process_value(one_and_two):
             assert abs(x - y) <= 1e-10
 
 
-def test_resumed_two_process_run_equals_an_uninterrupted_one(corpus, one_and_two, tmp_path):
-    _, two = one_and_two
-    run = tmp_path / "resumed"
-    _train(2, corpus, run, "train.max_steps=6")
-    _train(2, corpus, run, "train.max_steps=10", resume=True)
-    expected, got = _weights(two), _weights(run)
-    for name in expected:
-        assert (expected[name] - got[name]).abs().max() <= 1e-10, name
-    steps = [(m["step"], m["loss"]) for m in _metrics(run) if m["split"] == "train"]
+def test_resumed_two_process_run_equals_an_uninterrupted_one_with_dropout_and_variable_windows(corpus, tmp_path):
+    """Every rank's dropout generator and the shared data generator are in the checkpoint."""
+    random = ["model.dropout=0.3", "train.variable_bptt=true"]
+    whole, resumed, again = tmp_path / "whole", tmp_path / "resumed", tmp_path / "again"
+    _train(2, corpus, whole, "train.max_steps=10", *random)
+    _train(2, corpus, again, "train.max_steps=10", *random)
+    _train(2, corpus, resumed, "train.max_steps=6", *random)
+    _train(2, corpus, resumed, "train.max_steps=10", resume=True)
+    expected = _weights(whole)
+    for other in (again, resumed):  # reproducible for a given world size, resumed or not
+        got = _weights(other)
+        for name in expected:
+            assert (expected[name] - got[name]).abs().max() <= 1e-10, (other.name, name)
+    steps = [(m["step"], m["loss"]) for m in _metrics(resumed) if m["split"] == "train"]
     assert [s for s, _ in steps] == list(range(1, 11))
-    for (_, a), b in zip(steps, [m["loss"] for m in _metrics(two) if m["split"] == "train"]):
+    for (_, a), b in zip(steps, [m["loss"] for m in _metrics(whole) if m["split"] == "train"]):
         assert abs(a - b) <= 1e-10
 
 

@@ -14,6 +14,7 @@ process and nothing here runs a collective.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -117,6 +118,9 @@ def leave(world_: World, clean: bool = True) -> None:
     gloo aborted a rank that tore its group down while rank 0 was still writing the run
     directory. After an error no rank waits (torchrun stops the others)."""
     if world_.distributed and dist.is_initialized():
+        # A DistributedDataParallel wrapper still alive when its group is destroyed aborts
+        # the process when it is collected later: collect it first.
+        gc.collect()
         if clean:
             dist.barrier()
         dist.destroy_process_group()

@@ -107,3 +107,15 @@ class TrainingState:
     def from_dict(cls, values: dict) -> "TrainingState":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def result_of(counters: dict, test_loss: float | None, interrupted: bool, level: str, signal_number: int | None = None,
+            already_finished: bool = False) -> TrainResult:
+    """The TrainResult of a run's counters (a TrainingState's dict)."""
+    seconds = counters["train_seconds"]
+    return TrainResult(
+        steps=counters["step"], epochs_done=counters["epoch"] - 1, best_valid_loss=counters["best_valid"],
+        test_loss=test_loss, interrupted=interrupted, elapsed_s=seconds,
+        train_tokens_per_s=counters["train_tokens"] / max(seconds, 1e-9), level=level, signal=signal_number,
+        already_finished=already_finished,
+    )

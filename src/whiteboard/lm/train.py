@@ -30,7 +30,8 @@ from whiteboard.lm.model import LanguageModel, detach_state
 from whiteboard.lm.vocab import Vocabulary
 from whiteboard.lm.optim import (AveragedWeights, anneal_factor, make_optimizer,  # noqa: F401 (re-exported)
                                  ntasgd_should_switch, scheduled_lr)
-from whiteboard.lm.records import MetricsLog, TrainingState, TrainResult, read_metrics  # noqa: F401 (read_metrics: re-exported)
+from whiteboard.lm.records import (MetricsLog, TrainingState, TrainResult, read_metrics,  # noqa: F401 (re-exported)
+                                   result_of)
 from whiteboard.nn.regularizers import activation_regularization, temporal_activation_regularization
 
 
@@ -313,7 +314,7 @@ class _Trainer:
                     break
         finished = not interrupted and (time_up or not (self.steps_done() and s.epoch <= t.epochs))
         test_loss = self.finish(finished)
-        return _result(s.to_dict(), test_loss, interrupted, self.vocab.level,
+        return result_of(s.to_dict(), test_loss, interrupted, self.vocab.level,
                        signal_number=stop.signal if interrupted else None)
 
     def finish(self, finished: bool) -> float | None:
@@ -348,6 +349,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log, 
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     device = torch.device(t.device)
+    if world.distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)  # one GPU per process
     state_path = run_dir / rundir.TRAINING_STATE
     if resume:
         if not state_path.exists():
@@ -362,7 +365,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log, 
     if resume:
         if not trainer.resume():
             log(f"{run_dir} has finished its run already: nothing to train")
-            return _result(trainer.state.to_dict(), None, False, vocab.level, already_finished=True)
+            return result_of(trainer.state.to_dict(), None, False, vocab.level, already_finished=True)
         if world.main:
             checkpoint.save_run_files(run_dir, config, vocab)  # the config this session trains with
         log(f"resuming {run_dir} at epoch {trainer.state.epoch}, step {trainer.state.step}")
@@ -374,18 +377,10 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log, 
                 f"{config.train.batch_size} streams each")
         log(f"{trainer.model.parameter_count():,} parameters; vocabulary {len(vocab):,} ({vocab.level} level); "
             f"{data.ids['train'].numel():,} training tokens")
-    return trainer.run()
-
-
-def _result(counters: dict, test_loss: float | None, interrupted: bool, level: str, signal_number: int | None = None,
-            already_finished: bool = False) -> TrainResult:
-    seconds = counters["train_seconds"]
-    return TrainResult(
-        steps=counters["step"], epochs_done=counters["epoch"] - 1, best_valid_loss=counters["best_valid"],
-        test_loss=test_loss, interrupted=interrupted, elapsed_s=seconds,
-        train_tokens_per_s=counters["train_tokens"] / max(seconds, 1e-9), level=level, signal=signal_number,
-        already_finished=already_finished,
-    )
+    try:
+        return trainer.run()
+    finally:
+        trainer.forward = trainer.model  # drop the DDP wrapper before the process group goes
 
 
 def _nothing_to_train(t, counters: dict) -> bool:
