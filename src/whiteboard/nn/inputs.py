@@ -63,7 +63,7 @@ class TorchNNInputs:
             state = state.unsqueeze(1) if unbatched else state
             if _shape(state) != expected:
                 raise RuntimeError(message.format(expected, list(state.shape)))
-            if state.dtype != x.dtype:
+            if state.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):  # torch.nn's rule too
                 raise ValueError(f"{self.mode}: expected hidden state of dtype {x.dtype}, got {state.dtype}")
             states.append(state)
         return states

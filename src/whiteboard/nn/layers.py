@@ -193,8 +193,7 @@ class LayerNormLSTM(LSTM):
                 elif name.startswith("bias_cell"):
                     parameter.zero_()
 
-    def layer_weights(self, layer: int, direction: int) -> tuple:
+    def _layer_weights(self, suffix: str, w_ih, w_hh) -> tuple:
         """(weight_ih, weight_hh, bias_ih, bias_hh, gain_ih, gain_hh, gain_cell, bias_cell)."""
-        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         names = ("gain_ih", "gain_hh", "gain_cell", "bias_cell")
-        return (*super().layer_weights(layer, direction), *(getattr(self, name + suffix) for name in names))
+        return (*super()._layer_weights(suffix, w_ih, w_hh), *(getattr(self, name + suffix) for name in names))

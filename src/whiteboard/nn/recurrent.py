@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -14,48 +13,17 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from whiteboard import backends
 from whiteboard.nn.cells import TRACE_FIELDS
+from whiteboard.nn.trace import SEED_NAMES, Trace
 from whiteboard.nn.inputs import TorchNNInputs, check_constructor_arguments
+from whiteboard.nn.precision import autocast_dtype, computing_in
 
 __all__ = ["Trace", "TRACE_FIELDS", "SEED_NAMES"]
-
-#: The seed's whiteboard words for the standard names (see the README's glossary).
-SEED_NAMES: dict[str, str] = {
-    "input_gate": "selective read",
-    "forget_gate": "selective forget",
-    "output_gate": "selective write",
-    "cell_candidate": "what could be written",
-    "cell": "the whiteboard",
-    "hidden": "what is shown to the next step",
-}
 
 # auto: the first backend that can run the call (whiteboard.backends.BACKENDS); native:
 # the compiled loops, or an error; fused: the torch loop; reference: the loop over whiteboard.nn.cells.
 _IMPLEMENTATIONS = ("auto", "native", "fused", "reference")
 #: recurrent_init=: torch.nn's uniform initialisation of weight_hh, or orthogonal gate blocks.
 RECURRENT_INITS = ("uniform", "orthogonal")
-
-
-@dataclass
-class Trace:
-    """Per-step internals of a recurrent layer.
-
-    ``steps[layer][direction][name]`` is a tensor of shape (T, B, H), or (B, T, H) when the
-    layer is ``batch_first`` (unbatched input: (T, H)); names are ``TRACE_FIELDS[mode]``.
-    Direction 0 is forward in time, 1 (bidirectional only) is backward; both are indexed
-    by the input's time step. Steps beyond a sequence's length are zero.
-    """
-
-    mode: str
-    steps: list[list[dict[str, Tensor]]] = field(default_factory=list)
-
-    def __getitem__(self, layer: int) -> list[dict[str, Tensor]]:
-        return self.steps[layer]
-
-    def get(self, name: str, layer: int = -1, direction: int = 0) -> Tensor:
-        """One traced quantity, e.g. ``trace.get("forget_gate", layer=0)``."""
-        if name not in TRACE_FIELDS[self.mode]:
-            raise KeyError(f"{self.mode} traces record {TRACE_FIELDS[self.mode]}, not {name!r}")
-        return self.steps[layer][direction][name]
 
 
 class _RecurrentBase(TorchNNInputs, nn.Module):
@@ -114,6 +82,7 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         # Set for the duration of one call by whiteboard.nn.regularizers.WeightDrop / Zoneout.
         self._weight_overrides: dict[str, Tensor] | None = None
         self._zoneout: tuple[float, float, bool] | None = None
+        self._compute_dtype: torch.dtype | None = None  # set for one call under autocast
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
         gate_rows = self.gate_count * hidden_size
@@ -205,6 +174,12 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         w_hh = self._weight(f"weight_hh{suffix}")
         if self._weight_overrides:
             w_hh = self._weight_overrides.get(f"weight_hh{suffix}", w_hh)
+        if self._compute_dtype is not None:  # under autocast: a low-precision copy, whose gradient reaches w
+            return tuple(None if w is None else w.to(self._compute_dtype)
+                         for w in self._layer_weights(suffix, w_ih, w_hh))
+        return self._layer_weights(suffix, w_ih, w_hh)
+
+    def _layer_weights(self, suffix: str, w_ih: Tensor, w_hh: Tensor) -> tuple:
         biases = (self._weight(f"bias_ih{suffix}"), self._weight(f"bias_hh{suffix}")) if self.bias else (None, None)
         if self.proj_size:
             return w_ih, w_hh, *biases, self._weight(f"weight_hr{suffix}")
@@ -282,17 +257,25 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
                 x = x.transpose(0, 1)
         self._check_input(x)
         T, B = x.shape[0], x.shape[1]
+        autocast = autocast_dtype(self, x, hx)
+        result_dtype = autocast
+        if self.layer_norm and autocast is not None:
+            # Layer norm is on autocast's float32 list: compute in float32, return as an LSTM does.
+            autocast = torch.float32
+        if autocast is not None:
+            x = x.to(autocast)
         states = self._initial_states(hx, B, x, unbatched)
         if T == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         mask = self._mask(lengths, T, B, x.device)
-
-        stacked = None if trace or mask is not None else self._stack_in_one_call(x, states)
-        if stacked is not None:
-            outputs, finals, trace_steps = stacked[0], stacked[1:], None
-        else:
-            outputs, finals, trace_steps = self._stack(x, states, mask, lengths, trace)
-            finals = [torch.stack(f, 0) for f in finals]  # each (L*D, B, H)
+        with computing_in(self, autocast, x.device.type):
+            states = states if autocast is None else [s.to(autocast) for s in states]
+            stacked = None if trace or mask is not None else self._stack_in_one_call(x, states)
+            if stacked is not None:
+                outputs, finals, trace_steps = stacked[0], stacked[1:], None
+            else:
+                outputs, finals, trace_steps = self._stack(x, states, mask, lengths, trace)
+                finals = [torch.stack(f, 0) for f in finals]  # each (L*D, B, H)
         if packed:
             output = self._repack(outputs, input)
         elif unbatched:
@@ -300,6 +283,9 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
             finals = [f.squeeze(1) for f in finals]
         else:
             output = outputs.transpose(0, 1) if self.batch_first else outputs
+        if result_dtype is not None and result_dtype != autocast:
+            output = output.to(result_dtype) if not packed else output._replace(data=output.data.to(result_dtype))
+            finals = [f.to(result_dtype) for f in finals]
         state = (finals[0], finals[1]) if self.mode == "LSTM" else finals[0]
         result_trace = None
         if trace:
