@@ -137,3 +137,41 @@ def test_a_typed_text_is_split_at_its_punctuation_and_prompts_the_same_way(tmp_p
     capsys.readouterr()
     assert main(["predict", str(run), "Alice lives in France. She likes to cook,", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["unknown"] == []
+
+
+@pytest.mark.parametrize("command", [["evaluate", "{run}"], ["predict", "{run}", "the cat"],
+                                     ["generate", "{run}", "--prompt", "the", "--length", "3"],
+                                     ["inspect", "{run}", "the cat sat", "--out", "{tmp}/r.html"],
+                                     ["reach", "{run}", "--text", "the cat sat on", "--out", "{tmp}/reach.png"]],
+                         ids=["evaluate", "predict", "generate", "inspect", "reach"])
+def test_every_command_takes_a_device_and_refuses_one_this_machine_lacks(trained, tmp_path, capsys, command):
+    import torch
+
+    args = [a.format(run=trained, tmp=tmp_path) for a in command]
+    assert main([*args, "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--device", "tpu:7"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device must be a torch device" in err[0]
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no CUDA device" in err[0]
+
+
+def test_train_records_its_device_auto_by_default_and_as_given(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    assert main(["train", str(corpus), "--run-dir", str(tmp_path / "auto"), "--quiet", *TINY,
+                 "--set", "train.max_steps=2"]) == 0
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["device"] == "auto"
+    assert main(["train", str(corpus), "--run-dir", str(tmp_path / "cpu"), "--quiet", "--device", "cpu", *TINY,
+                 "--set", "train.max_steps=2"]) == 0
+    assert json.loads((tmp_path / "cpu" / "config.json").read_text())["train"]["device"] == "cpu"
+
+
+def test_compare_runs_on_the_device_it_is_given(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--task", "adding", "--models", "rnn", "--distances", "5", "--steps", "3",
+                 "--hidden", "4", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert main(["compare", "--task", "adding", "--models", "rnn", "--distances", "5", "--steps", "3",
+                 "--out", str(tmp_path / "x"), "--quiet", "--device", "cuda:9"]) == 1

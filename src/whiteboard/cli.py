@@ -57,6 +57,12 @@ def _add_train(sub) -> None:
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train data-parallel on N processes of this machine (starts torchrun; for several "
                         "machines run torchrun -m whiteboard train yourself)")
+    _add_device(p, default=None)  # absent: the config's train.device (auto)
+
+
+def _add_device(p, default: str | None = "auto") -> None:
+    p.add_argument("--device", default=default,
+                   help="cpu, cuda, cuda:N or auto (default: CUDA where this machine has it, else the CPU)")
 
 
 def _add_evaluate(sub) -> None:
@@ -67,6 +73,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_device(p)
 
 
 def _add_predict(sub) -> None:
@@ -75,6 +82,7 @@ def _add_predict(sub) -> None:
     p.add_argument("text")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    _add_device(p)
 
 
 def _add_generate(sub) -> None:
@@ -86,6 +94,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filtering")
     p.add_argument("--seed", type=int)
+    _add_device(p)
 
 
 def _int_list(text: str) -> list[int]:
@@ -120,6 +129,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("compare-out"), help="folder for results.json, results.csv, plot.png")
     p.add_argument("--quiet", action="store_true")
+    _add_device(p)
 
 
 def _float_list(text: str) -> list[float]:
@@ -148,6 +158,7 @@ def _add_inspect(sub) -> None:
     p.add_argument("--top-units", type=int, default=12, help="how many of the most active units to show")
     p.add_argument("--pattern", help="find units that follow a pattern: inside-quotes, line-position, word-position, regex:EXPR")
     p.add_argument("--reach", action="store_true", help="add this model's gradient reach to the report")
+    _add_device(p)
 
 
 def _add_reach(sub) -> None:
@@ -157,6 +168,7 @@ def _add_reach(sub) -> None:
     p.add_argument("--max-lag", type=int)
     p.add_argument("--out", type=Path, default=Path("reach.png"))
     p.add_argument("--json", action="store_true")
+    _add_device(p)
 
 
 def _add_export(sub) -> None:

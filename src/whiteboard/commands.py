@@ -14,6 +14,14 @@ from pathlib import Path
 from whiteboard.errors import UsageError, WhiteboardError
 
 
+def _device(args) -> str:
+    """The command's --device, checked and with auto resolved."""
+    from whiteboard.lm.config import check_device, resolve_device
+
+    check_device(args.device, "--device")
+    return resolve_device(args.device)
+
+
 def check_writable_folder(folder: Path, option: str) -> None:
     """Before any work: the folder an output goes to exists (or can be made) and takes files."""
     folder = folder if str(folder) else Path(".")
@@ -36,6 +44,8 @@ def cmd_train(args) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     sets = list(args.set)
+    if args.device:
+        sets.append(f"train.device={args.device}")
     if args.corpus:
         sets.append(f"data.corpus={args.corpus}")
     if args.data_dir:
@@ -85,7 +95,7 @@ def cmd_evaluate(args) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
-    model, vocab, config = load_run(args.run_dir)
+    model, vocab, config = load_run(args.run_dir, _device(args))
     if args.corpus:
         config.data.corpus = args.corpus
     if args.data_dir:
@@ -94,7 +104,7 @@ def cmd_evaluate(args) -> int:
     ids = data.ids.get(args.split)
     if ids is None or ids.numel() // args.batch_size < 2:
         raise WhiteboardError(f"the {args.split} split of {config.data.corpus} is empty or too short to evaluate")
-    loss = evaluate(model, ids, args.batch_size, config.train.bptt, "cpu")
+    loss = evaluate(model, ids, args.batch_size, config.train.bptt, _device(args))
     result = {"split": args.split, "corpus": config.data.corpus, "loss": loss, "perplexity": perplexity(loss),
               "tokens": int(ids.numel())}
     if vocab.level == "char":
@@ -115,7 +125,7 @@ def cmd_predict(args) -> int:
 
     if args.top_k <= 0:
         raise UsageError(f"--top-k must be positive, got {args.top_k}")
-    model, vocab, _ = load_run(args.run_dir)
+    model, vocab, _ = load_run(args.run_dir, _device(args))
     unknown = vocab.unknown(args.text)
     predictions = predict_next(model, vocab, args.text, args.top_k)
     if args.json:
@@ -142,7 +152,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--top-k must be >= 0 (0 = no top-k filtering), got {args.top_k}")
     if not 0 <= args.length <= MAX_LENGTH:
         raise UsageError(f"--length must be in [0, {MAX_LENGTH:,}], got {args.length:,}")
-    model, vocab, _ = load_run(args.run_dir)
+    model, vocab, _ = load_run(args.run_dir, _device(args))
     unknown = vocab.unknown(args.prompt) if args.prompt else []
     if unknown:
         print(f"note: not in the vocabulary, read as <unk>: {', '.join(unknown)}", file=sys.stderr)
@@ -167,9 +177,10 @@ def cmd_compare(args) -> int:
         raise UsageError("--steps, --hidden and --seeds must be positive, and --train-max at least 4")
     distances = args.distances or (ex.STORY_DISTANCES if args.task == "stories" else [10, 50, 100, 150])
     check_writable_folder(args.out, "--out")
+    device = _device(args)
     result = ex.compare(args.task, cells, distances, args.steps, args.hidden, args.match, args.seed,
                         progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), learning_rates=args.lrs,
-                        seeds=args.seeds, train_max=args.train_max)
+                        seeds=args.seeds, train_max=args.train_max, device=device)
     files = ex.write_compare(result, args.out)
     print(result.table())
     print(f"wrote {files['json']}, {files['csv']}, {files['plot']}")
@@ -190,7 +201,7 @@ def cmd_inspect(args) -> int:
     if args.top_units < 1:
         raise UsageError(f"--top-units must be positive, got {args.top_units}")
     check_writable_folder(args.out.parent, "--out")
-    model, vocab, _ = load_run(args.run_dir)
+    model, vocab, _ = load_run(args.run_dir, _device(args))
     result = build_report(model, vocab, args.text, args.out, units=args.units, unit_count=args.top_units,
                           pattern=args.pattern, reach_models={model.config.cell.upper(): model} if args.reach else None,
                           title=f"whiteboard inspect: {args.run_dir}")
@@ -210,7 +221,7 @@ def cmd_reach(args) -> int:
     check_writable_folder(args.out.parent, "--out")
     curves = {}
     for run_dir in args.run_dirs:
-        model, vocab, config = load_run(run_dir)
+        model, vocab, config = load_run(run_dir, _device(args))
         name = config.model.cell.upper()
         if name in curves:
             name = f"{name} ({run_dir})"

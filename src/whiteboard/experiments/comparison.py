@@ -90,7 +90,8 @@ def _story_validation_score(model: LanguageModel, vocab: Vocabulary, distances: 
 
 def compare(task: str, cells: list[str], distances: list[int], steps: int, hidden: int = 64, match: str = "params",
             seed: int = 0, progress: bool = True, test_count: int = 300, log: Callable[[str], None] = print,
-            learning_rates: list[float] | None = None, seeds: int = 1, train_max: int | None = None) -> CompareResult:
+            learning_rates: list[float] | None = None, seeds: int = 1, train_max: int | None = None,
+            device: str = "cpu") -> CompareResult:
     """Train every model with the same budget and evaluate it at every distance.
 
     stories: one model per cell and seed, trained over all distances up to the largest
@@ -123,6 +124,8 @@ def compare(task: str, cells: list[str], distances: list[int], steps: int, hidde
     if task == "stories":
         budget += f", lags up to {train_max or max(distances)} in training"
     result = CompareResult(task, budget, sizes, params)
+    unplaced = build
+    build = lambda cell, h: unplaced(cell, h).to(device)  # noqa: E731 (every model on the device asked for)
     for cell in cells:
         if task == "stories":
             _compare_stories(result, cell, build, vocab, distances, steps, seed, seeds, learning_rates, progress,

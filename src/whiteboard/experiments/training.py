@@ -51,10 +51,10 @@ def score_stories(logits_fn: Callable[[Tensor], Tensor], stories: list[tasks.Sto
         chunk = stories[start : start + batch_size]
         inputs, _, positions = encode_stories(chunk, vocab)
         logits = logits_fn(inputs)  # (T, B, V)
-        at_answer = logits[positions, torch.arange(len(chunk))]  # (B, V)
-        answers = torch.tensor([vocab.index[s.answer] for s in chunk])
+        at_answer = logits[positions.to(logits.device), torch.arange(len(chunk), device=logits.device)]  # (B, V)
+        answers = torch.tensor([vocab.index[s.answer] for s in chunk], device=logits.device)
         correct += int((at_answer.argmax(-1) == answers).sum())
-        prob_sum += float(at_answer.softmax(-1)[torch.arange(len(chunk)), answers].sum())
+        prob_sum += float(at_answer.softmax(-1)[torch.arange(len(chunk), device=logits.device), answers].sum())
     return StoryScore(correct / len(stories), prob_sum / len(stories), len(stories))
 
 
@@ -88,6 +88,7 @@ def train_story_model(model: LanguageModel, vocab: Vocabulary, curriculum: Curri
     token weighted ``answer_weight`` times: it is the one token that needs memory."""
     rng = random.Random(f"stories-train-{seed}")
     torch.manual_seed(seed)
+    device = _device_of(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
     model.train()
@@ -97,13 +98,14 @@ def train_story_model(model: LanguageModel, vocab: Vocabulary, curriculum: Curri
     for max_distance, steps in curriculum.stages:
         for _ in range(steps):
             stories = [tasks.make_story(rng, curriculum.draw(rng, max_distance)) for _ in range(batch_size)]
-            inputs, targets, positions = encode_stories(stories, vocab)
+            inputs, targets, positions = (t.to(device) for t in encode_stories(stories, vocab))
             weights = (targets != -100).float()
+            rows = torch.arange(batch_size, device=device)
             if answer_share is None:
-                weights[positions, torch.arange(batch_size)] = answer_weight
+                weights[positions, rows] = answer_weight
             else:  # the answer carries answer_share of its story's weight, however long the story
                 others = weights.sum(0) - 1  # (B,)
-                weights[positions, torch.arange(batch_size)] = others * answer_share / (1 - answer_share)
+                weights[positions, rows] = others * answer_share / (1 - answer_share)
             logits, _ = model(inputs)
             ce = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
             loss = (ce * weights.flatten()).sum() / weights.sum()
@@ -112,7 +114,7 @@ def train_story_model(model: LanguageModel, vocab: Vocabulary, curriculum: Curri
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            answer_ce = float(ce.detach().view_as(targets)[positions, torch.arange(batch_size)].mean())
+            answer_ce = float(ce.detach().view_as(targets)[positions, rows].mean())
             bar.update(1)
             bar.set_postfix(max_dist=max_distance, loss=f"{loss.item():.3f}", answer_loss=f"{answer_ce:.3f}")
             if step % 25 == 0:
@@ -123,7 +125,11 @@ def train_story_model(model: LanguageModel, vocab: Vocabulary, curriculum: Curri
 
 
 def lm_logits(model: LanguageModel) -> Callable[[Tensor], Tensor]:
-    return lambda inputs: model(inputs)[0]
+    return lambda inputs: model(inputs.to(_device_of(model)))[0]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @dataclass
@@ -152,8 +158,9 @@ def _train_steps(model: nn.Module, batch: Callable[[torch.Generator, int], tuple
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
     bar = tqdm(range(steps), desc=desc, disable=None if progress else True, dynamic_ncols=True, unit="step")
+    device = _device_of(model)
     for step in bar:
-        x, y = batch(generator, step)
+        x, y = (t.to(device) for t in batch(generator, step))
         loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -177,7 +184,7 @@ def train_adding(model: SequenceRegressor, length: int, steps: int, batch_size: 
 @torch.no_grad()
 def score_adding(model: SequenceRegressor, length: int, count: int = 1000, seed: int = 12345) -> AddingScore:
     model.eval()
-    x, y = tasks.adding_batch(count, length, torch.Generator().manual_seed(seed))
+    x, y = (t.to(_device_of(model)) for t in tasks.adding_batch(count, length, torch.Generator().manual_seed(seed)))
     error = model(x) - y
     model.train()
     return AddingScore(float(error.pow(2).mean().sqrt()), float((error.abs() < 0.04).float().mean()))
@@ -195,7 +202,7 @@ def train_copy(model: SequenceTagger, delay: int, steps: int, batch_size: int = 
 def score_copy(model: SequenceTagger, delay: int, count: int = 500, seed: int = 12345, length: int = 10) -> float:
     """Per-symbol accuracy over the recalled part (chance is 1/8)."""
     model.eval()
-    x, y = tasks.copy_batch(count, delay, torch.Generator().manual_seed(seed), length)
+    x, y = (t.to(_device_of(model)) for t in tasks.copy_batch(count, delay, torch.Generator().manual_seed(seed), length))
     predicted = model(x)[-length:].argmax(-1)
     model.train()
     return float((predicted == y[-length:]).float().mean())

@@ -96,7 +96,7 @@ class TrainConfig:
     tar_beta: float = 0.0  # temporal activation regularization on its raw output
     nonmono: int = 5  # ntasgd: switch to averaged SGD when validation is worse than the best of all but the last N
     seed: int = 1234
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA where this machine has it, else the CPU
     dtype: str = "float32"  # float32 | float64 (the weights and the recurrence; tests of exactness)
     threads: int = 0  # 0 = torch's default
 
@@ -262,16 +262,26 @@ def validate(config: RunConfig) -> None:
     if t.dtype not in ("float32", "float64"):
         raise UsageError(f"train.dtype must be float32 or float64, got {t.dtype!r}")
     try:
-        torch.device(t.device)
+        torch.device(resolve_device(t.device))
     except (RuntimeError, ValueError):
         raise UsageError(f"train.device must be a torch device such as 'cpu' or 'cuda', got {t.device!r}") from None
 
 
-def check_device(device: str) -> None:
+def resolve_device(device: str) -> str:
+    """``auto`` as this machine's device (CUDA where present, else the CPU); others as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_device(device: str, option: str = "train.device") -> None:
     """The device exists on this machine, or one clear line (a config may come from another)."""
-    kind = torch.device(device).type
+    try:
+        kind = torch.device(resolve_device(device)).type
+    except (RuntimeError, ValueError):
+        raise WhiteboardError(f"{option} must be a torch device such as 'cpu', 'cuda' or 'auto', got {device!r}") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise WhiteboardError(f"train.device is {device!r} but this machine has no CUDA device; use --set train.device=cpu")
+        raise WhiteboardError(f"{option} is {device!r} but this machine has no CUDA device; use cpu (or auto)")
 
 
 def from_json(data: dict, origin: str = "config.json") -> RunConfig:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from whiteboard.errors import WhiteboardError
 from whiteboard.lm import checkpoint, distributed, rundir
-from whiteboard.lm.config import RunConfig, check_device
+from whiteboard.lm.config import RunConfig, check_device, resolve_device
 from whiteboard.lm.data import batchify, check_long_enough, windows
 from whiteboard.lm.evaluation import (PreparedData, bits_per_char, evaluate, evaluate_sums,  # noqa: F401
                                       loss_words, perplexity, prepare_data)
@@ -48,7 +48,7 @@ def train(
     anything but the same run (which it continues), unless ``overwrite`` replaces it."""
     run_dir = Path(run_dir)
     check_device(config.train.device)
-    world = distributed.world(config.train.device)
+    world = distributed.world(resolve_device(config.train.device))
     clean = False
     try:
         world.check_batch(config.train.batch_size)
@@ -348,7 +348,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log, 
     t = config.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
-    device = torch.device(t.device)
+    device = torch.device(resolve_device(t.device))
     if world.distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", world.local_rank)  # one GPU per process
     state_path = run_dir / rundir.TRAINING_STATE
