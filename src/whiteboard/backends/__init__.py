@@ -14,6 +14,7 @@ cell, device, dtype, trace, lengths, grad, a torch.func transform, zoneout) its
 Registered, in order of preference:
 
 - ``compiled`` (:mod:`.compiled`): C++ time loops for CPU float32/float64;
+- ``cudnn`` (:mod:`.cudnn`): torch's own recurrent ops, cuDNN on CUDA;
 - ``torch-loop`` (:mod:`.torch_loop`): the same hand-written backward on plain PyTorch ops,
   any device and dtype;
 - ``reference`` (:mod:`.reference`): the loop over :mod:`whiteboard.nn.cells`, autograd's
@@ -27,11 +28,12 @@ they always have. A new backend is one module with a :class:`Backend` object (``
 from whiteboard.backends import ops  # noqa: F401 (registers torch.ops.whiteboard.*)
 from whiteboard.backends.base import Backend, Call, under_functorch
 from whiteboard.backends.compiled.backend import COMPILED
+from whiteboard.backends.cudnn import CUDNN
 from whiteboard.backends.reference import REFERENCE
 from whiteboard.backends.registry import BACKENDS, Explanation, call_of, choose, explain, register, unregister
 from whiteboard.backends.torch_loop import TORCH_LOOP
 
-__all__ = ["Call", "Backend", "BACKENDS", "COMPILED", "TORCH_LOOP", "REFERENCE", "choose", "explain", "Explanation",
+__all__ = ["Call", "Backend", "BACKENDS", "COMPILED", "CUDNN", "TORCH_LOOP", "REFERENCE", "choose", "explain", "Explanation",
            "call_of", "under_functorch", "register", "unregister", "direction_op"]
 
 #: One layer and direction as a PyTorch custom operator (for torch.compile and torch.export).

@@ -10,11 +10,12 @@ from torch.nn.utils.rnn import PackedSequence
 
 from whiteboard.backends.base import Backend, Call, reference_only
 from whiteboard.backends.compiled.backend import COMPILED
+from whiteboard.backends.cudnn import CUDNN
 from whiteboard.backends.reference import REFERENCE
 from whiteboard.backends.torch_loop import TORCH_LOOP
 
 #: In order of preference for implementation="auto".
-BACKENDS: list[Backend] = [COMPILED, TORCH_LOOP, REFERENCE]
+BACKENDS: list[Backend] = [COMPILED, CUDNN, TORCH_LOOP, REFERENCE]
 
 
 def register(backend: Backend, before: Backend | None = None) -> None:

@@ -1,0 +1,89 @@
+"""The cuDNN backend: torch's own recurrent ops behind the backend boundary. Its run() is
+device-agnostic, so it is checked here on the CPU against torch.nn and the reference (on
+CUDA the same calls reach cuDNN; those runs are the gpu-marked tests)."""
+
+import pytest
+import torch
+
+import whiteboard
+from whiteboard import backends
+from whiteboard.backends.base import Call
+from whiteboard.backends.cudnn import run_torch_op
+
+CASES = {
+    "lstm": (whiteboard.LSTM, {}),
+    "lstm-proj": (whiteboard.LSTM, {"proj_size": 3}),
+    "gru": (whiteboard.GRU, {}),
+    "rnn-tanh": (whiteboard.RNN, {}),
+    "rnn-relu-no-bias": (whiteboard.RNN, {"nonlinearity": "relu", "bias": False}),
+}
+
+
+def _on_torch_op(monkeypatch):
+    """Every layer call on run_torch_op (as on CUDA), counted."""
+    calls = []
+
+    def run(call, x, initial, weights, mask):
+        calls.append(call)
+        return run_torch_op(call, x, initial, weights, mask)
+
+    monkeypatch.setattr(backends.TORCH_LOOP, "run", lambda call, *a: run(call, *a))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("T", [1, 2, 5])
+@pytest.mark.parametrize("lengths", [None, [5, 2, 4]], ids=["full", "lengths"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_torch_ops_match_the_reference_in_outputs_and_gradients(name, T, lengths, bidirectional, monkeypatch):
+    layer_class, kwargs = CASES[name]
+    torch.manual_seed(0)
+    layer = layer_class(4, 6, num_layers=2, bidirectional=bidirectional, dtype=torch.float64, implementation="fused",
+                        **kwargs)
+    reference = layer_class(4, 6, num_layers=2, bidirectional=bidirectional, dtype=torch.float64,
+                            implementation="reference", **kwargs)
+    reference.load_state_dict(layer.state_dict())
+    lengths = None if lengths is None else torch.tensor([min(n, T) for n in lengths])
+    x = torch.randn(T, 3, 4, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    calls = _on_torch_op(monkeypatch)
+    got = layer(x, lengths=lengths)
+    assert len(calls) == 2 * (2 if bidirectional else 1)
+    expected = reference(x2, lengths=lengths)
+    flat = lambda r: [r[0], *(r[1] if isinstance(r[1], tuple) else (r[1],))]  # noqa: E731
+    for g, e in zip(flat(got), flat(expected)):
+        torch.testing.assert_close(g, e)
+    weights = [torch.randn_like(e) for e in flat(expected)]
+    sum((g * w).sum() for g, w in zip(flat(got), weights)).backward()
+    sum((e * w).sum() for e, w in zip(flat(expected), weights)).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    for (n, p), q in zip(layer.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def test_cudnn_is_offered_for_cuda_calls_only_and_says_what_it_lacks():
+    cpu = Call("LSTM", False, "cpu", torch.float32)
+    assert "CUDA-only" in backends.CUDNN.supports(cpu)
+    cuda = dict(device_type="cuda", dtype=torch.float16)
+    reasons = [backends.CUDNN.supports(Call("LSTM", True, **cuda)),
+               backends.CUDNN.supports(Call("RNN", False, nonlinearity="sigmoid", **cuda)),
+               backends.CUDNN.supports(Call("GRU", False, trace=True, **cuda))]
+    if torch.backends.cudnn.is_available():
+        assert "layer-norm" in reasons[0] and "sigmoid" in reasons[1] and "trace" in reasons[2]
+        assert backends.CUDNN.supports(Call("GRU", False, **cuda)) is None
+    assert [b.name for b in backends.BACKENDS] == ["compiled", "cudnn", "torch-loop", "reference"]
+    explanation = backends.explain(whiteboard.LSTM(3, 4), torch.randn(2, 1, 3))
+    assert explanation.chosen == "compiled" and "CUDA-only" in explanation.reasons["cudnn"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", list(CASES))
+def test_on_cuda_auto_runs_cudnn_with_torch_nns_results(name):
+    layer_class, kwargs = CASES[name]
+    ours = layer_class(4, 6, num_layers=2, device="cuda", **kwargs)
+    theirs = getattr(torch.nn, layer_class.__name__)(4, 6, num_layers=2, device="cuda", **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, 4, device="cuda")
+    assert backends.explain(ours, x).chosen == "cudnn"
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])
