@@ -21,3 +21,11 @@ if [ "${1:-}" = "--bench" ]; then timeout 300 python3 benchmarks/recurrent_speed
 # smoke run as above under torchrun, each process one GPU's share of the batch.
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "${GPUS:-0}" -gt 1 ]; then timeout 200 python3 -m torch.distributed.run --standalone --nproc-per-node="$GPUS" -m whiteboard train /tmp/c.txt --run-dir /tmp/ddp --set train.device=cuda --set train.epochs=2 --set train.batch_size=$((GPUS * 10)) --set model.hidden_size=32 --set model.embedding_size=32 --quiet 2>&1 | tail -3; fi
+# The GPU backends (issue 21), with --bench: untraced cells against cuDNN at (a)-(e), which
+# auto runs on the cuDNN backend; LSTM training with trace() on the Triton backend; the
+# layer-norm LSTM (torch loop) against cuDNN's plain LSTM.
+if [ "${1:-}" = "--bench" ]; then
+  timeout 300 python3 benchmarks/recurrent_speed.py --device cuda --configs a b c d e --rounds 5
+  timeout 200 python3 benchmarks/recurrent_speed.py --device cuda --cells lstm --configs a b c d e --trace --rounds 5
+  timeout 200 python3 benchmarks/recurrent_speed.py --device cuda --cells layernorm-lstm --configs a b c d --rounds 5
+fi

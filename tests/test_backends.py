@@ -110,7 +110,7 @@ def test_a_backend_added_to_the_registry_is_chosen_where_it_is_preferred():
             backends.register(_GRUOnly())
     finally:
         backends.unregister(added)
-    assert [b.name for b in backends.BACKENDS] == ["compiled", "cudnn", "torch-loop", "reference"]
+    assert [b.name for b in backends.BACKENDS] == ["compiled", "cudnn", "triton", "torch-loop", "reference"]
     reference = torch.nn.GRU(4, 6, num_layers=2)
     reference.load_state_dict(layer.state_dict())
     expected, expected_h = reference(x)

@@ -71,7 +71,7 @@ def test_cudnn_is_offered_for_cuda_calls_only_and_says_what_it_lacks():
     if torch.backends.cudnn.is_available():
         assert "layer-norm" in reasons[0] and "sigmoid" in reasons[1] and "trace" in reasons[2]
         assert backends.CUDNN.supports(Call("GRU", False, **cuda)) is None
-    assert [b.name for b in backends.BACKENDS] == ["compiled", "cudnn", "torch-loop", "reference"]
+    assert [b.name for b in backends.BACKENDS] == ["compiled", "cudnn", "triton", "torch-loop", "reference"]
     explanation = backends.explain(whiteboard.LSTM(3, 4), torch.randn(2, 1, 3))
     assert explanation.chosen == "compiled" and "CUDA-only" in explanation.reasons["cudnn"]
 

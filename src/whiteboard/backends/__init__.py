@@ -15,6 +15,7 @@ Registered, in order of preference:
 
 - ``compiled`` (:mod:`.compiled`): C++ time loops for CPU float32/float64;
 - ``cudnn`` (:mod:`.cudnn`): torch's own recurrent ops, cuDNN on CUDA;
+- ``triton`` (:mod:`.triton_loop`): fused Triton kernels on CUDA for traces and the sigmoid RNN;
 - ``torch-loop`` (:mod:`.torch_loop`): the same hand-written backward on plain PyTorch ops,
   any device and dtype;
 - ``reference`` (:mod:`.reference`): the loop over :mod:`whiteboard.nn.cells`, autograd's
@@ -29,11 +30,12 @@ from whiteboard.backends import ops  # noqa: F401 (registers torch.ops.whiteboar
 from whiteboard.backends.base import Backend, Call, under_functorch
 from whiteboard.backends.compiled.backend import COMPILED
 from whiteboard.backends.cudnn import CUDNN
+from whiteboard.backends.triton_loop import TRITON
 from whiteboard.backends.reference import REFERENCE
 from whiteboard.backends.registry import BACKENDS, Explanation, call_of, choose, explain, register, unregister
 from whiteboard.backends.torch_loop import TORCH_LOOP
 
-__all__ = ["Call", "Backend", "BACKENDS", "COMPILED", "CUDNN", "TORCH_LOOP", "REFERENCE", "choose", "explain", "Explanation",
+__all__ = ["Call", "Backend", "BACKENDS", "COMPILED", "CUDNN", "TRITON", "TORCH_LOOP", "REFERENCE", "choose", "explain", "Explanation",
            "call_of", "under_functorch", "register", "unregister", "direction_op"]
 
 #: One layer and direction as a PyTorch custom operator (for torch.compile and torch.export).

@@ -11,11 +11,12 @@ from torch.nn.utils.rnn import PackedSequence
 from whiteboard.backends.base import Backend, Call, reference_only
 from whiteboard.backends.compiled.backend import COMPILED
 from whiteboard.backends.cudnn import CUDNN
+from whiteboard.backends.triton_loop import TRITON
 from whiteboard.backends.reference import REFERENCE
 from whiteboard.backends.torch_loop import TORCH_LOOP
 
 #: In order of preference for implementation="auto".
-BACKENDS: list[Backend] = [COMPILED, CUDNN, TORCH_LOOP, REFERENCE]
+BACKENDS: list[Backend] = [COMPILED, CUDNN, TRITON, TORCH_LOOP, REFERENCE]
 
 
 def register(backend: Backend, before: Backend | None = None) -> None:
@@ -33,13 +34,13 @@ def unregister(backend: Backend) -> None:
 def choose(call: Call, implementation: str = "auto") -> Backend:
     """The backend that runs ``call``. ``"auto"`` takes the first of BACKENDS that supports
     it; a named one runs it or, where it cannot, raises with its reason. A trace, zoneout or
-    a torch.func transform runs on the reference whatever is named (only it can)."""
-    if reference_only(call) is not None:
-        return REFERENCE
+    a torch.func transform that the named backend cannot run goes to the reference."""
     if implementation == "auto":
         return next(b for b in BACKENDS if b.supports(call) is None)
     backend = next(b for b in BACKENDS if b.implementation == implementation)
     why = backend.supports(call)
+    if why is not None and reference_only(call) is not None:
+        return REFERENCE  # a trace, zoneout or torch.func call the named backend cannot run
     if why is not None:
         layer = "LayerNormLSTM" if call.layer_norm else call.mode
         raise RuntimeError(f"{layer}: implementation={implementation!r} cannot run this call: {why} "

@@ -21,7 +21,7 @@ __all__ = ["Trace", "TRACE_FIELDS", "SEED_NAMES"]
 
 # auto: the first backend that can run the call (whiteboard.backends.BACKENDS); native:
 # the compiled loops, or an error; fused: the torch loop; reference: the loop over whiteboard.nn.cells.
-_IMPLEMENTATIONS = ("auto", "native", "cudnn", "fused", "reference")
+_IMPLEMENTATIONS = ("auto", "native", "cudnn", "triton", "fused", "reference")
 #: recurrent_init=: torch.nn's uniform initialisation of weight_hh, or orthogonal gate blocks.
 RECURRENT_INITS = ("uniform", "orthogonal")
 

@@ -1,0 +1,119 @@
+"""The Triton backend's kernels, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1):
+forward, hand-written backward and trace against the reference loop, float32 and float64,
+at sizes that straddle the kernels' block of 128 elements. This is the correctness proof CI
+can run; on CUDA the same kernels run compiled (gpu-marked tests)."""
+
+import importlib
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import whiteboard
+from whiteboard import backends
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The kernels module decorated under the interpreter, and the backend offered on the CPU
+    for this test only."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from whiteboard.backends import triton_kernels
+
+    importlib.reload(triton_kernels)
+    yield triton_kernels
+
+
+LAYERS = {
+    "lstm": lambda **k: whiteboard.LSTM(3, 50, **k),
+    "rnn-tanh": lambda **k: whiteboard.RNN(3, 50, **k),
+    "rnn-relu": lambda **k: whiteboard.RNN(3, 50, nonlinearity="relu", **k),
+    "rnn-sigmoid": lambda **k: whiteboard.RNN(3, 50, nonlinearity="sigmoid", **k),
+}
+
+
+def _flat(result):
+    return [result[0], *(result[1] if isinstance(result[1], tuple) else (result[1],))]
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("T,batch,lengths", [(1, 1, None), (2, 3, None), (5, 3, [5, 2, 4])],
+                         ids=["T1-B1", "T2-B3", "T5-lengths"])
+def test_triton_kernels_match_the_reference_forward_and_backward(interpreted, name, dtype, T, batch, lengths):
+    torch.manual_seed(0)
+    ours = LAYERS[name](num_layers=2, dtype=dtype, implementation="triton")
+    reference = LAYERS[name](num_layers=2, dtype=dtype, implementation="reference")
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(T, batch, 3, dtype=dtype, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    lengths = None if lengths is None else torch.tensor(lengths)
+    assert backends.explain(ours, x).chosen == "triton"
+    got, expected = _flat(ours(x, lengths=lengths)), _flat(reference(x2, lengths=lengths))
+    tolerance = {} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **tolerance)
+    weights = [torch.randn_like(e) for e in expected]
+    sum((g * w).sum() for g, w in zip(got, weights)).backward()
+    sum((e * w).sum() for e, w in zip(expected, weights)).backward()
+    torch.testing.assert_close(x.grad, x2.grad, **tolerance)
+    for (n, p), q in zip(ours.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n, **tolerance)
+
+
+@pytest.mark.parametrize("name", ["lstm", "rnn-sigmoid"])
+def test_a_trace_runs_on_the_kernels_and_records_the_references_gates(interpreted, name):
+    torch.manual_seed(0)
+    ours = LAYERS[name](dtype=torch.float64, bidirectional=True)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    lengths = torch.tensor([4, 2])
+    assert backends.explain(ours, x, trace=True).chosen == "triton"
+    output, _, trace = ours.trace(x, lengths=lengths)
+    ours.implementation = "reference"
+    expected_output, _, expected = ours.trace(x, lengths=lengths)
+    torch.testing.assert_close(output, expected_output)
+    for direction in (0, 1):
+        for field, value in expected[0][direction].items():
+            torch.testing.assert_close(trace[0][direction][field], value, msg=f"{field} {direction}")
+
+
+def test_the_triton_functions_pass_gradcheck_and_gradgradcheck(interpreted):
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0, c0 = (torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    lstm = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((16, 3), (16, 4), (16,), (16,))]
+    rnn = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((4, 3), (4, 4), (4,), (4,))]
+    mask = torch.tensor([[True, True], [True, False], [True, False]]).unsqueeze(-1)
+    for m in (None, mask):
+        assert gradcheck(lambda *a: interpreted.TritonLSTM.apply(*a, m)[:3], (x, h0, c0, *lstm))
+        assert gradcheck(lambda *a: interpreted.TritonRNN.apply(*a, m, "sigmoid")[:2], (x, h0, *rnn))
+    assert gradgradcheck(lambda *a: interpreted.TritonLSTM.apply(*a, None)[0], (x, h0, c0, *lstm))
+
+
+def test_what_the_triton_backend_declines_it_names():
+    from whiteboard.backends.base import Call
+
+    cpu = Call("LSTM", False, "cpu", torch.float32)
+    assert "CUDA" in backends.TRITON.supports(cpu)
+    cuda = dict(device_type="cuda")
+    assert "layer-norm" in backends.TRITON.supports(Call("LSTM", True, dtype=torch.float32, **cuda))
+    assert "GRU" in backends.TRITON.supports(Call("GRU", False, dtype=torch.float32, **cuda))
+    assert "float16" in backends.TRITON.supports(Call("RNN", False, dtype=torch.float16, **cuda))
+    assert backends.TRITON.supports(Call("RNN", False, dtype=torch.float32, trace=True, nonlinearity="sigmoid",
+                                         **cuda)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_on_cuda_a_trace_and_the_sigmoid_rnn_run_on_triton(name):
+    ours = LAYERS[name](num_layers=2, device="cuda")
+    x = torch.randn(7, 3, 3, device="cuda")
+    assert backends.explain(ours, x, trace=True).chosen == "triton"
+    output, _, _ = ours.trace(x)
+    reference = LAYERS[name](num_layers=2, device="cuda", implementation="reference")
+    reference.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(output, reference(x)[0], atol=1e-5, rtol=1e-4)
