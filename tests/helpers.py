@@ -67,3 +67,13 @@ def torch_nn_run(reference, x, lengths, state=None):
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
     output, final = reference(packed, state)
     return torch.nn.utils.rnn.pad_packed_sequence(output, total_length=x.shape[0])[0], final
+
+
+def error_of(call):
+    """(exception type, message) that ``call()`` raises, or None: for comparing our errors
+    with torch.nn's, whatever it raises."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 (we compare whatever torch.nn raises)
+        return type(exc), str(exc)
+    return None

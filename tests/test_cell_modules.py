@@ -7,6 +7,7 @@ import torch
 from torch.autograd import gradcheck
 
 import whiteboard
+from helpers import error_of
 from whiteboard.nn import cells
 
 PAIRS = {
@@ -100,13 +101,6 @@ def test_initialisation_is_torch_nns_uniform():
         assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound  # spread over the whole range
 
 
-def _error(call):
-    try:
-        call()
-    except Exception as exc:  # noqa: BLE001 (we compare whatever torch.nn raises)
-        return type(exc), str(exc)
-    return None
-
 
 @pytest.mark.parametrize("name", list(PAIRS))
 @pytest.mark.parametrize("case", ["rank3-input", "wrong-input-size", "wrong-batch", "wrong-hidden", "rank3-state"])
@@ -124,15 +118,15 @@ def test_errors_are_torch_nns(name, case):
         state = (torch.randn(3, H), torch.randn(3, H + 1)) if name == "lstm" else torch.randn(3, H + 1)
     else:
         state = (torch.randn(1, 3, H), torch.randn(3, H)) if name == "lstm" else torch.randn(1, 3, H)
-    expected = _error(lambda: theirs(x, state))
+    expected = error_of(lambda: theirs(x, state))
     assert expected is not None
-    assert _error(lambda: ours(x, state)) == expected
+    assert error_of(lambda: ours(x, state)) == expected
 
 
 def test_unknown_nonlinearity_fails_where_torch_nns_does():
     ours, theirs = whiteboard.RNNCell(3, 4, nonlinearity="gelu"), torch.nn.RNNCell(3, 4, nonlinearity="gelu")
     x = torch.randn(2, 3)
-    assert _error(lambda: ours(x)) == _error(lambda: theirs(x)) is not None
+    assert error_of(lambda: ours(x)) == error_of(lambda: theirs(x)) is not None
 
 
 @pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])

@@ -8,6 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import whiteboard
+from helpers import error_of
 from whiteboard import backends
 from whiteboard.backends.projection import FusedLSTMP
 
@@ -92,13 +93,6 @@ def test_state_dicts_names_shapes_and_repr_are_torch_nns():
     assert ours.proj_size == P and whiteboard.LSTM(I, H, 1, True, False, 0.0, False, 2).proj_size == 2  # positional
 
 
-def _error(call):
-    try:
-        call()
-    except Exception as exc:  # noqa: BLE001 (we compare whatever torch.nn raises)
-        return type(exc), str(exc)
-    return None
-
 
 @pytest.mark.parametrize("build", [
     lambda nn: nn.LSTM(I, H, proj_size=-1),
@@ -107,8 +101,8 @@ def _error(call):
     lambda nn: nn.RNN(I, H, proj_size=0),
 ], ids=["negative", "not-smaller", "gru", "rnn"])
 def test_constructor_errors_are_torch_nns(build):
-    expected = _error(lambda: build(torch.nn))
-    assert expected is not None and _error(lambda: build(whiteboard)) == expected
+    expected = error_of(lambda: build(torch.nn))
+    assert expected is not None and error_of(lambda: build(whiteboard)) == expected
 
 
 @pytest.mark.parametrize("case", ["h-hidden-size", "c-projected-size"])
@@ -117,8 +111,8 @@ def test_state_size_errors_are_torch_nns(case):
     x = torch.randn(5, 2, I)
     hx = (torch.randn(1, 2, H), torch.randn(1, 2, H)) if case == "h-hidden-size" else \
         (torch.randn(1, 2, P), torch.randn(1, 2, P))
-    expected = _error(lambda: theirs(x, hx))
-    assert expected is not None and _error(lambda: ours(x, hx)) == expected
+    expected = error_of(lambda: theirs(x, hx))
+    assert expected is not None and error_of(lambda: ours(x, hx)) == expected
 
 
 def test_layer_norm_lstm_refuses_a_projection():
