@@ -117,3 +117,44 @@ def test_on_cuda_a_trace_and_the_sigmoid_rnn_run_on_triton(name):
     reference = LAYERS[name](num_layers=2, device="cuda", implementation="reference")
     reference.load_state_dict(ours.state_dict())
     torch.testing.assert_close(output, reference(x)[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["lstm", "rnn-sigmoid"])
+@pytest.mark.parametrize("training", [True, False], ids=["training-masks", "evaluation-expectation"])
+@pytest.mark.parametrize("lengths", [None, [5, 3]], ids=["full", "lengths"])
+def test_zoneout_inside_the_kernels_matches_the_reference_draw_for_draw(interpreted, name, training, lengths):
+    """The kernels draw zoneout's masks as the reference loop does (same generator, same
+    order), so with one seed both compute the same thing, gradients included."""
+    from whiteboard.nn.regularizers import Zoneout
+
+    torch.manual_seed(0)
+    layer = LAYERS[name](num_layers=2, dtype=torch.float64, implementation="triton")
+    reference_layer = LAYERS[name](num_layers=2, dtype=torch.float64, implementation="reference")
+    reference_layer.load_state_dict(layer.state_dict())
+    ours, reference = Zoneout(layer, 0.3, 0.2), Zoneout(reference_layer, 0.3, 0.2)
+    ours.train(training), reference.train(training)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    lengths = None if lengths is None else torch.tensor(lengths)
+    assert backends.explain(layer, x).chosen == "triton" or not training
+    torch.manual_seed(7)
+    got = _flat(ours(x, lengths=lengths))
+    torch.manual_seed(7)
+    expected = _flat(reference(x2, lengths=lengths))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    sum(g.sum() for g in got).backward()
+    sum(e.sum() for e in expected).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    for (n, p), q in zip(layer.named_parameters(), reference_layer.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def test_zoneout_in_the_kernels_passes_gradgradcheck(interpreted):
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0, c0 = (torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    lstm = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((16, 3), (16, 4), (16,), (16,))]
+    # evaluation's mix (no randomness), so every recomputation sees the same weights
+    assert gradcheck(lambda *a: interpreted.TritonLSTM.apply(*a, None, (0.3, 0.2, False))[0], (x, h0, c0, *lstm))
+    assert gradgradcheck(lambda *a: interpreted.TritonLSTM.apply(*a, None, (0.3, 0.2, False))[0], (x, h0, c0, *lstm))

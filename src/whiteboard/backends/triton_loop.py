@@ -1,8 +1,9 @@
 """The Triton backend: fused per-step Triton kernels around cuBLAS GEMMs
 (:mod:`whiteboard.backends.triton_kernels`) for what cuDNN cannot run on a GPU: a trace (the
-kernels keep every step's gates and cell states, so tracing costs nothing more) and the
-seed's sigmoid RNN; the LSTM and the tanh/relu RNN, float32 and float64. ``triton`` comes
-with ``pip install 'whiteboard[gpu]'`` and is imported only when a call runs here.
+kernels keep every step's gates and cell states, so tracing costs nothing more), zoneout
+(a mask per step inside the kernels) and the seed's sigmoid RNN; the LSTM and the
+tanh/relu RNN, float32 and float64. ``triton`` comes with ``pip install 'whiteboard[gpu]'``
+and is imported only when a call runs here.
 
 With ``TRITON_INTERPRET=1`` Triton runs the kernels on the CPU; the backend then offers
 itself for CPU calls too, which is how the tests prove the kernels correct without a GPU.
@@ -40,8 +41,6 @@ class _Triton(Backend):
             return "no Triton kernel for the GRU yet (cuDNN runs it)"
         if call.projection:
             return "no Triton kernel for projections (proj_size)"
-        if call.zoneout:
-            return "zoneout is not in the Triton kernels yet: only the reference loop runs it"
         if call.functorch:
             return "under a torch.func transform: only the reference loop's plain torch ops are transformed"
         if call.dtype not in _DTYPES:
@@ -53,14 +52,14 @@ class _Triton(Backend):
 
         x = x.contiguous()
         if call.mode == "LSTM":
-            out, h_n, c_n, gates, cs = kernels.TritonLSTM.apply(x, initial[0], initial[1], *weights, mask)
+            out, h_n, c_n, gates, cs = kernels.TritonLSTM.apply(x, initial[0], initial[1], *weights, mask, call.zoneout)
             fields = None
             if call.trace:
                 i, f, g, o = gates.chunk(4, dim=2)
                 values = (i, f, g, o, cs[1:], out)
                 fields = _masked(dict(zip(TRACE_FIELDS["LSTM"], values)), mask)
             return out, [h_n, c_n], fields
-        out, h_n, _, zs = kernels.TritonRNN.apply(x, initial[0], *weights, mask, call.nonlinearity)
+        out, h_n, _, zs = kernels.TritonRNN.apply(x, initial[0], *weights, mask, call.nonlinearity, call.zoneout)
         fields = _masked({"preactivation": zs, "hidden": out}, mask) if call.trace else None
         return out, [h_n], fields
 
