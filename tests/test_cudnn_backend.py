@@ -87,3 +87,66 @@ def test_on_cuda_auto_runs_cudnn_with_torch_nns_results(name):
     x = torch.randn(7, 3, 4, device="cuda")
     assert backends.explain(ours, x).chosen == "cudnn"
     torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_whole_stack_in_one_torch_op_call_is_torch_nns(name, bidirectional, monkeypatch):
+    """run_stack: every layer and direction in one call of torch's op, as torch.nn makes it."""
+    layer_class, kwargs = CASES[name]
+    torch.manual_seed(0)
+    ours = layer_class(4, 6, num_layers=2, bidirectional=bidirectional, dtype=torch.float64, implementation="fused",
+                       **kwargs)
+    theirs = getattr(torch.nn, layer_class.__name__)(4, 6, num_layers=2, bidirectional=bidirectional,
+                                                     dtype=torch.float64, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    stacks = []
+
+    def run_stack(call, x, states, weights, bidirectional_, dropout):
+        stacks.append((len(weights), bidirectional_, dropout))
+        return backends.CUDNN.run_stack(call, x, states, weights, bidirectional_, dropout)
+
+    monkeypatch.setattr(backends.TORCH_LOOP, "run_stack", run_stack)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    got, expected = ours(x), theirs(x2)
+    assert stacks == [(4 if bidirectional else 2, bidirectional, 0.0)]
+    flat = lambda r: [r[0], *(r[1] if isinstance(r[1], tuple) else (r[1],))]  # noqa: E731
+    for g, e in zip(flat(got), flat(expected)):
+        torch.testing.assert_close(g, e)
+    sum(g.sum() for g in flat(got)).backward()
+    sum(e.sum() for e in flat(expected)).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def test_dropout_between_layers_reaches_the_stack_call_only_in_training(monkeypatch):
+    ours = whiteboard.LSTM(4, 6, num_layers=3, dropout=0.5, implementation="fused")
+    seen = []
+    monkeypatch.setattr(backends.TORCH_LOOP, "run_stack", lambda call, x, s, w, b, dropout: seen.append(dropout))
+    ours.train()(torch.randn(2, 1, 4))
+    ours.eval()(torch.randn(2, 1, 4))
+    assert seen == [0.5, 0.0]
+
+
+def test_flatten_parameters_is_a_no_op_off_cuda_and_keeps_the_weights():
+    layer = whiteboard.LSTM(4, 6, num_layers=2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    pointers = [p.data_ptr() for p in layer.parameters()]
+    layer.flatten_parameters()
+    assert [p.data_ptr() for p in layer.parameters()] == pointers  # nothing moved on the CPU
+    layer.to(torch.float64).to(torch.float32)  # _apply flattens again after a move: values kept
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_cuda_the_weights_share_one_flat_buffer_and_a_stack_is_one_call():
+    layer = whiteboard.LSTM(4, 6, num_layers=2, bidirectional=True).cuda()
+    storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    assert len(storages) == 1
+    theirs = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True).cuda()
+    theirs.load_state_dict(layer.state_dict())
+    x = torch.randn(7, 3, 4, device="cuda")
+    torch.testing.assert_close(layer(x)[0], theirs(x)[0])

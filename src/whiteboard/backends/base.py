@@ -40,8 +40,8 @@ def reference_only(call: Call) -> str | None:
 class Backend:
     """One way to run a layer's time loop. ``supports`` says whether it can run a call
     (None) or why not (a short reason for :func:`whiteboard.backends.explain`); ``run``
-    runs one layer in one direction; ``run_stack`` may run all of a plain stack's layers
-    at once, where that pays (None: the layer runs them one by one)."""
+    runs one layer in one direction; ``run_stack`` may run a whole stack at once, where
+    that pays (None: the layer runs its layers one by one)."""
 
     name = ""
     implementation = ""  # the implementation= value that names it
@@ -54,9 +54,11 @@ class Backend:
         the trace's fields (a dict of (T, B, H)) or None)."""
         raise NotImplementedError
 
-    def run_stack(self, call: Call, x: Tensor, states: list[Tensor], weights: list[tuple]) -> list[Tensor] | None:
-        """All layers of a one-directional stack with no dropout between them, without grad:
-        [output, h_n (, c_n)] with the states (L, B, H), or None."""
+    def run_stack(self, call: Call, x: Tensor, states: list[Tensor], weights: list[tuple], bidirectional: bool,
+                  dropout: float) -> list[Tensor] | None:
+        """All layers and directions of a stack in one call: [output, h_n (, c_n)] with the
+        states (L·D, B, H), or None (the layer then runs them one by one). ``weights``: one
+        tuple per layer and direction, in torch.nn's order; ``dropout``: between layers."""
         return None
 
 

@@ -3,9 +3,11 @@ ops (``torch._VF.lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu``, what ``torch.nn
 calls), which dispatch to cuDNN on CUDA. Same weights, same results as torch.nn, and
 torch's autograd formula for the backward.
 
-It runs one layer and direction per call, as every backend does. Variable lengths (a
-PackedSequence or ``lengths=``) are packed for the op and unpacked after; projections
-(``proj_size``) are passed as torch.nn passes them. What it declines: the layer-norm LSTM
+A plain call runs the whole stack in one call of the op, as torch.nn's does (every layer
+and direction, dropout between layers included); the layers' weights are one flat buffer
+on CUDA (``flatten_parameters``, as torch.nn keeps them), so cuDNN does not copy them per
+call. With variable lengths (a PackedSequence or ``lengths=``) it runs layer by layer,
+packing for the op; projections (``proj_size``) are passed as torch.nn passes them. What it declines: the layer-norm LSTM
 and the sigmoid RNN (cuDNN has neither), traces, zoneout and torch.func transforms.
 
 The same ops run on the CPU too (torch's own CPU kernels): ``run`` is device-agnostic, which
@@ -51,6 +53,21 @@ def run_torch_op(call: Call, x: Tensor, initial: list[Tensor], weights: tuple, m
     return output, [f.squeeze(0) for f in finals], None
 
 
+def run_torch_stack(call: Call, x: Tensor, states: list[Tensor], weights: list[tuple], bidirectional: bool,
+                    dropout: float) -> list[Tensor]:
+    """The whole stack in one call of torch's op, exactly as torch.nn makes it: every layer
+    and direction, the dropout between layers included (cuDNN's own on CUDA).
+    [output (T, B, D·H), h_n (L·D, B, H) (, c_n)]."""
+    params = [w for group in weights for w in group if w is not None]
+    has_bias = weights[0][2] is not None
+    layers = len(weights) // (2 if bidirectional else 1)
+    hx = (states[0], states[1]) if call.mode == "LSTM" else states[0]
+    # train=True whenever a backward may follow: cuDNN keeps what its backward needs only
+    # then. The dropout between layers is already 0 outside training (the layer sees to it).
+    result = _op(call)(x, hx, params, has_bias, layers, dropout, torch.is_grad_enabled(), bidirectional, False)
+    return [result[0], *result[1:]]
+
+
 class _CuDNN(Backend):
     name, implementation = "cudnn", "cudnn"
 
@@ -67,6 +84,10 @@ class _CuDNN(Backend):
 
     def run(self, call: Call, x: Tensor, initial: list[Tensor], weights: tuple, mask: Tensor | None):
         return run_torch_op(call, x, initial, weights, mask)
+
+    def run_stack(self, call: Call, x: Tensor, states: list[Tensor], weights: list[tuple], bidirectional: bool,
+                  dropout: float) -> list[Tensor] | None:
+        return run_torch_stack(call, x, states, weights, bidirectional, dropout)
 
 
 CUDNN = _CuDNN()

@@ -16,6 +16,7 @@ from whiteboard.nn.cells import TRACE_FIELDS
 from whiteboard.nn.trace import SEED_NAMES, Trace
 from whiteboard.nn.inputs import TorchNNInputs, check_constructor_arguments
 from whiteboard.nn.precision import autocast_dtype, computing_in
+from whiteboard.nn.cudnn_weights import flatten_for_cudnn
 
 __all__ = ["Trace", "TRACE_FIELDS", "SEED_NAMES"]
 
@@ -164,7 +165,15 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
                         parameter[H : 2 * H].fill_(self.forget_bias if name.startswith("bias_ih") else 0.0)
 
     def flatten_parameters(self) -> None:
-        """Accepted for drop-in compatibility with torch.nn; nothing to flatten here."""
+        """torch.nn's: on CUDA with cuDNN, make the weights views of one flat buffer, so the
+        cuDNN backend's calls take them as they are instead of copying them every call (an
+        optimizer's in-place updates keep them so). A no-op elsewhere, as in torch.nn."""
+        flatten_for_cudnn(self)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.flatten_parameters()  # as torch.nn does after .to() / .cuda()
+        return result
 
     def layer_weights(self, layer: int, direction: int) -> tuple:
         """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction, and weight_hr
@@ -366,11 +375,12 @@ class _RecurrentBase(TorchNNInputs, nn.Module):
         return backends.choose(call, self.implementation).run(call, x, initial, weights, mask)
 
     def _stack_in_one_call(self, x: Tensor, states: list[Tensor]) -> list[Tensor] | None:
-        """All layers at once where the backend offers it for a plain stack (one direction,
-        no dropout between layers to apply, no zoneout): [output, h_n (, c_n)], else None."""
-        if (self.bidirectional or self._zoneout is not None or (self.dropout > 0 and self.training and self.num_layers > 1)
-                or torch.compiler.is_compiling()):
+        """All layers and directions at once where the backend offers it (no zoneout):
+        [output, h_n (, c_n)], else None."""
+        if self._zoneout is not None or torch.compiler.is_compiling():
             return None
-        weights = [self.layer_weights(layer, 0) for layer in range(self.num_layers)]
-        call = self._call(x, (*states, *(w for layer in weights for w in layer)))
-        return backends.choose(call, self.implementation).run_stack(call, x, states, weights)
+        weights = [self.layer_weights(layer, d) for layer in range(self.num_layers) for d in range(self.num_directions)]
+        call = self._call(x, (*states, *(w for group in weights for w in group)))
+        dropout = self.dropout if self.training and self.num_layers > 1 else 0.0
+        return backends.choose(call, self.implementation).run_stack(call, x, states, weights, self.bidirectional,
+                                                                     dropout)

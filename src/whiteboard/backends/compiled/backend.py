@@ -49,14 +49,15 @@ class _Compiled(Backend):
                 compiled = None  # a NaN or Inf: the torch loop propagates it as torch.nn does
         return functions.run_direction(call, x, initial, weights, mask, compiled)
 
-    def run_stack(self, call: Call, x: Tensor, states: list[Tensor], weights: list[tuple]) -> list[Tensor] | None:
+    def run_stack(self, call: Call, x: Tensor, states: list[Tensor], weights: list[tuple], bidirectional: bool,
+                  dropout: float) -> list[Tensor] | None:
         """All layers in one compiled call (the C++ stack_inference) where a call without
         grad covers a few rows in all (generation: one token at a time, where the per-layer
         Python cost about as much as the layers' compiled calls). None where a NaN or an Inf
         was met, or the call does not fit: the layers then run one by one."""
         T, B = x.shape[0], x.shape[1]
         flat = [w for layer in weights for w in layer]
-        if T * B > tuning.transpose_max_rows or B == 0:
+        if bidirectional or dropout or T * B > tuning.transpose_max_rows or B == 0:
             return None
         if needs_grad(x, *states, *flat) or under_functorch(x, *states, *flat):
             return None
