@@ -154,6 +154,20 @@ def _alive(mask, t, like):
     return mask[t, :, 0].to(torch.int8).contiguous() if mask is not None else like
 
 
+def _stepper(t: int, zoneout: bool):
+    """A zoneout buffer's step t, or (without zoneout) a placeholder the kernel never reads."""
+    return (lambda buffer: buffer[t]) if zoneout else (lambda buffer: buffer)
+
+
+def _previous_state_grad(dz_t, w_hh, dh_kept, mask, t: int, dh):
+    """The gradient reaching h_{t-1}: through W_hh (cuBLAS), plus zoneout's kept share; a
+    sequence that has ended carries its gradient through the step."""
+    dh_prev = torch.mm(dz_t, w_hh)
+    if dh_kept is not None:
+        dh_prev += dh_kept
+    return dh_prev if mask is None else torch.where(mask[t], dh_prev, dh)
+
+
 def _keep_weights(like, p: float, training: bool):
     """Zoneout's weight of the old state for one step (B, H): a Bernoulli(p) mask in training
     (drawn as the reference loop draws it), p in evaluation."""
@@ -198,7 +212,7 @@ class TritonLSTM(torch.autograd.Function):
             if zoneout:
                 keep_h[t] = _keep_weights(hs[t], zoneout[0], zoneout[2])
                 keep_c[t] = _keep_weights(cs[t], zoneout[1], zoneout[2])
-            at = (lambda buffer: buffer[t]) if zoneout else (lambda buffer: buffer)
+            at = _stepper(t, bool(zoneout))
             _lstm_forward_step[_grid(B * H)](z, cs[t], hs[t], _alive(mask, t, z), gates[t], cs[t + 1], hs[t + 1],
                                              at(keep_h), at(keep_c), at(c_new), B * H, H, HAS_MASK=mask is not None,
                                              ZONEOUT=bool(zoneout), BLOCK=BLOCK)
@@ -223,15 +237,12 @@ class TritonLSTM(torch.autograd.Function):
         dc_next, dh_kept = torch.empty_like(dc), torch.empty_like(dh)
         keep_h, keep_c, c_new = saved if ctx.zoneout else (dh, dh, cs[1:])
         for t in range(T - 1, -1, -1):
-            at = (lambda buffer: buffer[t]) if ctx.zoneout else (lambda buffer: buffer)
+            at = _stepper(t, ctx.zoneout)
             _lstm_backward_step[_grid(B * H)](gates[t], c_new[t], cs[t], d_out[t], dh, dc, _alive(mask, t, dc), dz[t],
                                               dc_next, at(keep_h), at(keep_c), dh_kept, B * H, H,
                                               HAS_MASK=mask is not None, ZONEOUT=ctx.zoneout, BLOCK=BLOCK)
             dc, dc_next = dc_next, dc
-            dh_prev = torch.mm(dz[t], w_hh)  # cuBLAS
-            if ctx.zoneout:
-                dh_prev += dh_kept
-            dh = dh_prev if mask is None else torch.where(mask[t], dh_prev, dh)
+            dh = _previous_state_grad(dz[t], w_hh, dh_kept if ctx.zoneout else None, mask, t, dh)
         needs = ctx.needs_input_grad
         dx, dw_ih, dw_hh = weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[3], needs[4]))
         db = dz.sum((0, 1)) if ctx.has_bias and (needs[5] or needs[6]) else None
@@ -255,7 +266,7 @@ class TritonRNN(torch.autograd.Function):
             torch.addmm(xw[t], hs[t], w_hh_t, out=zs[t])
             if zoneout:
                 keep_h[t] = _keep_weights(hs[t], zoneout[0], zoneout[2])
-            at = (lambda buffer: buffer[t]) if zoneout else (lambda buffer: buffer)
+            at = _stepper(t, bool(zoneout))
             _rnn_forward_step[_grid(B * H)](zs[t], hs[t], _alive(mask, t, zs[t]), hs[t + 1], at(keep_h), at(h_new),
                                             B * H, H, KIND=KINDS[nonlinearity], HAS_MASK=mask is not None,
                                             ZONEOUT=bool(zoneout), BLOCK=BLOCK)
@@ -279,14 +290,11 @@ class TritonRNN(torch.autograd.Function):
         dh_kept = torch.empty_like(dh)
         keep_h, h_new = saved if ctx.zoneout else (dh, hs[1:])
         for t in range(T - 1, -1, -1):
-            at = (lambda buffer: buffer[t]) if ctx.zoneout else (lambda buffer: buffer)
+            at = _stepper(t, ctx.zoneout)
             _rnn_backward_step[_grid(B * H)](h_new[t], d_out[t], dh, _alive(mask, t, dh), dz[t], at(keep_h), dh_kept,
                                              B * H, H, KIND=KINDS[ctx.nonlinearity], HAS_MASK=mask is not None,
                                              ZONEOUT=ctx.zoneout, BLOCK=BLOCK)
-            dh_prev = torch.mm(dz[t], w_hh)
-            if ctx.zoneout:
-                dh_prev += dh_kept
-            dh = dh_prev if mask is None else torch.where(mask[t], dh_prev, dh)
+            dh = _previous_state_grad(dz[t], w_hh, dh_kept if ctx.zoneout else None, mask, t, dh)
         needs = ctx.needs_input_grad
         dx, dw_ih, dw_hh = weight_grads(dz, x, hs[:-1], w_ih, (needs[0], needs[2], needs[3]))
         db = dz.sum((0, 1)) if ctx.has_bias and (needs[4] or needs[5]) else None
