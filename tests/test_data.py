@@ -58,6 +58,20 @@ def test_folder_with_split_files_and_folder_of_txt(tmp_path):
     assert texts["train"].startswith("x0\n") and texts["test"].endswith("y9\n")
 
 
+def test_a_folder_with_two_sets_of_split_files_is_refused_not_guessed(tmp_path):
+    """Like PTB's own folder: ptb.train.txt beside ptb.char.train.txt."""
+    for prefix in ("ptb", "ptb.char"):
+        for split in ("train", "valid", "test"):
+            (tmp_path / f"{prefix}.{split}.txt").write_text(f"{prefix} {split}\n")
+    with pytest.raises(WhiteboardError, match=r"2 train files \(ptb.char.train.txt, ptb.train.txt\)"):
+        data.load_corpus(str(tmp_path))
+    (tmp_path / "ptb.char.train.txt").unlink()
+    (tmp_path / "ptb.char.valid.txt").unlink()
+    (tmp_path / "ptb.char.test.txt").unlink()
+    texts, _ = data.load_corpus(str(tmp_path))
+    assert texts["train"] == "ptb train\n"
+
+
 def test_non_utf8_input_names_the_line(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("fine\nalso fine\ncaf\xe9\n".encode("latin-1"))

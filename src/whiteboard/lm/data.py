@@ -174,12 +174,17 @@ def _split_files_in(folder: Path) -> dict[str, Path] | None:
     """train/valid/test files in a folder, by common naming conventions."""
     found = {}
     for split in SPLITS:
-        names = [f"{split}.txt", f"{split}.tokens"] + [p.name for p in folder.glob(f"*.{split}.*")]
+        names = [f"{split}.txt", f"{split}.tokens"] + sorted(p.name for p in folder.glob(f"*.{split}.*"))
         if split == "valid":
-            names += ["validation.txt", "val.txt"] + [p.name for p in folder.glob("*.val.*")]
-        hit = next((folder / n for n in names if (folder / n).is_file()), None)
-        if hit is not None:
-            found[split] = hit
+            names += ["validation.txt", "val.txt"] + sorted(p.name for p in folder.glob("*.val.*"))
+        hits = [folder / n for n in dict.fromkeys(names) if (folder / n).is_file()]
+        if len(hits) > 1:
+            # PTB's folder holds ptb.train.txt and ptb.char.train.txt: picking one silently
+            # once trained a word model on the character files.
+            raise WhiteboardError(f"{folder} has {len(hits)} {split} files ({', '.join(h.name for h in hits)}): "
+                                  "name one file, or a folder with one set of train/valid/test files")
+        if hits:
+            found[split] = hits[0]
     return found if {"train", "valid"} <= found.keys() else None
 
 
