@@ -26,17 +26,41 @@ def _normalize_backward(d_normalized: Tensor, normalized: Tensor, rstd: Tensor) 
     return rstd * (d_normalized - mean_d - normalized * mean_dn)
 
 
+def input_side(x, w_ih, b_ih, b_hh, gain_ih, eps):
+    """What does not depend on the recurrence, for all steps at once: the input projection
+    normalized (T, B, 4H), its rstd (T, B, 1), and LN(W_ih x; gain_ih) + b, each step's base."""
+    xw_hat, rstd_ih = _normalize(input_projection(x, w_ih, None), eps)
+    base = xw_hat * gain_ih
+    bias = sum_bias(b_ih, b_hh)
+    return xw_hat, rstd_ih, (base if bias is None else base + bias)
+
+
+def parameter_grads(needs, has_bias, x, w_ih, gain_ih, hs, saved, dz, d_hw, d_y, dh, dc) -> tuple:
+    """After a reverse sweep produced dz and d_hw (T, B, 4H) and d_y (T, B, H): the gradients of
+    x, h0, c0 and every parameter, in the Function's argument order (large GEMMs and sums
+    over all steps)."""
+    xw_hat, rstd_ih, _, hw_hat, _, c_hat, _, _ = saved
+    T, B = dz.shape[0], dz.shape[1]
+    rows = lambda t: t.reshape(T * B, t.shape[-1])  # noqa: E731
+    d_xw = _normalize_backward(dz * gain_ih, xw_hat, rstd_ih)  # (T, B, 4H)
+    dx = torch.mm(rows(d_xw), w_ih).view(T, B, w_ih.shape[1]) if needs[0] else None
+    dw_ih = torch.mm(rows(d_xw).t(), rows(x)) if needs[3] else None
+    dw_hh = torch.mm(rows(d_hw).t(), rows(hs[:-1])) if needs[4] else None
+    db = dz.sum((0, 1)) if has_bias and (needs[5] or needs[6]) else None
+    d_gain_ih = (dz * xw_hat).sum((0, 1)) if needs[7] else None
+    d_gain_hh = (dz * hw_hat).sum((0, 1)) if needs[8] else None
+    d_gain_cell = (d_y * c_hat).sum((0, 1)) if needs[9] else None
+    d_bias_cell = d_y.sum((0, 1)) if needs[10] else None
+    return dx, dh, dc, dw_ih, dw_hh, db, db, d_gain_ih, d_gain_hh, d_gain_cell, d_bias_cell
+
+
 def layernorm_lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask,
                             keep: bool, eps: float):
     """Forward only, see :func:`whiteboard.nn.cells.layernorm_lstm_step`. Returns (hs, cs, out,
     saved): hs, cs (T+1, B, H); saved (when keep) holds what the backward sweep needs."""
     T, B, _ = x.shape
     H = h0.shape[-1]
-    xw_hat, rstd_ih = _normalize(input_projection(x, w_ih, None), eps)  # (T, B, 4H), (T, B, 1)
-    base = xw_hat * gain_ih  # (T, B, 4H)
-    bias = sum_bias(b_ih, b_hh)
-    if bias is not None:
-        base = base + bias
+    xw_hat, rstd_ih, base = input_side(x, w_ih, b_ih, b_hh, gain_ih, eps)
     w_hh_t, _ = planning.step_weights(w_hh, B, None, T)  # (H, 4H)
     hs = x.new_empty((T + 1, B, H))
     cs = x.new_empty((T + 1, B, H))
@@ -125,15 +149,5 @@ class FusedLayerNormLSTM(torch.autograd.Function):
             d_hw[t] = _normalize_backward(dz[t] * gain_hh, hw_hat[t], rstd_hh[t])
             dh_prev = torch.mm(d_hw[t], w_hh)  # (B, H)
             dh, dc = carry(m, dh_prev, dh), carry(m, dc_t * f[t], dc)
-        needs = ctx.needs_input_grad
-        rows = lambda t: t.reshape(T * B, t.shape[-1])  # noqa: E731
-        d_xw = _normalize_backward(dz * gain_ih, xw_hat, rstd_ih)  # (T, B, 4H)
-        dx = torch.mm(rows(d_xw), w_ih).view(T, B, w_ih.shape[1]) if needs[0] else None
-        dw_ih = torch.mm(rows(d_xw).t(), rows(x)) if needs[3] else None
-        dw_hh = torch.mm(rows(d_hw).t(), rows(hs[:-1])) if needs[4] else None
-        db = dz.sum((0, 1)) if ctx.has_bias and (needs[5] or needs[6]) else None
-        d_gain_ih = (dz * xw_hat).sum((0, 1)) if needs[7] else None
-        d_gain_hh = (dz * hw_hat).sum((0, 1)) if needs[8] else None
-        d_gain_cell = (d_y * c_hat).sum((0, 1)) if needs[9] else None
-        d_bias_cell = d_y.sum((0, 1)) if needs[10] else None
-        return dx, dh, dc, dw_ih, dw_hh, db, db, d_gain_ih, d_gain_hh, d_gain_cell, d_bias_cell, None, None
+        return (*parameter_grads(ctx.needs_input_grad, ctx.has_bias, x, w_ih, gain_ih, hs, saved, dz, d_hw, d_y, dh, dc),
+                None, None)

@@ -1,8 +1,8 @@
 """The Triton backend: fused per-step Triton kernels around cuBLAS GEMMs
 (:mod:`whiteboard.backends.triton_kernels`) for what cuDNN cannot run on a GPU: a trace (the
 kernels keep every step's gates and cell states, so tracing costs nothing more), zoneout
-(a mask per step inside the kernels) and the seed's sigmoid RNN; the LSTM and the
-tanh/relu RNN, float32 and float64. ``triton`` comes with ``pip install 'whiteboard[gpu]'``
+(a mask per step inside the kernels), the layer-norm LSTM (:mod:`.triton_layernorm`) and
+the seed's sigmoid RNN; the LSTM and the tanh/relu RNN too, float32 and float64. ``triton`` comes with ``pip install 'whiteboard[gpu]'``
 and is imported only when a call runs here.
 
 With ``TRITON_INTERPRET=1`` Triton runs the kernels on the CPU; the backend then offers
@@ -17,8 +17,8 @@ import os
 import torch
 from torch import Tensor
 
-from whiteboard.backends.base import Backend, Call, needs_grad
-from whiteboard.nn.cells import TRACE_FIELDS
+from whiteboard.backends.base import Backend, Call
+from whiteboard.nn.cells import LAYER_NORM_EPS, TRACE_FIELDS
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -35,8 +35,8 @@ class _Triton(Backend):
             return f"on {call.device_type}: the Triton kernels run on CUDA (or under TRITON_INTERPRET=1)"
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install 'whiteboard[gpu]')"
-        if call.layer_norm:
-            return "no Triton kernel for the layer-norm LSTM yet (the torch loop runs it)"
+        if call.layer_norm and call.zoneout:
+            return "zoneout is not in the layer-norm LSTM's Triton kernels: only the reference loop runs it"
         if call.mode == "GRU":
             return "no Triton kernel for the GRU yet (cuDNN runs it)"
         if call.projection:
@@ -51,8 +51,14 @@ class _Triton(Backend):
         from whiteboard.backends import triton_kernels as kernels  # triton itself: only where a call runs here
 
         x = x.contiguous()
-        if call.mode == "LSTM":
+        if call.layer_norm:
+            from whiteboard.backends.triton_layernorm import TritonLayerNormLSTM
+
+            out, h_n, c_n, gates, cs = TritonLayerNormLSTM.apply(x, initial[0], initial[1], *weights, mask,
+                                                                 LAYER_NORM_EPS)
+        elif call.mode == "LSTM":
             out, h_n, c_n, gates, cs = kernels.TritonLSTM.apply(x, initial[0], initial[1], *weights, mask, call.zoneout)
+        if call.mode == "LSTM":
             fields = None
             if call.trace:
                 i, f, g, o = gates.chunk(4, dim=2)
