@@ -255,6 +255,35 @@ def test_bfloat16_decoder_only_in_training(tmp_path):
 WORDS_IN_CORPUS = set("the cat sat on a mat dog ran to park big small red blue house tree".split())
 
 
+@pytest.mark.parametrize("flags,expected", [({"avx512f", "avx512_bf16"}, "bfloat16"), ({"amx_bf16"}, "bfloat16"),
+                                            ({"avx512f", "avx2"}, "float32")], ids=["avx512-bf16", "amx", "neither"])
+def test_auto_decoder_precision_follows_the_cpu_says_so_and_is_saved(tmp_path, monkeypatch, flags, expected):
+    from whiteboard.lm import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: set(flags))
+    corpus = write_corpus(tmp_path / "c.txt")
+    config = tiny_config(corpus, max_steps=2)
+    config.model.decoder_precision = "auto"
+    lines = []
+    train(config, tmp_path / "run", progress=False, log=lines.append)
+    said = [line for line in lines if "decoder_precision=auto" in line]
+    assert len(said) == 1 and said[0].startswith(f"model.decoder_precision=auto: {expected}")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["decoder_precision"] == expected  # a resume keeps what this machine chose
+    # the same command again finds the same run (its config resolved the same way) and continues it
+    again = tiny_config(corpus, max_steps=2)
+    again.model.decoder_precision = "auto"
+    train(again, tmp_path / "run", progress=False, log=lines.append)
+    assert any("holds this run" in line for line in lines)
+
+
+def test_every_preset_chooses_its_decoder_precision_by_machine():
+    from whiteboard.lm import config as cfg
+
+    for name in cfg.preset_names():
+        assert cfg.resolve(preset=name).model.decoder_precision == "auto", name
+
+
 def test_awd_ptb_preset_runs_a_few_steps(tmp_path):
     """The full AWD-LSTM configuration (a GPU recipe), two steps on the CPU on a tiny corpus."""
     from whiteboard.lm import config as cfg

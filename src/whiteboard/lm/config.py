@@ -44,7 +44,9 @@ class ModelConfig:
     embedding_dropout: float = 0.0  # drop whole words from the embedding matrix
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
     # "bfloat16": in training the decoder's matmul runs under bfloat16 autocast (fast on CPUs
-    # with AMX or AVX512-BF16, and on GPUs); evaluation and generation stay float32.
+    # with AMX or AVX512-BF16, and on GPUs); evaluation and generation stay float32. "auto":
+    # bfloat16 where the machine computes it natively, else float32 (whiteboard.lm.hardware),
+    # decided when a run starts and saved in its config.
     decoder_precision: str = "float32"
 
 
@@ -117,7 +119,7 @@ class RunConfig:
 CHOICES = {
     ("model", "cell"): ("lstm", "layernorm-lstm", "gru", "rnn"),
     ("model", "nonlinearity"): ("tanh", "relu", "sigmoid"),
-    ("model", "decoder_precision"): ("float32", "bfloat16"),
+    ("model", "decoder_precision"): ("float32", "bfloat16", "auto"),
     ("data", "level"): ("", "word", "char"),
     ("data", "tokenizer"): ("", "whitespace", "punctuation"),
     ("train", "optimizer"): ("sgd", "adam", "adamw", "ntasgd"),

@@ -22,6 +22,7 @@ from whiteboard.errors import WhiteboardError
 from whiteboard.lm import checkpoint, distributed, rundir
 from whiteboard.lm.config import RunConfig, check_device, resolve_device
 from whiteboard.lm.data import batchify, check_long_enough, windows
+from whiteboard.lm.hardware import native_bfloat16
 from whiteboard.lm.evaluation import (PreparedData, bits_per_char, evaluate, evaluate_sums,  # noqa: F401
                                       loss_words, perplexity, prepare_data)
 from whiteboard.lm.guards import (StopFlag, TrainingDiverged, check_loss,  # noqa: F401 (re-exported)
@@ -52,6 +53,10 @@ def train(
     clean = False
     try:
         world.check_batch(config.train.batch_size)
+        if config.model.decoder_precision == "auto":  # before the run directory compares configs
+            native, why = native_bfloat16(resolve_device(config.train.device))
+            config.model.decoder_precision = "bfloat16" if world.decide(native) else "float32"
+            log(f"model.decoder_precision=auto: {config.model.decoder_precision} ({why})")
         if not world.main:  # rank 0 alone claims the directory, logs and shows progress
             if not resume:
                 resume = world.decide(False)
