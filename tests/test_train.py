@@ -299,3 +299,25 @@ def test_awd_ptb_preset_runs_a_few_steps(tmp_path):
     assert model.recurrent.dropout.p == 0.25 and model.input_dropout.p == 0.4 and model.dropout.p == 0.4
     # AWD's "24 M parameters" at PTB's 10 k words: these 20.2 M in the LSTMs + the 4 M embedding.
     assert sum(p.numel() for p in model.recurrent.parameters()) == 20_211_600
+
+
+def test_a_time_budgeted_run_forecasts_its_tokens_once_and_warns_when_far_below_its_tuning(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    for tuned, warned in ((10 ** 12, True), (1, False)):
+        config = tiny_config(corpus, time_limit=0.05, tuned_tokens=tuned, max_steps=25)
+        lines = []
+        train(config, tmp_path / f"run-{tuned}", progress=False, log=lines.append)
+        forecasts = [line for line in lines if line.startswith("forecast:")]
+        assert len(forecasts) == 1 and "M training tokens in the 0.05-minute budget" in forecasts[0]
+        assert f"tuned with {tuned / 1e6:.1f} M" in forecasts[0]
+        assert any(line.startswith("warning: this machine will train on") for line in lines) == warned
+
+
+def test_the_forecast_is_the_tokens_so_far_plus_the_speed_times_the_time_left():
+    from whiteboard.lm.records import forecast_lines
+
+    lines = forecast_lines(1_000_000, 2_000.0, 1_500.0, 30, 10_000_000)
+    assert lines[0].startswith("forecast: 4.0 M training tokens in the 30-minute budget (2,000 tokens/s)")
+    assert "40% of the tokens" in lines[1]
+    assert forecast_lines(1_000_000, 2_000.0, 1_500.0, 30, 5_000_000) == [
+        "forecast: 4.0 M training tokens in the 30-minute budget (2,000 tokens/s); the recipe was tuned with 5.0 M"]

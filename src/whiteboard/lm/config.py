@@ -91,6 +91,9 @@ class TrainConfig:
     # >0: end the run after this many minutes of wall time (training and evaluation, summed
     # over resumes); it then ends like a finished run: a last evaluation, then the test split.
     time_limit: float = 0.0
+    # The training tokens a time-budgeted recipe was tuned with (0 = not stated): the run
+    # forecasts its own from its first steps and says so where it will see far fewer.
+    tuned_tokens: int = 0
     # >0: over this last fraction of the run (by time_limit, else max_steps, else epochs) the
     # lr falls linearly to 0: a constant lr, then a cooldown (Hägele et al. 2024, "WSD").
     anneal: float = 0.0
@@ -245,7 +248,7 @@ def validate(config: RunConfig) -> None:
     for name in ("epochs", "batch_size", "bptt", "eval_batch_size"):
         if getattr(t, name) <= 0:
             raise UsageError(f"train.{name} must be positive, got {getattr(t, name)}")
-    for name in ("max_steps", "eval_every", "checkpoint_every", "log_every", "early_stop", "decay_start", "threads",
+    for name in ("tuned_tokens", "max_steps", "eval_every", "checkpoint_every", "log_every", "early_stop", "decay_start", "threads",
                  "nonmono"):
         if getattr(t, name) < 0:
             raise UsageError(f"train.{name} must be >= 0, got {getattr(t, name)}")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from whiteboard.lm.config import resolve_device
+
 #: /proc/cpuinfo flags of instructions that compute in bfloat16
 _BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -34,3 +36,14 @@ def native_bfloat16(device: str) -> tuple[bool, str]:
     if found:
         return True, f"this CPU has {', '.join(found)}"
     return False, f"this CPU ({platform.machine()}) has neither AMX nor AVX512-BF16: bfloat16 would be emulated"
+
+
+def settle_decoder_precision(config, decide, log) -> None:
+    """``model.decoder_precision = "auto"`` as what this machine runs natively, said once and
+    written into the config, so the run directory records it and a resume keeps it.
+    ``decide``: the distributed world's (every rank takes rank 0's answer)."""
+    if config.model.decoder_precision != "auto":
+        return
+    native, why = native_bfloat16(resolve_device(config.train.device))
+    config.model.decoder_precision = "bfloat16" if decide(native) else "float32"
+    log(f"model.decoder_precision=auto: {config.model.decoder_precision} ({why})")

@@ -119,3 +119,31 @@ def result_of(counters: dict, test_loss: float | None, interrupted: bool, level:
         train_tokens_per_s=counters["train_tokens"] / max(seconds, 1e-9), level=level, signal=signal_number,
         already_finished=already_finished,
     )
+
+
+#: A time-budgeted run forecasts its tokens after this many steps (warm caches, a fair speed).
+FORECAST_STEPS = 20
+
+
+def forecast_lines(tokens_so_far: int, tokens_per_s: float, remaining_s: float, minutes: float,
+                   tuned_tokens: int) -> list[str]:
+    """What a time-budgeted run says of its budget once its speed is known: the training tokens
+    it will see, and a warning where that is under half of what the recipe was tuned with
+    (a slower machine would otherwise quietly get a weaker model)."""
+    tokens = tokens_so_far + tokens_per_s * remaining_s
+    line = f"forecast: {tokens / 1e6:.1f} M training tokens in the {minutes:g}-minute budget ({tokens_per_s:,.0f} tokens/s)"
+    if not tuned_tokens:
+        return [line]
+    lines = [line + f"; the recipe was tuned with {tuned_tokens / 1e6:.1f} M"]
+    if tokens < tuned_tokens / 2:
+        lines.append(f"warning: this machine will train on {tokens / tuned_tokens:.0%} of the tokens the recipe was tuned "
+                     "with; expect a weaker model (a longer budget, a CPU with AMX or AVX512-BF16, or a GPU gets closer)")
+    return lines
+
+
+def nothing_to_train(t, counters: dict) -> bool:
+    """Whether the config leaves a resumed run nothing to do (a run resumed with more epochs
+    or steps than it had goes on)."""
+    return (counters["epoch"] > t.epochs or bool(t.max_steps and counters["step"] >= t.max_steps)
+            or bool(t.time_limit and counters.get("wall_seconds", 0.0) >= t.time_limit * 60)
+            or bool(t.early_stop and counters["bad_evals"] >= t.early_stop))

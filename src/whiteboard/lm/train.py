@@ -22,7 +22,7 @@ from whiteboard.errors import WhiteboardError
 from whiteboard.lm import checkpoint, distributed, rundir
 from whiteboard.lm.config import RunConfig, check_device, resolve_device
 from whiteboard.lm.data import batchify, check_long_enough, windows
-from whiteboard.lm.hardware import native_bfloat16
+from whiteboard.lm.hardware import settle_decoder_precision
 from whiteboard.lm.evaluation import (PreparedData, bits_per_char, evaluate, evaluate_sums,  # noqa: F401
                                       loss_words, perplexity, prepare_data)
 from whiteboard.lm.guards import (StopFlag, TrainingDiverged, check_loss,  # noqa: F401 (re-exported)
@@ -31,8 +31,8 @@ from whiteboard.lm.model import LanguageModel, detach_state
 from whiteboard.lm.vocab import Vocabulary
 from whiteboard.lm.optim import (AveragedWeights, anneal_factor, make_optimizer,  # noqa: F401 (re-exported)
                                  ntasgd_should_switch, scheduled_lr)
-from whiteboard.lm.records import (MetricsLog, TrainingState, TrainResult, read_metrics,  # noqa: F401 (re-exported)
-                                   result_of)
+from whiteboard.lm.records import (FORECAST_STEPS, MetricsLog, TrainingState, TrainResult,  # noqa: F401
+                                   forecast_lines, nothing_to_train, read_metrics, result_of)
 from whiteboard.nn.regularizers import activation_regularization, temporal_activation_regularization
 
 
@@ -53,10 +53,7 @@ def train(
     clean = False
     try:
         world.check_batch(config.train.batch_size)
-        if config.model.decoder_precision == "auto":  # before the run directory compares configs
-            native, why = native_bfloat16(resolve_device(config.train.device))
-            config.model.decoder_precision = "bfloat16" if world.decide(native) else "float32"
-            log(f"model.decoder_precision=auto: {config.model.decoder_precision} ({why})")
+        settle_decoder_precision(config, world.decide, log)  # before the run directory compares configs
         if not world.main:  # rank 0 alone claims the directory, logs and shows progress
             if not resume:
                 resume = world.decide(False)
@@ -99,6 +96,7 @@ class _Trainer:
         self.last_step = None  # (window, the hidden state it started from): what save() re-checks
         self.evaluated_at = -1
         self.session_started = time.monotonic()
+        self.forecast_said = False
         self.wall_before = 0.0
 
     # ------------------------------------------------------------------ starting
@@ -120,7 +118,7 @@ class _Trainer:
                      "and hidden state continue exactly, dropout's random draws differ from an uninterrupted run's")
             self.state.world_size = self.world.size
         self.wall_before = self.state.wall_seconds
-        if self.state.finished and _nothing_to_train(self.t, counters):
+        if self.state.finished and nothing_to_train(self.t, counters):
             return False
         self.state.finished = False
         self.metrics.keep_up_to(self.state.step)
@@ -200,6 +198,17 @@ class _Trainer:
         s.train_tokens += int(tokens)
         s.train_seconds += time.perf_counter() - started
         return loss_sum / tokens
+
+    def forecast(self) -> None:
+        """Once per session, after FORECAST_STEPS steps of a time-budgeted run: what the budget
+        will allow at this speed (records.forecast_lines)."""
+        t, s = self.t, self.state
+        if self.forecast_said or t.time_limit <= 0 or s.step < FORECAST_STEPS:
+            return
+        self.forecast_said = True
+        remaining = max(0.0, t.time_limit * 60 - self.wall_seconds())
+        for line in forecast_lines(s.train_tokens, self.tokens_per_second(), remaining, t.time_limit, t.tuned_tokens):
+            self.log(line)
 
     def log_training(self, lr: float) -> None:
         s = self.state
@@ -290,6 +299,7 @@ class _Trainer:
                         bar.set_postfix(loss=f"{value:.3f}", ppl=f"{perplexity(value):.1f}",
                                         tok_s=f"{self.tokens_per_second():,.0f}", lr=f"{lr:.3g}")
                         self.log_training(lr)
+                        self.forecast()
                         if t.eval_every and s.step % t.eval_every == 0:
                             self.evaluate()
                             self.save(self.hidden)
@@ -386,11 +396,3 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log, 
         return trainer.run()
     finally:
         trainer.forward = trainer.model  # drop the DDP wrapper before the process group goes
-
-
-def _nothing_to_train(t, counters: dict) -> bool:
-    """Whether the config leaves a resumed run nothing to do (a run resumed with more epochs
-    or steps than it had goes on)."""
-    return (counters["epoch"] > t.epochs or bool(t.max_steps and counters["step"] >= t.max_steps)
-            or bool(t.time_limit and counters.get("wall_seconds", 0.0) >= t.time_limit * 60)
-            or bool(t.early_stop and counters["bad_evals"] >= t.early_stop))
