@@ -35,6 +35,15 @@ def input_side(x, w_ih, b_ih, b_hh, gain_ih, eps):
     return xw_hat, rstd_ih, (base if bias is None else base + bias)
 
 
+def saved_or_recomputed(ctx, grads) -> tuple:
+    """(the gradients of the 12 tensor arguments recomputed with the reference, None) where
+    the backward must be differentiable or batched, else (None, the saved tensors)."""
+    tensors = ctx.saved_tensors
+    if needs_autograd_backward(grads):
+        return autograd_backward(ctx, tensors[:12], grads, flat_reference(cells.layernorm_lstm_step, 2)), None
+    return None, tensors
+
+
 def parameter_grads(needs, has_bias, x, w_ih, gain_ih, hs, saved, dz, d_hw, d_y, dh, dc) -> tuple:
     """After a reverse sweep produced dz and d_hw (T, B, 4H) and d_y (T, B, H): the gradients of
     x, h0, c0 and every parameter, in the Function's argument order (large GEMMs and sums
@@ -118,11 +127,10 @@ class FusedLayerNormLSTM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, hs, cs, *saved = \
-            ctx.saved_tensors
-        if needs_autograd_backward((d_out, d_hn, d_cn)):
-            inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask)
-            return autograd_backward(ctx, inputs, (d_out, d_hn, d_cn), flat_reference(cells.layernorm_lstm_step, 2))
+        recomputed, tensors = saved_or_recomputed(ctx, (d_out, d_hn, d_cn))
+        if recomputed is not None:
+            return recomputed
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, hs, cs, *saved = tensors
         xw_hat, rstd_ih, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y = saved
         T, B, H4 = gates.shape
         i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)

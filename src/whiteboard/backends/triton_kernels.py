@@ -154,6 +154,15 @@ def _alive(mask, t, like):
     return mask[t, :, 0].to(torch.int8).contiguous() if mask is not None else like
 
 
+def _start(x, h0, w_ih, b_ih, b_hh):
+    """(T, B, H, the input projection for all steps (T, B, G·H), the states (T+1, B, H) from h0)."""
+    T, B, _ = x.shape
+    H = h0.shape[-1]
+    hs = x.new_empty((T + 1, B, H))
+    hs[0] = h0
+    return T, B, H, input_projection(x, w_ih, sum_bias(b_ih, b_hh)), hs
+
+
 def _stepper(t: int, zoneout: bool):
     """A zoneout buffer's step t, or (without zoneout) a placeholder the kernel never reads."""
     return (lambda buffer: buffer[t]) if zoneout else (lambda buffer: buffer)
@@ -197,11 +206,9 @@ def _zoneout_reference(zoneout_weights, step, state_count: int):
 class TritonLSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, zoneout=None):
-        T, B, _ = x.shape
-        H = h0.shape[-1]
-        xw = input_projection(x, w_ih, sum_bias(b_ih, b_hh))
-        hs, cs = x.new_empty((T + 1, B, H)), x.new_empty((T + 1, B, H))
-        hs[0], cs[0] = h0, c0
+        T, B, H, xw, hs = _start(x, h0, w_ih, b_ih, b_hh)
+        cs = x.new_empty((T + 1, B, H))
+        cs[0] = c0
         gates = x.new_empty((T, B, 4 * H))
         keep_h = keep_c = c_new = gates  # placeholders the kernel never reads without zoneout
         if zoneout:
@@ -252,11 +259,7 @@ class TritonLSTM(torch.autograd.Function):
 class TritonRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mask, nonlinearity, zoneout=None):
-        T, B, _ = x.shape
-        H = h0.shape[-1]
-        xw = input_projection(x, w_ih, sum_bias(b_ih, b_hh))
-        hs = x.new_empty((T + 1, B, H))
-        hs[0] = h0
+        T, B, H, xw, hs = _start(x, h0, w_ih, b_ih, b_hh)
         zs = x.new_empty((T, B, H))  # the pre-activations, kept for a trace
         keep_h = h_new = zs  # placeholders the kernel never reads without zoneout
         if zoneout:

@@ -15,12 +15,12 @@ import triton.language as tl
 
 from whiteboard.backends.common import output_grad, state_grad
 from whiteboard.backends.layer_norm import input_side, parameter_grads
-from whiteboard.backends.reference import autograd_backward, flat_reference, needs_autograd_backward
-from whiteboard.nn import cells
+from whiteboard.backends.layer_norm import saved_or_recomputed
+from whiteboard.backends.triton_kernels import _sigmoid, _tanh
 
 
-# Its own helpers, tl.sum included: Triton's interpreter runs a jit helper only where it was
-# decorated under the interpreter, and triton.language's own may have been decorated before.
+# Its own sum, not tl.sum: Triton's interpreter runs a jit helper only where it was decorated
+# under the interpreter, and triton.language's own may have been decorated before (the tests).
 @triton.jit
 def _add(a, b):
     return a + b
@@ -32,13 +32,18 @@ def _sum(x):
 
 
 @triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+def _load4(ptr, row4, j, m, H):
+    """A row's four gate blocks of H (i, f, g, o), each as a vector of the block's width."""
+    return (tl.load(ptr + row4 + j, mask=m, other=0.0), tl.load(ptr + row4 + H + j, mask=m, other=0.0),
+            tl.load(ptr + row4 + 2 * H + j, mask=m, other=0.0), tl.load(ptr + row4 + 3 * H + j, mask=m, other=0.0))
 
 
 @triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+def _store4(ptr, row4, j, m, H, v0, v1, v2, v3):
+    tl.store(ptr + row4 + j, v0, mask=m)
+    tl.store(ptr + row4 + H + j, v1, mask=m)
+    tl.store(ptr + row4 + 2 * H + j, v2, mask=m)
+    tl.store(ptr + row4 + 3 * H + j, v3, mask=m)
 
 
 @triton.jit
@@ -48,31 +53,19 @@ def _forward_row(hw, base, gain_hh, gain_cell, bias_cell, c_prev, h_prev, alive,
     j = tl.arange(0, BLOCK_H)
     m = j < H
     row4, row = b * 4 * H, b * H
-    a0 = tl.load(hw + row4 + j, mask=m, other=0.0)
-    a1 = tl.load(hw + row4 + H + j, mask=m, other=0.0)
-    a2 = tl.load(hw + row4 + 2 * H + j, mask=m, other=0.0)
-    a3 = tl.load(hw + row4 + 3 * H + j, mask=m, other=0.0)
+    a0, a1, a2, a3 = _load4(hw, row4, j, m, H)
     mean = (_sum(a0) + _sum(a1) + _sum(a2) + _sum(a3)) / (4 * H)
     d0, d1 = tl.where(m, a0 - mean, 0.0), tl.where(m, a1 - mean, 0.0)
     d2, d3 = tl.where(m, a2 - mean, 0.0), tl.where(m, a3 - mean, 0.0)
     var = (_sum(d0 * d0) + _sum(d1 * d1) + _sum(d2 * d2) + _sum(d3 * d3)) / (4 * H)
     r = 1.0 / tl.sqrt(var + eps)
     n0, n1, n2, n3 = d0 * r, d1 * r, d2 * r, d3 * r
-    tl.store(hw_hat + row4 + j, n0, mask=m)
-    tl.store(hw_hat + row4 + H + j, n1, mask=m)
-    tl.store(hw_hat + row4 + 2 * H + j, n2, mask=m)
-    tl.store(hw_hat + row4 + 3 * H + j, n3, mask=m)
+    _store4(hw_hat, row4, j, m, H, n0, n1, n2, n3)
     tl.store(rstd_hh + b, r)
-    i = _sigmoid(tl.load(base + row4 + j, mask=m, other=0.0) + n0 * tl.load(gain_hh + j, mask=m, other=0.0))
-    f = _sigmoid(tl.load(base + row4 + H + j, mask=m, other=0.0) + n1 * tl.load(gain_hh + H + j, mask=m, other=0.0))
-    g = _tanh(tl.load(base + row4 + 2 * H + j, mask=m, other=0.0)
-              + n2 * tl.load(gain_hh + 2 * H + j, mask=m, other=0.0))
-    o = _sigmoid(tl.load(base + row4 + 3 * H + j, mask=m, other=0.0)
-                 + n3 * tl.load(gain_hh + 3 * H + j, mask=m, other=0.0))
-    tl.store(gates + row4 + j, i, mask=m)
-    tl.store(gates + row4 + H + j, f, mask=m)
-    tl.store(gates + row4 + 2 * H + j, g, mask=m)
-    tl.store(gates + row4 + 3 * H + j, o, mask=m)
+    z0, z1, z2, z3 = _load4(base, row4, j, m, H)
+    k0, k1, k2, k3 = _load4(gain_hh, 0, j, m, H)
+    i, f, g, o = _sigmoid(z0 + n0 * k0), _sigmoid(z1 + n1 * k1), _tanh(z2 + n2 * k2), _sigmoid(z3 + n3 * k3)
+    _store4(gates, row4, j, m, H, i, f, g, o)
     cp = tl.load(c_prev + row + j, mask=m, other=0.0)
     c = f * cp + i * g
     c_mean = _sum(tl.where(m, c, 0.0)) / H
@@ -99,10 +92,7 @@ def _backward_row(gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y, c_prev, gain_hh
     j = tl.arange(0, BLOCK_H)
     m = j < H
     row4, row = b * 4 * H, b * H
-    i = tl.load(gates + row4 + j, mask=m, other=0.0)
-    f = tl.load(gates + row4 + H + j, mask=m, other=0.0)
-    g = tl.load(gates + row4 + 2 * H + j, mask=m, other=0.0)
-    o = tl.load(gates + row4 + 3 * H + j, mask=m, other=0.0)
+    i, f, g, o = _load4(gates, row4, j, m, H)
     y = tl.load(tanh_y + row + j, mask=m, other=0.0)
     dh_t = tl.load(d_out + row + j, mask=m, other=0.0) + tl.load(dh + row + j, mask=m, other=0.0)
     dc_carry = tl.load(dc + row + j, mask=m, other=0.0)
@@ -122,26 +112,17 @@ def _backward_row(gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y, c_prev, gain_hh
     z1 = dc_t * cp * f * (1.0 - f)
     z2 = dc_t * i * (1.0 - g * g)
     z3 = dh_t * y * o * (1.0 - o)
-    tl.store(dz + row4 + j, z0, mask=m)
-    tl.store(dz + row4 + H + j, z1, mask=m)
-    tl.store(dz + row4 + 2 * H + j, z2, mask=m)
-    tl.store(dz + row4 + 3 * H + j, z3, mask=m)
+    _store4(dz, row4, j, m, H, z0, z1, z2, z3)
     # back through LN(W h) over the 4H gate rows
-    e0 = tl.where(m, z0 * tl.load(gain_hh + j, mask=m, other=0.0), 0.0)
-    e1 = tl.where(m, z1 * tl.load(gain_hh + H + j, mask=m, other=0.0), 0.0)
-    e2 = tl.where(m, z2 * tl.load(gain_hh + 2 * H + j, mask=m, other=0.0), 0.0)
-    e3 = tl.where(m, z3 * tl.load(gain_hh + 3 * H + j, mask=m, other=0.0), 0.0)
-    n0 = tl.load(hw_hat + row4 + j, mask=m, other=0.0)
-    n1 = tl.load(hw_hat + row4 + H + j, mask=m, other=0.0)
-    n2 = tl.load(hw_hat + row4 + 2 * H + j, mask=m, other=0.0)
-    n3 = tl.load(hw_hat + row4 + 3 * H + j, mask=m, other=0.0)
+    k0, k1, k2, k3 = _load4(gain_hh, 0, j, m, H)
+    e0, e1 = tl.where(m, z0 * k0, 0.0), tl.where(m, z1 * k1, 0.0)
+    e2, e3 = tl.where(m, z2 * k2, 0.0), tl.where(m, z3 * k3, 0.0)
+    n0, n1, n2, n3 = _load4(hw_hat, row4, j, m, H)
     mean_e = (_sum(e0) + _sum(e1) + _sum(e2) + _sum(e3)) / (4 * H)
     mean_en = (_sum(e0 * n0) + _sum(e1 * n1) + _sum(e2 * n2) + _sum(e3 * n3)) / (4 * H)
     r = tl.load(rstd_hh + b)
-    tl.store(d_hw + row4 + j, r * (e0 - mean_e - n0 * mean_en), mask=m)
-    tl.store(d_hw + row4 + H + j, r * (e1 - mean_e - n1 * mean_en), mask=m)
-    tl.store(d_hw + row4 + 2 * H + j, r * (e2 - mean_e - n2 * mean_en), mask=m)
-    tl.store(d_hw + row4 + 3 * H + j, r * (e3 - mean_e - n3 * mean_en), mask=m)
+    _store4(d_hw, row4, j, m, H, r * (e0 - mean_e - n0 * mean_en), r * (e1 - mean_e - n1 * mean_en),
+            r * (e2 - mean_e - n2 * mean_en), r * (e3 - mean_e - n3 * mean_en))
     dc_next = dc_t * f
     if HAS_MASK:
         dc_next = tl.where(a, dc_next, dc_carry)
@@ -179,11 +160,10 @@ class TritonLayerNormLSTM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn, _d_gates, _d_cs):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, hs, cs, *saved = \
-            ctx.saved_tensors
-        if needs_autograd_backward((d_out, d_hn, d_cn)):
-            inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask)
-            return autograd_backward(ctx, inputs, (d_out, d_hn, d_cn), flat_reference(cells.layernorm_lstm_step, 2))
+        recomputed, tensors = saved_or_recomputed(ctx, (d_out, d_hn, d_cn))
+        if recomputed is not None:
+            return recomputed
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, hs, cs, *saved = tensors
         _, _, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y = saved
         T, B, H4 = gates.shape
         H = H4 // 4
