@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Headless Chromium for the browser tests (the inspect report's and the explorer's).
+BROWSER := $(VENV)/.browser
 # -c pins torch to the CPU wheel on local disk (an unpinned torch pulls a CUDA build).
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
@@ -10,10 +12,8 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 
 install: $(STAMP) $(BROWSER)
 
-# Headless Chromium for the browser tests (tests/test_browser.py), from Debian where this
-# runs as root with apt-get; elsewhere those tests skip with a note. Set-up belongs here,
-# not in a test.
-BROWSER := $(VENV)/.browser
+# Chromium comes from Debian where this runs as root with apt-get; elsewhere the browser
+# tests skip with a note. Set-up belongs here, not in a test.
 $(BROWSER): | $(STAMP)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -26,7 +26,7 @@ $(BROWSER): | $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[test,plot]'
+	$(PIP_INSTALL) -e '.[test,plot,serve]'
 	touch $(STAMP)
 
 test: $(STAMP) $(BROWSER)

@@ -22,6 +22,7 @@ commands, each with one example:
   compare    whiteboard compare --task stories --models rnn,lstm,gru --distances 10,50,100,150
   demo       whiteboard demo --out demo-out
   inspect    whiteboard inspect demo-out/models/lstm "Alice lives in France . She speaks" --out report.html
+  serve      whiteboard serve demo-out/models/rnn demo-out/models/lstm demo-out/models/gru
   reach      whiteboard reach demo-out/models/rnn demo-out/models/lstm --text "Alice lives in France . She speaks"
   export     whiteboard export runs/mine --format torch --out exported/mine
 
@@ -152,12 +153,26 @@ def _add_demo(sub) -> None:
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="an HTML report of every gate and state over a text")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("text")
+    p.add_argument("text", nargs="?", help="the text to report on (not needed with --corpus)")
+    p.add_argument("--corpus", type=Path, help="a UTF-8 text file whose states --export-states writes")
+    p.add_argument("--export-states", type=Path, metavar="FILE.h5",
+                   help="with --corpus: the corpus's states in the layout LSTMVis reads (HDF5; the word ids, "
+                        "their dictionary and lstm.yml go beside it)")
     p.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file; heatmap PNGs go beside it")
     p.add_argument("--units", type=_unit_list, help="comma-separated unit indices to show (default: the most active)")
     p.add_argument("--top-units", type=int, default=12, help="how many of the most active units to show")
     p.add_argument("--pattern", help="find units that follow a pattern: inside-quotes, line-position, word-position, regex:EXPR")
     p.add_argument("--reach", action="store_true", help="add this model's gradient reach to the report")
+    _add_device(p)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="the live whiteboard: a local web page to explore trained models side by side")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="the port (0: any free one)")
+    p.add_argument("--corpus", type=Path, action="append", default=[], metavar="FILE",
+                   help="a UTF-8 text file the page may scan (select and match); repeat for more")
     _add_device(p)
 
 
@@ -205,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_reach(sub)
     _add_export(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -214,7 +230,8 @@ def _err(message: str) -> None:
 
 COMMANDS = {"train": commands.cmd_train, "evaluate": commands.cmd_evaluate, "predict": commands.cmd_predict,
             "generate": commands.cmd_generate, "compare": commands.cmd_compare, "demo": commands.cmd_demo,
-            "inspect": commands.cmd_inspect, "reach": commands.cmd_reach, "export": commands.cmd_export}
+            "inspect": commands.cmd_inspect, "reach": commands.cmd_reach, "export": commands.cmd_export,
+            "serve": commands.cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,6 +200,12 @@ def cmd_inspect(args) -> int:
 
     if args.top_units < 1:
         raise UsageError(f"--top-units must be positive, got {args.top_units}")
+    if (args.corpus is None) != (args.export_states is None):
+        raise UsageError("--corpus and --export-states go together: the states of which corpus, written where?")
+    if args.corpus is None and args.text is None:
+        raise UsageError("give a text to inspect, or --corpus FILE --export-states FILE.h5")
+    if args.corpus is not None:
+        return _export_states(args)
     check_writable_folder(args.out.parent, "--out")
     model, vocab, _ = load_run(args.run_dir, _device(args))
     result = build_report(model, vocab, args.text, args.out, units=args.units, unit_count=args.top_units,
@@ -208,6 +214,37 @@ def cmd_inspect(args) -> int:
     if result["trace"].unknown:
         print(f"note: not in the vocabulary, read as <unk>: {', '.join(result['trace'].unknown)}", file=sys.stderr)
     print("wrote " + ", ".join(result["files"].values()))
+    return 0
+
+
+def _export_states(args) -> int:
+    from whiteboard.explorer.corpus import Corpus, export_states
+    from whiteboard.explorer.server import load_served
+
+    corpus = Corpus.from_file(args.corpus)
+    check_writable_folder(args.export_states.parent, "--export-states")
+    (run,) = load_served([args.run_dir], _device(args))
+    files = export_states(run, corpus, args.export_states)
+    print("wrote " + ", ".join(str(p) for p in files.values()) + f" (open the folder with LSTMVis: "
+          f"python lstm_server.py -dir {args.export_states.parent or '.'})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from whiteboard.explorer import server
+    except ImportError as exc:
+        raise WhiteboardError(f"whiteboard serve needs FastAPI and uvicorn ({exc.name} is missing): "
+                              "pip install 'whiteboard[serve]'") from None
+    from whiteboard.explorer.analysis import short_names
+    from whiteboard.explorer.corpus import Corpus, demo_corpus
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0..65535, got {args.port}")
+    names = short_names(args.corpus) if args.corpus else []
+    corpora = [Corpus.from_file(path, name) for path, name in zip(args.corpus, names)] + [demo_corpus()]
+    runs = server.load_served(args.run_dirs, _device(args))
+    server.serve(runs, corpora, args.host, args.port)
     return 0
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,6 +135,8 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), progress: b
     say("")
     say(f"Wrote {out_dir / 'summary.html'}, {out_dir / 'accuracy_by_distance.png'}, {out_dir / 'results.json'} "
         f"and the models in {out_dir / 'models'} ({result['total_seconds']:.0f} s in all)")
+    served = " ".join(shlex.quote(str(out_dir / "models" / cell)) for cell in models)
+    say(f"Next, watch them write, read and forget on your own sentences: whiteboard serve {served}")
     return result
 
 

@@ -203,6 +203,13 @@ def long_seed_prompt(min_filler_tokens: int = 100, seed: int = 7) -> str:
     return " ".join(tokens + ["She", "speaks"])
 
 
+def filler_sentences(count: int, pronoun: str = "She", possessive: str = "Her", seed: int = 7) -> list[list[str]]:
+    """``count`` filler sentences (token lists) from a fixed seed: the first n are the same
+    whatever ``count`` is, so a story with n fillers is a prefix of one with n + 1."""
+    rng = random.Random(seed)
+    return [_filler(rng, pronoun, possessive) for _ in range(count)]
+
+
 def story_vocabulary_tokens() -> list[str]:
     """Every token a story can contain, in a fixed order (no <unk> needed)."""
     words: list[str] = []
