@@ -9,6 +9,8 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Alice lives in France. She is an artist. She likes to cook. She speaks" in printed  # as people type it
     assert "Memory horizon" in printed
+    models = out / "models"
+    assert f"whiteboard serve {models / 'rnn'} {models / 'lstm'} {models / 'gru'}" in printed  # the next command
     for cell in ("RNN", "LSTM"):
         assert f"{cell}  -> " in printed or f"{cell} -> " in printed
     result = json.loads((out / "results.json").read_text())
