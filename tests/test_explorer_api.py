@@ -299,3 +299,24 @@ def test_short_names_add_parents_only_where_needed(tmp_path):
 def test_pack_round_trips(runs):
     values = torch.randn(3, 5)
     torch.testing.assert_close(unpack(analysis.pack(values)), values)
+
+
+def test_a_character_model_is_served_beside_word_models(tmp_path, runs):
+    from whiteboard.lm import config as cfg
+    from whiteboard.lm.checkpoint import save_model, save_run_files
+    from whiteboard.lm.model import LanguageModel
+    from whiteboard.lm.vocab import Vocabulary
+
+    vocab = Vocabulary.build("abc de\n", "char")
+    config = cfg.resolve(sets=["model.embedding_size=4", "model.hidden_size=5", "model.num_layers=1"])
+    model = LanguageModel(len(vocab), config.model)
+    save_run_files(tmp_path / "chars", config, vocab)
+    save_model(tmp_path / "chars", model, 0)
+    (char_run,) = served([tmp_path / "chars"])
+    with TestClient(create_app([*runs, char_run], [])) as client:
+        got = client.post("/api/analyze", json={"text": "a bz"}).json()["models"]
+        assert [t["shown"] for t in got["chars"]["tokens"]] == ["a", " ", "b", "<unk>"]
+        assert len(got["lstm"]["tokens"]) == 2  # the word models read two words
+        curve = client.post("/api/distance", json={"fillers": 1}).json()["models"]
+        assert curve["chars"]["probabilities"] is None and curve["lstm"]["probabilities"] is not None
+        assert client.get("/api/models").json()["corpora"] == []

@@ -57,6 +57,10 @@ function options(select, values, labels = values) {
   select.replaceChildren(...values.map((v, i) => element("option", { value: v }, String(labels[i]))));
 }
 
+// A character model's space, tab and line end, made visible.
+const VISIBLE = { " ": "␣", "\t": "⇥", "\n": "↵" };
+const visible = (token) => VISIBLE[token] || token;
+
 function showError(message) { $("#error").textContent = message || ""; }
 
 // ---------------------------------------------------------------- predictions
@@ -103,7 +107,7 @@ function renderPredictions() {
         class: "tok" + (token.unknown ? " unknown" : ""), "data-index": i,
         title: (token.unknown ? `"${token.typed}" is not in ${name}'s vocabulary. ` : "") +
           (p === null ? "the first word" : `p(${token.shown}) = ${p.toFixed(3)}`),
-      }, token.shown);
+      }, visible(token.shown));
       span.style.background = probabilityColor(p);
       span.addEventListener("mouseenter", () => setCurrent(i));
       span.addEventListener("click", () => setCurrent(i));
@@ -120,10 +124,10 @@ function renderTopK() {
   const boxes = Object.entries(state.analysis.models).map(([name, result]) => {
     const box = element("div", { class: "topk", "data-model": name });
     const i = Math.min(state.current, result.tokens.length - 1);
-    box.append(element("h3", {}, `${name} after "${result.tokens[i].shown}"`));
+    box.append(element("h3", {}, `${name} after "${visible(result.tokens[i].shown)}"`));
     const list = element("ol");
     for (const p of result.predictions[i]) {
-      list.append(element("li", { "data-token": p.token }, `${p.token} ${p.probability.toFixed(3)}`));
+      list.append(element("li", { "data-token": p.token }, `${visible(p.token)} ${p.probability.toFixed(3)}`));
     }
     box.append(list);
     return box;
@@ -159,7 +163,7 @@ function renderBoards() {
   const model = state.info.models.find((m) => m.name === name);
   const layer = Number($("#board-layer").value) || 0;
   const i = Math.min(state.current, result.tokens.length - 1);
-  $("#step-label").textContent = `token ${i}: "${result.tokens[i].shown}"`;
+  $("#step-label").textContent = `token ${i}: "${visible(result.tokens[i].shown)}"`;
   const boards = VIEWS[model.mode].filter(([field]) => field in result.layers[layer]).map(([field, seed, standard]) => {
     const { shape, values } = decode(result.layers[layer][field]);
     const units = shape[1];
@@ -287,7 +291,7 @@ async function runReach() {
       reach.tokens.forEach((token, i) => {
         const share = reach.shares[i];
         const span = element("span", { class: "reach-tok", "data-share": share.toPrecision(4),
-                                       title: `${(100 * share).toFixed(2)}% of the gradient` }, token.shown);
+                                       title: `${(100 * share).toFixed(2)}% of the gradient` }, visible(token.shown));
         span.style.background = `rgba(214, 39, 40, ${Math.sqrt(share / largest).toFixed(3)})`;
         row.append(span);
       });
