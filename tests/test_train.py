@@ -321,3 +321,37 @@ def test_the_forecast_is_the_tokens_so_far_plus_the_speed_times_the_time_left():
     assert "40% of the tokens" in lines[1]
     assert forecast_lines(1_000_000, 2_000.0, 1_500.0, 30, 5_000_000) == [
         "forecast: 4.0 M training tokens in the 30-minute budget (2,000 tokens/s); the recipe was tuned with 5.0 M"]
+
+
+@pytest.mark.parametrize("seconds_per_step", [0.02, 0.04])
+def test_a_slower_machine_cools_down_on_fewer_steps_but_always_cools_down(tmp_path, monkeypatch, seconds_per_step):
+    """The rule for budgeted recipes (README, "Configuration"): the lr schedule follows the
+    clock, so the cooldown takes the budget's last `anneal` share whatever the speed. A fake
+    clock advances a fixed time per step: twice as slow, half the steps, the same schedule."""
+    from whiteboard.lm import train as train_module
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: clock["now"])
+    real_step = train_module._Trainer.train_step
+
+    def timed_step(self, window, lr):
+        loss = real_step(self, window, lr)
+        clock["now"] += seconds_per_step
+        return loss
+
+    monkeypatch.setattr(train_module._Trainer, "train_step", timed_step)
+    corpus = write_corpus(tmp_path / "c.txt")
+    config = tiny_config(corpus, epochs=1000, lr=2.0, anneal=0.5, time_limit=0.01, log_every=1)  # 0.6 s budget
+    train(config, tmp_path / "run", progress=False, log=quiet)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    # the same clock arithmetic as the trainer's: a step starts while the budget is not used up
+    starts, now = [], 1000.0
+    while 0.0 + now - 1000.0 < 0.01 * 60:
+        starts.append((0.0 + now - 1000.0) / (0.01 * 60))
+        now += seconds_per_step
+    steps = len(starts)
+    assert abs(steps - 0.6 / seconds_per_step) <= 1  # twice as slow, half the steps
+    assert lrs == pytest.approx([2.0 * min(1.0, (1 - p) / 0.5) for p in starts])
+    assert lrs[: steps // 2] == [2.0] * (steps // 2)  # constant for the first half of the time
+    assert all(a > b for a, b in zip(lrs[steps // 2 :], lrs[steps // 2 + 1 :]))  # then falling every step
+    assert lrs[-1] < 2.0 * 3 * seconds_per_step / 0.6  # the last step: almost cooled down
