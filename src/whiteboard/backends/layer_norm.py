@@ -4,6 +4,8 @@ The equations are :func:`whiteboard.nn.cells.layernorm_lstm_step`'s."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -35,32 +37,68 @@ def input_side(x, w_ih, b_ih, b_hh, gain_ih, eps):
     return xw_hat, rstd_ih, (base if bias is None else base + bias)
 
 
+class Kept(NamedTuple):
+    """What both layer-norm Functions keep for their backward: the 12 tensor arguments in the
+    Function's order, the states (T + 1, B, H), and the forward's saved tensors."""
+
+    x: Tensor
+    h0: Tensor
+    c0: Tensor
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Tensor | None
+    b_hh: Tensor | None
+    gain_ih: Tensor
+    gain_hh: Tensor
+    gain_cell: Tensor
+    bias_cell: Tensor
+    mask: Tensor | None
+    hs: Tensor
+    cs: Tensor
+    xw_hat: Tensor  # (T, B, 4H) the input projection, normalized
+    rstd_ih: Tensor  # (T, B, 1)
+    gates: Tensor  # (T, B, 4H) i, f, g, o
+    hw_hat: Tensor  # (T, B, 4H) W_hh h_{t-1}, normalized
+    rstd_hh: Tensor
+    c_hat: Tensor  # (T, B, H) c_t, normalized
+    rstd_c: Tensor
+    tanh_y: Tensor  # (T, B, H) tanh of the normalized cell
+
+
+def keep_for_backward(ctx, args: tuple, hs: Tensor, cs: Tensor, saved: tuple) -> None:
+    """Save what :func:`saved_or_recomputed` reads back as :class:`Kept`: the arguments, the
+    states, then the forward's (xw_hat, rstd_ih, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y)."""
+    ctx.has_bias = args[5] is not None
+    ctx.save_for_backward(*args, hs, cs, *saved)
+
+
 def saved_or_recomputed(ctx, grads) -> tuple:
     """(the gradients of the 12 tensor arguments recomputed with the reference, None) where
-    the backward must be differentiable or batched, else (None, the saved tensors)."""
+    the backward must be differentiable or batched, else (None, the :class:`Kept` tensors)."""
     tensors = ctx.saved_tensors
     if needs_autograd_backward(grads):
         return autograd_backward(ctx, tensors[:12], grads, flat_reference(cells.layernorm_lstm_step, 2)), None
-    return None, tensors
+    return None, Kept(*tensors)
 
 
-def parameter_grads(needs, has_bias, x, w_ih, gain_ih, hs, saved, dz, d_hw, d_y, dh, dc) -> tuple:
+def parameter_grads(ctx, kept: Kept, dz, d_hw, d_y, dh, dc) -> tuple:
     """After a reverse sweep produced dz and d_hw (T, B, 4H) and d_y (T, B, H): the gradients of
-    x, h0, c0 and every parameter, in the Function's argument order (large GEMMs and sums
-    over all steps)."""
-    xw_hat, rstd_ih, _, hw_hat, _, c_hat, _, _ = saved
+    all 13 arguments in the Function's order, eps's None included (large GEMMs and sums over
+    all steps)."""
+    needs, k = ctx.needs_input_grad, kept
+    x, w_ih, xw_hat, hw_hat, c_hat = k.x, k.w_ih, k.xw_hat, k.hw_hat, k.c_hat
     T, B = dz.shape[0], dz.shape[1]
     rows = lambda t: t.reshape(T * B, t.shape[-1])  # noqa: E731
-    d_xw = _normalize_backward(dz * gain_ih, xw_hat, rstd_ih)  # (T, B, 4H)
+    d_xw = _normalize_backward(dz * k.gain_ih, xw_hat, k.rstd_ih)  # (T, B, 4H)
     dx = torch.mm(rows(d_xw), w_ih).view(T, B, w_ih.shape[1]) if needs[0] else None
     dw_ih = torch.mm(rows(d_xw).t(), rows(x)) if needs[3] else None
-    dw_hh = torch.mm(rows(d_hw).t(), rows(hs[:-1])) if needs[4] else None
-    db = dz.sum((0, 1)) if has_bias and (needs[5] or needs[6]) else None
+    dw_hh = torch.mm(rows(d_hw).t(), rows(k.hs[:-1])) if needs[4] else None
+    db = dz.sum((0, 1)) if ctx.has_bias and (needs[5] or needs[6]) else None
     d_gain_ih = (dz * xw_hat).sum((0, 1)) if needs[7] else None
     d_gain_hh = (dz * hw_hat).sum((0, 1)) if needs[8] else None
     d_gain_cell = (d_y * c_hat).sum((0, 1)) if needs[9] else None
     d_bias_cell = d_y.sum((0, 1)) if needs[10] else None
-    return dx, dh, dc, dw_ih, dw_hh, db, db, d_gain_ih, d_gain_hh, d_gain_cell, d_bias_cell
+    return dx, dh, dc, dw_ih, dw_hh, db, db, d_gain_ih, d_gain_hh, d_gain_cell, d_bias_cell, None, None
 
 
 def layernorm_lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask,
@@ -120,42 +158,39 @@ class FusedLayerNormLSTM(torch.autograd.Function):
         hs, cs, out, saved = layernorm_lstm_sequence(
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, True, eps
         )
-        ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask,
-                              hs, cs, *saved)
+        keep_for_backward(ctx, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask), hs, cs,
+                          saved)
         return out, hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
-        recomputed, tensors = saved_or_recomputed(ctx, (d_out, d_hn, d_cn))
+        recomputed, kept = saved_or_recomputed(ctx, (d_out, d_hn, d_cn))
         if recomputed is not None:
             return recomputed
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, hs, cs, *saved = tensors
-        xw_hat, rstd_ih, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y = saved
-        T, B, H4 = gates.shape
-        i, f, g, o = gates.chunk(4, dim=2)  # 4 x (T, B, H)
+        T, B, H4 = kept.gates.shape
+        i, f, g, o = kept.gates.chunk(4, dim=2)  # 4 x (T, B, H)
         # Factors that do not depend on the reverse recurrence, for all steps at once.
-        k = torch.stack((g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g)), dim=2)  # (T, B, 3, H)
-        k_o = tanh_y * o * (1 - o)  # (T, B, H)
-        dy_from_dh = o * (1 - tanh_y * tanh_y)  # d tanh(LN(c)) / d LN(c), times o
+        k = torch.stack((g * i * (1 - i), kept.cs[:-1] * f * (1 - f), i * (1 - g * g)), dim=2)  # (T, B, 3, H)
+        k_o = kept.tanh_y * o * (1 - o)  # (T, B, H)
+        dy_from_dh = o * (1 - kept.tanh_y * kept.tanh_y)  # d tanh(LN(c)) / d LN(c), times o
         f = f.contiguous()
-        dz = x.new_empty((T, B, H4))
-        d_hw = x.new_empty((T, B, H4))  # gradient of W h_{t-1}, before its normalization
-        d_y = x.new_empty((T, B, gain_cell.shape[0]))  # gradient of LN(c_t)
-        dh = state_grad(d_hn, hs[0])
-        dc = state_grad(d_cn, cs[0])
-        d_out = output_grad(d_out, tanh_y)
+        dz = kept.x.new_empty((T, B, H4))
+        d_hw = kept.x.new_empty((T, B, H4))  # gradient of W h_{t-1}, before its normalization
+        d_y = kept.x.new_empty((T, B, H4 // 4))  # gradient of LN(c_t)
+        dh = state_grad(d_hn, kept.hs[0])
+        dc = state_grad(d_cn, kept.cs[0])
+        d_out = output_grad(d_out, kept.tanh_y)
+        mask = kept.mask
         for t in range(T - 1, -1, -1):
             m = None if mask is None else mask[t]
             dh_t = d_out[t] + dh if m is None else (d_out[t] + dh) * m
             torch.mul(dh_t, dy_from_dh[t], out=d_y[t])
-            dc_t = _normalize_backward(d_y[t] * gain_cell, c_hat[t], rstd_c[t])
+            dc_t = _normalize_backward(d_y[t] * kept.gain_cell, kept.c_hat[t], kept.rstd_c[t])
             dc_t += dc if m is None else dc * m
             dz_t = dz[t].view(B, 4, H4 // 4)
             torch.mul(dc_t.unsqueeze(1), k[t], out=dz_t[:, :3])
             torch.mul(dh_t, k_o[t], out=dz_t[:, 3])
-            d_hw[t] = _normalize_backward(dz[t] * gain_hh, hw_hat[t], rstd_hh[t])
-            dh_prev = torch.mm(d_hw[t], w_hh)  # (B, H)
+            d_hw[t] = _normalize_backward(dz[t] * kept.gain_hh, kept.hw_hat[t], kept.rstd_hh[t])
+            dh_prev = torch.mm(d_hw[t], kept.w_hh)  # (B, H)
             dh, dc = carry(m, dh_prev, dh), carry(m, dc_t * f[t], dc)
-        return (*parameter_grads(ctx.needs_input_grad, ctx.has_bias, x, w_ih, gain_ih, hs, saved, dz, d_hw, d_y, dh, dc),
-                None, None)
+        return parameter_grads(ctx, kept, dz, d_hw, d_y, dh, dc)

@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 
 from whiteboard.backends.common import output_grad, state_grad
-from whiteboard.backends.layer_norm import input_side, parameter_grads
-from whiteboard.backends.layer_norm import saved_or_recomputed
+from whiteboard.backends.layer_norm import input_side, keep_for_backward, parameter_grads, saved_or_recomputed
 from whiteboard.backends.triton_kernels import _sigmoid, _tanh
 
 
@@ -151,34 +150,29 @@ class TritonLayerNormLSTM(torch.autograd.Function):
             _forward_row[(B,)](hw, base[t], gain_hh, gain_cell, bias_cell, cs[t], hs[t], _alive(mask, t, hw), gates[t],
                                hw_hat[t], rstd_hh[t], c_hat[t], rstd_c[t], tanh_y[t], cs[t + 1], hs[t + 1], H, eps,
                                HAS_MASK=mask is not None, BLOCK_H=block)
-        ctx.has_bias = b_ih is not None
-        saved = (xw_hat, rstd_ih, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y)
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask,
-                              hs, cs, *saved)
+        keep_for_backward(ctx, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask), hs, cs,
+                          (xw_hat, rstd_ih, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y))
         ctx.mark_non_differentiable(gates, cs)
         return (hs[1:] if mask is None else hs[1:] * mask), hs[-1].clone(), cs[-1].clone(), gates, cs
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn, _d_gates, _d_cs):
-        recomputed, tensors = saved_or_recomputed(ctx, (d_out, d_hn, d_cn))
+        recomputed, kept = saved_or_recomputed(ctx, (d_out, d_hn, d_cn))
         if recomputed is not None:
             return recomputed
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, gain_ih, gain_hh, gain_cell, bias_cell, mask, hs, cs, *saved = tensors
-        _, _, gates, hw_hat, rstd_hh, c_hat, rstd_c, tanh_y = saved
-        T, B, H4 = gates.shape
+        k, mask = kept, kept.mask
+        T, B, H4 = k.gates.shape
         H = H4 // 4
         block = triton.next_power_of_2(H)
-        dh, dc = state_grad(d_hn, hs[0]), state_grad(d_cn, cs[0])
-        d_out = output_grad(d_out, hs[1:])
-        dz, d_hw, d_y = x.new_empty((T, B, H4)), x.new_empty((T, B, H4)), x.new_empty((T, B, H))
+        dh, dc = state_grad(d_hn, k.hs[0]), state_grad(d_cn, k.cs[0])
+        d_out = output_grad(d_out, k.hs[1:])
+        dz, d_hw, d_y = k.x.new_empty((T, B, H4)), k.x.new_empty((T, B, H4)), k.x.new_empty((T, B, H))
         dc_next = torch.empty_like(dc)
         for t in range(T - 1, -1, -1):
-            _backward_row[(B,)](gates[t], hw_hat[t], rstd_hh[t], c_hat[t], rstd_c[t], tanh_y[t], cs[t], gain_hh,
-                                gain_cell, d_out[t], dh, dc, _alive(mask, t, dc), dz[t], d_hw[t], d_y[t], dc_next, H,
-                                HAS_MASK=mask is not None, BLOCK_H=block)
+            _backward_row[(B,)](k.gates[t], k.hw_hat[t], k.rstd_hh[t], k.c_hat[t], k.rstd_c[t], k.tanh_y[t], k.cs[t],
+                                k.gain_hh, k.gain_cell, d_out[t], dh, dc, _alive(mask, t, dc), dz[t], d_hw[t], d_y[t],
+                                dc_next, H, HAS_MASK=mask is not None, BLOCK_H=block)
             dc, dc_next = dc_next, dc
-            dh_prev = torch.mm(d_hw[t], w_hh)  # cuBLAS
+            dh_prev = torch.mm(d_hw[t], k.w_hh)  # cuBLAS
             dh = dh_prev if mask is None else torch.where(mask[t], dh_prev, dh)
-        grads = parameter_grads(ctx.needs_input_grad, ctx.has_bias, x, w_ih, gain_ih, hs, saved, dz, d_hw, d_y, dh,
-                                dc)
-        return (*grads, None, None)
+        return parameter_grads(ctx, kept, dz, d_hw, d_y, dh, dc)
